@@ -1,0 +1,1 @@
+"""How replicas share presence events. One small interface, one file per implementation."""

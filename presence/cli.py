@@ -1,0 +1,69 @@
+"""``presence serve``: flags and PRESENCE_* variables to settings, settings to uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from presence import __version__
+from presence.config import ConfigError, Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="presence", description="Awareness/presence service with anonymous identities.")
+    parser.add_argument("--version", action="version", version=f"presence {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="run the service",
+        description="Run the service. Every option can also be set with the environment "
+                    "variable shown; a flag wins over the variable.")
+    for name, var, _parse, default, help_, metavar in Settings.options():
+        # Values stay strings here: Settings.load parses flags and variables alike.
+        serve.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar,
+                           default=argparse.SUPPRESS,
+                           help=f"{help_} [{var}] (default: {_shown(default)})")
+    return parser
+
+
+def _shown(default: object) -> str:
+    return "unset" if default in ("", None) else str(default)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        settings = Settings.load(flags)
+    except ConfigError as exc:
+        parser.exit(2, f"presence: error: {exc}\n")
+    serve(settings)
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from presence import logs
+    from presence.server.app import create_app
+
+    logs.configure(settings.log_level, settings.log_format)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_message_bytes,
+        ws_per_message_deflate=False,  # frames are tiny: deflate costs CPU and memory per socket
+        ws_ping_interval=settings.ping_interval,
+        ws_ping_timeout=settings.ping_interval,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

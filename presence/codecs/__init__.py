@@ -1,0 +1,1 @@
+"""Wire formats: client messages to core commands, core events to frames."""

@@ -1,0 +1,174 @@
+"""One validated settings object, from CLI flags and ``PRESENCE_*`` environment variables.
+
+Each setting is declared once below, with its parser and help; the CLI flags, the
+environment variables, the README's table and the checks all come from that list.
+Precedence: flag, then environment variable, then default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from presence.core.identity import NAME_STYLES
+
+ENV_PREFIX = "PRESENCE_"
+
+
+class ConfigError(ValueError):
+    """A setting with a bad value; the message names the setting and what is expected."""
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"must be positive, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise ValueError(f"must be a port number from 1 to 65535, got {text!r}")
+    return value
+
+
+def optional_int(text: str) -> int | None:
+    if text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}; got {text!r}")
+        return text
+
+    return parse
+
+
+def locale(text: str) -> str:
+    from faker.config import AVAILABLE_LOCALES
+
+    if text not in AVAILABLE_LOCALES:
+        raise ValueError(f"unknown locale {text!r}; use a Faker locale such as en_US, fr_FR, "
+                         "de_DE, ja_JP")
+    return text
+
+
+def _opt(default: Any, parse: Callable[[str], Any], help: str, metavar: str = "") -> Any:
+    return field(default=default, metadata={"parse": parse, "help": help, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _opt("127.0.0.1", str, "Interface to listen on.", "HOST")
+    port: int = _opt(8000, port, "TCP port to listen on.", "PORT")
+    secret: str = _opt(
+        "", str,
+        "Secret that signs identity tokens. All replicas must share it; if unset, a random "
+        "one is made at start-up and tokens do not survive a restart.", "SECRET")
+    name_style: str = _opt(
+        "jupyter", choice(*NAME_STYLES),
+        "Anonymous names: 'jupyter' (Anonymous Io), 'animal' (Brave Otter) or 'person' "
+        "(a faker name in --locale).", "STYLE")
+    locale: str = _opt("en_US", locale, "Faker locale for the 'person' name style.", "LOCALE")
+    seed: int | None = _opt(
+        None, optional_int, "Seed for names, colours and ids (tests, demos); unset in "
+        "production.", "N")
+    idle_after: float = _opt(
+        3.0, positive_float, "Seconds without an update before a member is 'idle' (its "
+        "label fades).", "SECONDS")
+    expire_after: float = _opt(
+        30.0, positive_float, "Seconds without an update or heartbeat before a member is "
+        "removed.", "SECONDS")
+    flush_interval: float = _opt(
+        0.01, positive_float, "Seconds between flushes of batched events to clients (the "
+        "first event after a quiet period goes out at once).", "SECONDS")
+    max_message_bytes: int = _opt(
+        16 * 1024, positive_int, "Largest client message; larger ones are closed with 1009.",
+        "BYTES")
+    max_state_bytes: int = _opt(
+        16 * 1024, positive_int, "Largest member state, JSON-encoded.", "BYTES")
+    max_depth: int = _opt(16, positive_int, "Deepest JSON nesting accepted in a message.", "N")
+    rate_limit: float = _opt(
+        30.0, positive_float, "State updates per second per client; faster updates are "
+        "merged (latest wins), never queued.", "PER_SECOND")
+    max_room_members: int = _opt(
+        500, positive_int, "Members per room; one more is refused with close code 1013.", "N")
+    send_backlog: int = _opt(
+        32, positive_int, "Batches queued for a client before its backlog is merged.", "N")
+    slow_client_timeout: float = _opt(
+        10.0, positive_float, "Seconds a send may stall before the client is closed with "
+        "1013.", "SECONDS")
+    ping_interval: float = _opt(
+        20.0, positive_float, "Seconds between WebSocket pings (finds half-open "
+        "connections).", "SECONDS")
+    log_level: str = _opt(
+        "info", choice("debug", "info", "warning", "error"), "Log level.", "LEVEL")
+    log_format: str = _opt(
+        "json", choice("json", "text"), "'json' (one object per line) or 'text'.", "FORMAT")
+
+    def __post_init__(self) -> None:
+        if self.idle_after >= self.expire_after:
+            raise ConfigError(
+                f"idle_after ({self.idle_after:g}s) must be shorter than expire_after "
+                f"({self.expire_after:g}s): a member goes idle before it expires"
+            )
+        if self.max_state_bytes < 64:
+            raise ConfigError("max_state_bytes must be at least 64")
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """What clients are told: three heartbeats fit in one expiry period."""
+        return self.expire_after / 3
+
+    @classmethod
+    def options(cls) -> list[tuple[str, str, Callable[[str], Any], Any, str, str]]:
+        """(name, env var, parser, default, help, metavar) for every setting."""
+        return [
+            (f.name, ENV_PREFIX + f.name.upper(), f.metadata["parse"],
+             None if f.default is MISSING else f.default, f.metadata["help"],
+             f.metadata["metavar"])
+            for f in fields(cls)
+        ]
+
+    @classmethod
+    def load(
+        cls, flags: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Settings from raw flag values and an environment; raises :class:`ConfigError`."""
+        flags = flags or {}
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, var, parse, _default, _help, _metavar in cls.options():
+            if name in flags:
+                source, raw = "--" + name.replace("_", "-"), flags[name]
+            elif var in env:
+                source, raw = var, env[var]
+            else:
+                continue
+            try:
+                values[name] = parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        return cls(**values)

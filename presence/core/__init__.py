@@ -1,0 +1,1 @@
+"""The pure core: identities, rooms, events. No I/O, no asyncio, no clock of its own."""

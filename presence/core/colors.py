@@ -1,0 +1,153 @@
+"""Collaborator colours: a colour-blind-aware palette, WCAG contrast, and distance.
+
+The palette merges Okabe-Ito (designed for colour-vision deficiency) with Paul Tol's
+"bright" and "muted" schemes. Two colours are compared by their OKLab distance as seen
+with normal vision *and* under simulated protanopia, deuteranopia and tritanopia
+(Machado et al. 2009, full severity); the distance is the smallest of the four, so a
+pair that only differs in red/green counts as close. A room picks for each new member
+the palette colour farthest from the colours already in use.
+
+Every colour is sent with the label text colour (black or white) that gives it the
+higher WCAG contrast; the palette is filtered so that this is always >= 4.5:1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+MIN_CONTRAST = 4.5
+BLACK = "#000000"
+WHITE = "#FFFFFF"
+
+# Order breaks ties: the first colours are the most distinct for everybody.
+PALETTE: tuple[str, ...] = (
+    "#0072B2",  # Okabe-Ito blue
+    "#E69F00",  # Okabe-Ito orange
+    "#009E73",  # Okabe-Ito bluish green
+    "#CC79A7",  # Okabe-Ito reddish purple
+    "#56B4E9",  # Okabe-Ito sky blue
+    "#D55E00",  # Okabe-Ito vermillion
+    "#F0E442",  # Okabe-Ito yellow
+    "#332288",  # Tol indigo
+    "#882255",  # Tol wine
+    "#117733",  # Tol green
+    "#DDCC77",  # Tol sand
+    "#AA4499",  # Tol purple
+    "#44AA99",  # Tol teal
+    "#CC6677",  # Tol rose
+    "#999933",  # Tol olive
+    "#EE6677",  # Tol bright red
+    "#66CCEE",  # Tol bright cyan
+    "#4477AA",  # Tol bright blue
+)
+
+# Machado et al. (2009) simulation matrices, severity 1.0, applied to linear RGB.
+_CVD = {
+    "protan": ((0.152286, 1.052583, -0.204868), (0.114503, 0.786281, 0.099216),
+               (-0.003882, -0.048116, 1.051998)),
+    "deutan": ((0.367322, 0.860646, -0.227968), (0.280085, 0.672501, 0.047413),
+               (-0.011820, 0.042940, 0.968881)),
+    "tritan": ((1.255528, -0.076749, -0.178779), (-0.078411, 0.930809, 0.147602),
+               (0.004733, 0.691367, 0.303900)),
+}
+
+RGB = tuple[float, float, float]
+
+
+def parse_hex(color: str) -> RGB:
+    """``#RRGGBB`` to sRGB components in [0, 1]."""
+    if len(color) != 7 or color[0] != "#":
+        raise ValueError(f"expected a colour like #1A2B3C, got {color!r}")
+    return (int(color[1:3], 16) / 255, int(color[3:5], 16) / 255, int(color[5:7], 16) / 255)
+
+
+def _linear(c: float) -> float:
+    return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+
+def relative_luminance(color: str) -> float:
+    r, g, b = (_linear(c) for c in parse_hex(color))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast_ratio(a: str, b: str) -> float:
+    """WCAG 2.x contrast ratio, from 1 to 21."""
+    la, lb = sorted((relative_luminance(a), relative_luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def text_color_for(background: str) -> str:
+    """Black or white, whichever reads better on ``background``."""
+    return BLACK if contrast_ratio(background, BLACK) >= contrast_ratio(background, WHITE) else WHITE
+
+
+def _oklab(lin: RGB) -> RGB:
+    r, g, b = (max(0.0, min(1.0, c)) for c in lin)
+    lc = math.cbrt(0.4122214708 * r + 0.5363325363 * g + 0.0514459929 * b)
+    mc = math.cbrt(0.2119034982 * r + 0.6806995451 * g + 0.1073969566 * b)
+    sc = math.cbrt(0.0883024619 * r + 0.2817188376 * g + 0.6299787005 * b)
+    return (
+        0.2104542553 * lc + 0.7936177850 * mc - 0.0040720468 * sc,
+        1.9779984951 * lc - 2.4285922050 * mc + 0.4505937099 * sc,
+        0.0259040371 * lc + 0.7827717662 * mc - 0.8086757660 * sc,
+    )
+
+
+def _views(color: str) -> list[RGB]:
+    """The colour in OKLab as seen with normal vision and the three dichromacies."""
+    lin = tuple(_linear(c) for c in parse_hex(color))
+    views = [_oklab(lin)]  # type: ignore[arg-type]
+    for m in _CVD.values():
+        views.append(_oklab(tuple(sum(m[i][j] * lin[j] for j in range(3)) for i in range(3))))  # type: ignore[arg-type]
+    return views
+
+
+@cache
+def distance(a: str, b: str) -> float:
+    """Perceptual distance for the least favoured viewer (smaller = easier to confuse)."""
+    return min(math.dist(va, vb) for va, vb in zip(_views(a), _views(b), strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Colors:
+    """What an overlay needs to draw one member."""
+
+    color: str
+    text_color: str
+    color_light: str  # translucent variant for selections (y-codemirror's ``colorLight``)
+
+    @classmethod
+    def of(cls, color: str) -> Colors:
+        return cls(color=color, text_color=text_color_for(color), color_light=color + "33")
+
+
+def pick_color(in_use: Iterable[str], palette: Sequence[str] = PALETTE) -> str:
+    """The palette colour farthest from every colour in use.
+
+    With more members than colours, colours repeat, least-used first; among equals the
+    palette order decides, so the choice is deterministic.
+    """
+    counts: dict[str, int] = {}
+    for c in in_use:
+        counts[c] = counts.get(c, 0) + 1
+    if not counts:
+        return palette[0]
+    fewest = min(counts.get(c, 0) for c in palette)
+    candidates = [c for c in palette if counts.get(c, 0) == fewest]
+    used = [c for c in counts if c in palette or _is_hex(c)]
+
+    def score(c: str) -> float:
+        return min((distance(c, u) for u in used if u != c), default=math.inf)
+
+    return max(candidates, key=score)  # max() keeps the first of equals
+
+
+def _is_hex(c: str) -> bool:
+    try:
+        parse_hex(c)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,224 @@
+"""One room's presence: members, their states, idle and expiry. Sans-I/O.
+
+The room is fed commands with the current time and accumulates the resulting events;
+the server takes them with :meth:`Room.take` at each flush. Nothing here awaits, sleeps
+or reads a clock, so every timing rule is tested by passing times.
+
+A room holds the members of every replica. Only the replica a member is connected to
+(its *origin*) decides when it goes idle or expires; the other replicas apply the
+events it publishes (:meth:`Room.apply`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import orjson
+
+from presence.core.events import (
+    Active,
+    Batch,
+    Event,
+    Idle,
+    Joined,
+    Left,
+    MemberInfo,
+    State,
+    Updated,
+    apply_patch,
+)
+from presence.core.identity import Identity, unique_name
+
+ROOM_NAME_RULE = "1 to 128 characters: letters, digits and - _ . : ~"
+_ROOM_NAME = re.compile(r"[A-Za-z0-9_.:~-]{1,128}")
+
+
+def is_valid_room_name(name: str) -> bool:
+    """Room names are safe in URLs, Redis keys and logs without escaping."""
+    return _ROOM_NAME.fullmatch(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    idle_after: float = 3.0  # seconds without an update before the label is hidden
+    expire_after: float = 30.0  # seconds without an update or heartbeat before removal
+
+    def __post_init__(self) -> None:
+        if not 0 < self.idle_after:
+            raise ValueError("idle_after must be positive")
+        if not 0 < self.expire_after:
+            raise ValueError("expire_after must be positive")
+
+
+class RoomError(Exception):
+    """A command the room refuses; the message is safe to show the client."""
+
+    code = "invalid"
+
+
+class StateTooLarge(RoomError):
+    code = "state_too_large"
+
+
+class UnknownMember(RoomError):
+    code = "unknown_member"
+
+
+@dataclass(slots=True)
+class _Member:
+    info: MemberInfo
+    last_update: float
+    last_seen: float
+
+
+class Room:
+    def __init__(
+        self,
+        name: str,
+        *,
+        timing: Timing = Timing(),
+        replica: str = "local",
+        max_state_bytes: int = 16 * 1024,
+    ) -> None:
+        self.name = name
+        self.timing = timing
+        self.replica = replica
+        self.max_state_bytes = max_state_bytes
+        self._members: dict[str, _Member] = {}
+        self._local = Batch()  # events decided here: fanned out and published
+        self._remote = Batch()  # events applied from other replicas: fanned out only
+
+    # -- queries -----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, member_id: object) -> bool:
+        return member_id in self._members
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._members
+
+    @property
+    def has_local_members(self) -> bool:
+        return any(m.info.origin == self.replica for m in self._members.values())
+
+    def names(self) -> set[str]:
+        return {m.info.identity.name for m in self._members.values()}
+
+    def colors(self) -> list[str]:
+        return [m.info.identity.color for m in self._members.values()]
+
+    def snapshot(self) -> list[MemberInfo]:
+        return [m.info.copy() for m in self._members.values()]
+
+    def member(self, member_id: str) -> MemberInfo:
+        try:
+            return self._members[member_id].info
+        except KeyError:
+            raise UnknownMember(f"no member {member_id!r} in room {self.name!r}") from None
+
+    # -- commands from local connections -----------------------------------------------
+
+    def join(self, member_id: str, identity: Identity, now: float) -> Identity:
+        """Add a local member. Returns its identity, renamed if another member holds the name."""
+        if member_id in self._members:
+            raise RoomError(f"member {member_id!r} is already in room {self.name!r}")
+        identity = identity.renamed(unique_name(identity.name, self.names()))
+        info = MemberInfo(member_id, identity, {}, False, self.replica)
+        self._members[member_id] = _Member(info, now, now)
+        self._emit(Joined(info))
+        return identity
+
+    def update(self, member_id: str, patch: State, now: float) -> None:
+        member = self._local_member(member_id)
+        state = dict(member.info.state)
+        apply_patch(state, patch)
+        if len(orjson.dumps(state)) > self.max_state_bytes:
+            raise StateTooLarge(
+                f"the state would exceed {self.max_state_bytes} bytes; send smaller fields"
+            )
+        member.info.state = state
+        member.last_update = member.last_seen = now
+        self._emit(Updated(member_id, patch))
+        if member.info.idle:
+            member.info.idle = False
+            self._emit(Active(member_id))
+
+    def heartbeat(self, member_id: str, now: float) -> None:
+        self._local_member(member_id).last_seen = now
+
+    def leave(self, member_id: str) -> None:
+        if self._members.pop(member_id, None) is not None:
+            self._emit(Left(member_id))
+
+    def tick(self, now: float) -> list[str]:
+        """Mark local members idle, and remove the ones that stopped heartbeating.
+
+        Returns the ids of the members removed, so their connections can be closed.
+        """
+        idle_after, expire_after = self.timing.idle_after, self.timing.expire_after
+        expired = []
+        for member_id, member in self._members.items():
+            if member.info.origin != self.replica:
+                continue
+            if now - member.last_seen >= expire_after:
+                expired.append(member_id)
+            elif not member.info.idle and now - member.last_update >= idle_after:
+                member.info.idle = True
+                self._emit(Idle(member_id))
+        for member_id in expired:
+            self.leave(member_id)
+        return expired
+
+    # -- events from other replicas ----------------------------------------------------
+
+    def apply(self, events: Iterable[Event]) -> None:
+        """Apply events published by another replica about its own members."""
+        for event in events:
+            if isinstance(event, Joined):
+                if event.member.origin == self.replica:
+                    continue  # only we speak for our members
+                self._members[event.member.id] = _Member(event.member.copy(), 0.0, 0.0)
+                self._remote.add(event)
+                continue
+            member = self._members.get(event.id)
+            if member is None or member.info.origin == self.replica:
+                continue  # unknown (we joined after it left) or not theirs to change
+            if isinstance(event, Updated):
+                apply_patch(member.info.state, event.patch)
+            elif isinstance(event, Idle | Active):
+                member.info.idle = isinstance(event, Idle)
+            else:
+                del self._members[event.id]
+            self._remote.add(event)
+
+    def drop_origin(self, replica: str) -> None:
+        """Remove every member of a replica that is gone (crashed or restarted)."""
+        for member_id in [m for m, v in self._members.items() if v.info.origin == replica]:
+            del self._members[member_id]
+            self._remote.add(Left(member_id))
+
+    # -- output ------------------------------------------------------------------------
+
+    def take(self) -> tuple[Batch, Batch]:
+        """The events since the last call: (decided here, applied from other replicas)."""
+        local, remote = self._local, self._remote
+        self._local, self._remote = Batch(), Batch()
+        return local, remote
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._local) or bool(self._remote)
+
+    def _emit(self, event: Event) -> None:
+        self._local.add(event)
+
+    def _local_member(self, member_id: str) -> _Member:
+        member = self._members.get(member_id)
+        if member is None or member.info.origin != self.replica:
+            raise UnknownMember(f"no local member {member_id!r} in room {self.name!r}")
+        return member

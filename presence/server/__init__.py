@@ -1,0 +1,1 @@
+"""The asyncio edge: Starlette routes, the hub, connections."""

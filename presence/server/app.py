@@ -1,0 +1,89 @@
+"""The Starlette application: routes and lifespan."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from presence.config import Settings
+from presence.core.identity import IdentityFactory, InvalidToken
+from presence.server.hub import Hub
+from presence.server.json_ws import json_room
+
+log = logging.getLogger("presence.app")
+
+
+def make_hub(settings: Settings) -> Hub:
+    secret = settings.secret
+    if not secret:
+        secret = secrets.token_urlsafe(32)
+        log.warning("PRESENCE_SECRET is not set: using a random secret. Identity tokens will "
+                    "not survive a restart, and replicas must share one secret.")
+    identities = IdentityFactory(
+        secret.encode(), style=settings.name_style,  # type: ignore[arg-type]
+        locale=settings.locale, seed=settings.seed)
+    return Hub(settings, identities=identities)
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok\n")
+
+
+async def readyz(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    ready = hub.started and hub.backplane.ready
+    return JSONResponse({"ready": ready, "backplane": type(hub.backplane).__name__},
+                        status_code=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    return PlainTextResponse(hub.metrics.render(),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def identity(request: Request) -> Response:
+    """A fresh anonymous identity (or the one a token stands for), as jupyter_server's
+    ``/api/me`` identity, with the token that keeps it."""
+    hub: Hub = request.app.state.hub
+    token = request.query_params.get("token")
+    try:
+        ident = hub.identities.verify(token) if token else hub.identities.create()
+    except InvalidToken as exc:
+        return JSONResponse({"error": "invalid_token", "message": str(exc)}, status_code=400)
+    return JSONResponse({"identity": ident.to_json(), "token": hub.identities.token(ident)},
+                        headers={"Cache-Control": "no-store"})
+
+
+def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
+    hub = hub or make_hub(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await hub.start()
+        log.info("presence ready", extra={"replica": hub.replica_id})
+        try:
+            yield
+        finally:
+            await hub.stop()
+            log.info("presence stopped", extra={"replica": hub.replica_id})
+
+    app = Starlette(
+        routes=[
+            WebSocketRoute("/rooms/{room}", json_room),
+            Route("/identity", identity),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.hub = hub
+    return app

@@ -1,0 +1,235 @@
+"""The rooms of one replica, and the ticks that move their events.
+
+The hub is the glue between the pure core and the I/O: endpoints call :meth:`Hub.join`,
+:meth:`Hub.update`, :meth:`Hub.leave`; the hub feeds the rooms the time, and flushes
+what they emit in ticks: each room's batch is encoded once per wire format, queued on
+every local connection of the room, and published once to the backplane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from presence.backplane.base import Backplane
+from presence.backplane.memory import MemoryBackplane
+from presence.config import Settings
+from presence.core.events import Batch, Event, MemberInfo, State
+from presence.core.identity import Identity, IdentityFactory
+from presence.core.room import Room, RoomError, Timing
+from presence.server.metrics import Metrics
+from presence.server.outbox import Outbox
+
+log = logging.getLogger("presence.hub")
+
+
+# Close code for a connection whose member expired (it sent nothing for expire_after).
+CLOSE_EXPIRED = 4001
+
+
+class RoomFull(RoomError):
+    code = "room_full"
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """What a connection gets back from :meth:`Hub.join`."""
+
+    room: str
+    member: MemberInfo
+    token: str
+    others: list[MemberInfo]
+
+
+class Hub:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        identities: IdentityFactory,
+        backplane: Backplane | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.identities = identities
+        self.backplane = backplane or MemoryBackplane(secrets.token_hex(8))
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.timing = Timing(settings.idle_after, settings.expire_after)
+        self.rooms: dict[str, Room] = {}
+        self.outboxes: dict[str, set[Outbox[Any]]] = {}
+        self._dirty: set[str] = set()
+        self._flush_handle: asyncio.Handle | None = None
+        self._last_flush = -float("inf")
+        self._sweeper: asyncio.Task[None] | None = None
+        self.started = False
+        m = self.metrics
+        m.gauges["connections"] = ("Open client connections.",
+                                   lambda: sum(len(s) for s in self.outboxes.values()))
+        m.gauges["rooms"] = ("Rooms with members.", lambda: len(self.rooms))
+        m.gauges["members"] = ("Members in all rooms, on every replica.",
+                               lambda: sum(len(r) for r in self.rooms.values()))
+
+    @property
+    def replica_id(self) -> str:
+        return self.backplane.replica_id
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.backplane.start(self._receive)
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="presence-sweep")
+        self.started = True
+
+    async def stop(self) -> None:
+        """Say goodbye for every local member, then stop."""
+        self.started = False
+        for room in self.rooms.values():
+            for member in room.snapshot():
+                if member.origin == self.replica_id:
+                    room.leave(member.id)
+            self._dirty.add(room.name)
+        self._flush()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.backplane.stop()
+
+    # -- commands from endpoints -------------------------------------------------------
+
+    def join(self, room_name: str, outbox: Outbox[Any], token: str | None) -> Membership:
+        """Add a member for a new connection; raises InvalidToken or RoomFull."""
+        room = self.rooms.get(room_name)
+        if room is not None and len(room) >= self.settings.max_room_members:
+            raise RoomFull(f"room is full ({self.settings.max_room_members} members)")
+        if room is None:
+            room = self.rooms[room_name] = Room(
+                room_name, timing=self.timing, replica=self.replica_id,
+                max_state_bytes=self.settings.max_state_bytes)
+            self.outboxes[room_name] = set()
+            self.backplane.subscribe(room_name)
+        identity: Identity
+        if token:
+            identity = self.identities.verify(token)
+        else:
+            identity = self.identities.create(room.names(), room.colors())
+        member_id = secrets.token_hex(8)
+        room.join(member_id, identity, self.clock())
+        outbox.members.add(member_id)
+        self.outboxes[room_name].add(outbox)
+        self._mark(room_name)
+        return Membership(
+            room_name, room.member(member_id).copy(), self.identities.token(identity),
+            [m for m in room.snapshot() if m.id != member_id])
+
+    def update(self, room_name: str, member_id: str, patch: State) -> None:
+        self.rooms[room_name].update(member_id, patch, self.clock())
+        self._mark(room_name)
+
+    def heartbeat(self, room_name: str, member_id: str) -> None:
+        self.rooms[room_name].heartbeat(member_id, self.clock())
+
+    def disconnect(self, room_name: str, outbox: Outbox[Any]) -> None:
+        """A connection is gone: its members leave at once, for everyone."""
+        outbox.close()
+        self.outboxes.get(room_name, set()).discard(outbox)
+        room = self.rooms.get(room_name)
+        if room is not None:
+            for member_id in outbox.members:
+                room.leave(member_id)
+            self._mark(room_name)
+        outbox.members.clear()
+
+    # -- events from other replicas ----------------------------------------------------
+
+    def _receive(self, room_name: str, events: Sequence[Event]) -> None:
+        room = self.rooms.get(room_name)
+        if room is not None:
+            room.apply(events)
+            self._mark(room_name)
+
+    # -- ticks -------------------------------------------------------------------------
+
+    def _mark(self, room_name: str) -> None:
+        self._dirty.add(room_name)
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            # The first event after a quiet period goes out on the next loop turn (which
+            # still batches whatever arrives in the same turn); later ones wait for the tick.
+            delay = self._last_flush + self.settings.flush_interval - loop.time()
+            if delay > 0:
+                self._flush_handle = loop.call_later(delay, self._flush)
+            else:
+                self._flush_handle = loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        with contextlib.suppress(RuntimeError):  # no running loop during interpreter exit
+            self._last_flush = asyncio.get_running_loop().time()
+        dirty, self._dirty = self._dirty, set()
+        for name in dirty:
+            room = self.rooms.get(name)
+            if room is None:
+                continue
+            local, remote = room.take()
+            if local:
+                self.backplane.publish(name, local.events())
+                self.metrics.updates_coalesced += local.coalesced
+            batch = local
+            if remote:
+                batch.extend(remote)
+            outboxes = self.outboxes[name]
+            if batch and outboxes:
+                encoded: dict[Callable[[Batch], list[Any]], list[Any]] = {}
+                for outbox in outboxes:
+                    frames = encoded.get(outbox.encode)
+                    if frames is None:
+                        frames = encoded[outbox.encode] = outbox.encode(batch)
+                    outbox.push_batch(batch, frames)
+            if not outboxes and not room.has_local_members:
+                # Memory must not grow with churn: an empty room is forgotten.
+                del self.rooms[name]
+                del self.outboxes[name]
+                self.backplane.unsubscribe(name)
+
+    def sweep(self) -> None:
+        """Idle and expiry for every room; close connections that stopped reading."""
+        now = self.clock()
+        expire_after = self.settings.expire_after
+        for room in list(self.rooms.values()):
+            expired = room.tick(now)
+            if room.has_pending:
+                self._mark(room.name)
+            for outbox in list(self.outboxes[room.name]) if expired else ():
+                if outbox.members.intersection(expired):
+                    outbox.abort(CLOSE_EXPIRED, f"expired: no update or heartbeat for "
+                                                f"{expire_after:g}s")
+                    self.disconnect(room.name, outbox)
+        limit = self.settings.slow_client_timeout
+        stalled = [
+            (name, outbox)
+            for name, outboxes in self.outboxes.items()
+            for outbox in outboxes
+            if outbox.sending_since is not None and now - outbox.sending_since > limit
+        ]
+        for name, outbox in stalled:
+            self.metrics.slow_client_disconnects += 1
+            outbox.abort(1013, f"client too slow: a send stalled for over {limit:g}s")
+            self.disconnect(name, outbox)
+
+    async def _sweep_forever(self) -> None:
+        interval = min(0.25, self.settings.idle_after / 10)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("sweep failed")

@@ -1,0 +1,149 @@
+"""The JSON WebSocket endpoint, ``/rooms/{room}``: one task per connection reads, an
+:class:`Outbox` writes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from presence.codecs import json as codec
+from presence.core.events import State
+from presence.core.identity import InvalidToken
+from presence.core.ratelimit import TokenBucket
+from presence.core.room import ROOM_NAME_RULE, RoomError, is_valid_room_name
+from presence.server.hub import Hub, Membership, RoomFull
+from presence.server.outbox import Outbox
+
+log = logging.getLogger("presence.ws")
+
+MAX_CONSECUTIVE_ERRORS = 10
+
+
+class _RateLimitedUpdates:
+    """Applies a client's updates at most ``rate`` per second; the excess is merged
+    into one pending patch (latest value per field) and applied when allowed."""
+
+    def __init__(self, hub: Hub, membership: Membership) -> None:
+        self.hub = hub
+        self.room = membership.room
+        self.member_id = membership.member.id
+        rate = hub.settings.rate_limit
+        self.bucket = TokenBucket(rate, max(1.0, rate), hub.clock())
+        self.pending: State | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def submit(self, patch: State) -> None:
+        if self.pending is None and self.bucket.allow(self.hub.clock()):
+            self.hub.update(self.room, self.member_id, patch)
+            return
+        if self.pending is None:
+            self.pending = dict(patch)
+        else:
+            self.pending.update(patch)
+            self.hub.metrics.updates_coalesced += 1
+        if self.timer is None:
+            delay = self.bucket.wait_time(self.hub.clock())
+            self.timer = asyncio.get_running_loop().call_later(delay, self._release)
+
+    def _release(self) -> None:
+        self.timer = None
+        patch, self.pending = self.pending, None
+        if patch is None:
+            return
+        self.bucket.allow(self.hub.clock())
+        try:
+            self.hub.update(self.room, self.member_id, patch)
+        except RoomError:
+            pass  # the member left meanwhile, or the merged state is too large: drop it
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+async def json_room(websocket: WebSocket) -> None:
+    hub: Hub = websocket.app.state.hub
+    room = websocket.path_params["room"]
+    await websocket.accept()
+    if not is_valid_room_name(room):
+        await websocket.close(1008, f"invalid room name: use {ROOM_NAME_RULE}")
+        return
+
+    async def send(frame: str) -> None:
+        await websocket.send_text(frame)
+
+    async def close(code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await websocket.close(code, reason)
+
+    outbox: Outbox[str] = Outbox(
+        send, close, codec.encode_batch,
+        max_backlog=hub.settings.send_backlog, clock=hub.clock, metrics=hub.metrics)
+    try:
+        membership = hub.join(room, outbox, websocket.query_params.get("token"))
+    except InvalidToken as exc:
+        hub.metrics.error("invalid_token")
+        await websocket.send_text(codec.error("invalid_token", str(exc)))
+        await websocket.close(1008, "invalid identity token")
+        return
+    except RoomFull as exc:
+        await websocket.close(1013, str(exc))
+        return
+    # Queued before any batch can be: the snapshot and the events after it line up.
+    outbox.push([codec.welcome(membership.member, membership.token, room, membership.others, {
+        "idle_after": hub.settings.idle_after,
+        "expire_after": hub.settings.expire_after,
+        "heartbeat_interval": hub.settings.heartbeat_interval,
+    })])
+    writer = asyncio.create_task(outbox.run())
+    updates = _RateLimitedUpdates(hub, membership)
+    try:
+        await _read(websocket, hub, membership, updates, outbox)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        updates.cancel()
+        hub.disconnect(room, outbox)
+        if not writer.done():
+            writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
+
+
+async def _read(
+    websocket: WebSocket,
+    hub: Hub,
+    membership: Membership,
+    updates: _RateLimitedUpdates,
+    outbox: Outbox[str],
+) -> None:
+    errors = 0
+    max_depth = hub.settings.max_depth
+    while not outbox.closed:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        hub.metrics.messages_in += 1
+        text = message.get("text")
+        if text is None:
+            hub.metrics.error("binary_frame")
+            await websocket.close(1003, "binary frames are not supported here; send JSON text")
+            return
+        try:
+            command = codec.decode(text, max_depth=max_depth)
+            if isinstance(command, codec.Update):
+                updates.submit(command.patch)
+            else:
+                hub.heartbeat(membership.room, membership.member.id)
+            errors = 0
+        except (codec.ProtocolError, RoomError) as exc:
+            code = exc.code
+            hub.metrics.error(code)
+            errors += 1
+            if errors > MAX_CONSECUTIVE_ERRORS:
+                await websocket.close(1008, "too many invalid messages")
+                return
+            outbox.push([codec.error(code, str(exc))])

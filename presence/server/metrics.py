@@ -1,0 +1,44 @@
+"""Prometheus metrics, in the text exposition format (no client library needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Metrics:
+    messages_in: int = 0
+    messages_out: int = 0
+    updates_coalesced: int = 0
+    slow_client_disconnects: int = 0
+    protocol_errors: dict[str, int] = field(default_factory=dict)
+    # Gauges read at scrape time, so they can never drift from the truth.
+    gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
+
+    def error(self, code: str) -> None:
+        self.protocol_errors[code] = self.protocol_errors.get(code, 0) + 1
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP presence_{name} {help_}")
+            lines.append(f"# TYPE presence_{name} {kind}")
+            lines.extend(f"presence_{name}{labels} {value:g}" for labels, value in samples)
+
+        for name, (help_, read) in self.gauges.items():
+            metric(name, "gauge", help_, [("", read())])
+        metric("messages_in_total", "counter", "Messages received from clients.",
+               [("", self.messages_in)])
+        metric("messages_out_total", "counter", "Frames sent to clients.",
+               [("", self.messages_out)])
+        metric("updates_coalesced_total", "counter",
+               "State updates merged into a newer update of the same member before sending.",
+               [("", self.updates_coalesced)])
+        metric("slow_client_disconnects_total", "counter",
+               "Connections closed because they did not keep up (close code 1013).",
+               [("", self.slow_client_disconnects)])
+        metric("protocol_errors_total", "counter", "Invalid client messages, by error code.",
+               [(f'{{code="{code}"}}', n) for code, n in sorted(self.protocol_errors.items())])
+        return "\n".join(lines) + "\n"
