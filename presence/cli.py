@@ -12,18 +12,25 @@ from presence.config import ConfigError, Settings
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="presence", description="Awareness/presence service with anonymous identities.")
+        prog="presence", description="Awareness/presence service with anonymous identities."
+    )
     parser.add_argument("--version", action="version", version=f"presence {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
-        "serve", help="run the service",
+        "serve",
+        help="run the service",
         description="Run the service. Every option can also be set with the environment "
-                    "variable shown; a flag wins over the variable.")
+        "variable shown; a flag wins over the variable.",
+    )
     for name, var, _parse, default, help_, metavar in Settings.options():
         # Values stay strings here: Settings.load parses flags and variables alike.
-        serve.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar,
-                           default=argparse.SUPPRESS,
-                           help=f"{help_} [{var}] (default: {_shown(default)})")
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            metavar=metavar,
+            default=argparse.SUPPRESS,
+            help=f"{help_} [{var}] (default: {_shown(default)})",
+        )
     return parser
 
 

@@ -70,8 +70,9 @@ def locale(text: str) -> str:
     from faker.config import AVAILABLE_LOCALES
 
     if text not in AVAILABLE_LOCALES:
-        raise ValueError(f"unknown locale {text!r}; use a Faker locale such as en_US, fr_FR, "
-                         "de_DE, ja_JP")
+        raise ValueError(
+            f"unknown locale {text!r}; use a Faker locale such as en_US, fr_FR, de_DE, ja_JP"
+        )
     return text
 
 
@@ -84,49 +85,86 @@ class Settings:
     host: str = _opt("127.0.0.1", str, "Interface to listen on.", "HOST")
     port: int = _opt(8000, port, "TCP port to listen on.", "PORT")
     secret: str = _opt(
-        "", str,
+        "",
+        str,
         "Secret that signs identity tokens. All replicas must share it; if unset, a random "
-        "one is made at start-up and tokens do not survive a restart.", "SECRET")
+        "one is made at start-up and tokens do not survive a restart.",
+        "SECRET",
+    )
     name_style: str = _opt(
-        "jupyter", choice(*NAME_STYLES),
+        "jupyter",
+        choice(*NAME_STYLES),
         "Anonymous names: 'jupyter' (Anonymous Io), 'animal' (Brave Otter) or 'person' "
-        "(a faker name in --locale).", "STYLE")
+        "(a faker name in --locale).",
+        "STYLE",
+    )
     locale: str = _opt("en_US", locale, "Faker locale for the 'person' name style.", "LOCALE")
     seed: int | None = _opt(
-        None, optional_int, "Seed for names, colours and ids (tests, demos); unset in "
-        "production.", "N")
+        None,
+        optional_int,
+        "Seed for names, colours and ids (tests, demos); unset in production.",
+        "N",
+    )
     idle_after: float = _opt(
-        3.0, positive_float, "Seconds without an update before a member is 'idle' (its "
-        "label fades).", "SECONDS")
+        3.0,
+        positive_float,
+        "Seconds without an update before a member is 'idle' (its label fades).",
+        "SECONDS",
+    )
     expire_after: float = _opt(
-        30.0, positive_float, "Seconds without an update or heartbeat before a member is "
-        "removed.", "SECONDS")
+        30.0,
+        positive_float,
+        "Seconds without an update or heartbeat before a member is removed.",
+        "SECONDS",
+    )
     flush_interval: float = _opt(
-        0.01, positive_float, "Seconds between flushes of batched events to clients (the "
-        "first event after a quiet period goes out at once).", "SECONDS")
+        0.01,
+        positive_float,
+        "Seconds between flushes of batched events to clients (the "
+        "first event after a quiet period goes out at once).",
+        "SECONDS",
+    )
     max_message_bytes: int = _opt(
-        16 * 1024, positive_int, "Largest client message; larger ones are closed with 1009.",
-        "BYTES")
+        16 * 1024,
+        positive_int,
+        "Largest client message; larger ones are closed with 1009.",
+        "BYTES",
+    )
     max_state_bytes: int = _opt(
-        16 * 1024, positive_int, "Largest member state, JSON-encoded.", "BYTES")
+        16 * 1024, positive_int, "Largest member state, JSON-encoded.", "BYTES"
+    )
     max_depth: int = _opt(16, positive_int, "Deepest JSON nesting accepted in a message.", "N")
     rate_limit: float = _opt(
-        30.0, positive_float, "State updates per second per client; faster updates are "
-        "merged (latest wins), never queued.", "PER_SECOND")
+        30.0,
+        positive_float,
+        "State updates per second per client; faster updates are "
+        "merged (latest wins), never queued.",
+        "PER_SECOND",
+    )
     max_room_members: int = _opt(
-        500, positive_int, "Members per room; one more is refused with close code 1013.", "N")
+        500, positive_int, "Members per room; one more is refused with close code 1013.", "N"
+    )
     send_backlog: int = _opt(
-        32, positive_int, "Batches queued for a client before its backlog is merged.", "N")
+        32, positive_int, "Batches queued for a client before its backlog is merged.", "N"
+    )
     slow_client_timeout: float = _opt(
-        10.0, positive_float, "Seconds a send may stall before the client is closed with "
-        "1013.", "SECONDS")
+        10.0,
+        positive_float,
+        "Seconds a send may stall before the client is closed with 1013.",
+        "SECONDS",
+    )
     ping_interval: float = _opt(
-        20.0, positive_float, "Seconds between WebSocket pings (finds half-open "
-        "connections).", "SECONDS")
+        20.0,
+        positive_float,
+        "Seconds between WebSocket pings (finds half-open connections).",
+        "SECONDS",
+    )
     log_level: str = _opt(
-        "info", choice("debug", "info", "warning", "error"), "Log level.", "LEVEL")
+        "info", choice("debug", "info", "warning", "error"), "Log level.", "LEVEL"
+    )
     log_format: str = _opt(
-        "json", choice("json", "text"), "'json' (one object per line) or 'text'.", "FORMAT")
+        "json", choice("json", "text"), "'json' (one object per line) or 'text'.", "FORMAT"
+    )
 
     def __post_init__(self) -> None:
         if self.idle_after >= self.expire_after:
@@ -146,9 +184,14 @@ class Settings:
     def options(cls) -> list[tuple[str, str, Callable[[str], Any], Any, str, str]]:
         """(name, env var, parser, default, help, metavar) for every setting."""
         return [
-            (f.name, ENV_PREFIX + f.name.upper(), f.metadata["parse"],
-             None if f.default is MISSING else f.default, f.metadata["help"],
-             f.metadata["metavar"])
+            (
+                f.name,
+                ENV_PREFIX + f.name.upper(),
+                f.metadata["parse"],
+                None if f.default is MISSING else f.default,
+                f.metadata["help"],
+                f.metadata["metavar"],
+            )
             for f in fields(cls)
         ]
 

@@ -46,9 +46,9 @@ class Timing:
     expire_after: float = 30.0  # seconds without an update or heartbeat before removal
 
     def __post_init__(self) -> None:
-        if not 0 < self.idle_after:
+        if not self.idle_after > 0:
             raise ValueError("idle_after must be positive")
-        if not 0 < self.expire_after:
+        if not self.expire_after > 0:
             raise ValueError("expire_after must be positive")
 
 

@@ -24,11 +24,16 @@ def make_hub(settings: Settings) -> Hub:
     secret = settings.secret
     if not secret:
         secret = secrets.token_urlsafe(32)
-        log.warning("PRESENCE_SECRET is not set: using a random secret. Identity tokens will "
-                    "not survive a restart, and replicas must share one secret.")
+        log.warning(
+            "PRESENCE_SECRET is not set: using a random secret. Identity tokens will "
+            "not survive a restart, and replicas must share one secret."
+        )
     identities = IdentityFactory(
-        secret.encode(), style=settings.name_style,  # type: ignore[arg-type]
-        locale=settings.locale, seed=settings.seed)
+        secret.encode(),
+        style=settings.name_style,  # type: ignore[arg-type]
+        locale=settings.locale,
+        seed=settings.seed,
+    )
     return Hub(settings, identities=identities)
 
 
@@ -39,14 +44,17 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     ready = hub.started and hub.backplane.ready
-    return JSONResponse({"ready": ready, "backplane": type(hub.backplane).__name__},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"ready": ready, "backplane": type(hub.backplane).__name__},
+        status_code=200 if ready else 503,
+    )
 
 
 async def metrics(request: Request) -> Response:
     hub: Hub = request.app.state.hub
-    return PlainTextResponse(hub.metrics.render(),
-                             media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(
+        hub.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
 
 
 async def identity(request: Request) -> Response:
@@ -58,8 +66,10 @@ async def identity(request: Request) -> Response:
         ident = hub.identities.verify(token) if token else hub.identities.create()
     except InvalidToken as exc:
         return JSONResponse({"error": "invalid_token", "message": str(exc)}, status_code=400)
-    return JSONResponse({"identity": ident.to_json(), "token": hub.identities.token(ident)},
-                        headers={"Cache-Control": "no-store"})
+    return JSONResponse(
+        {"identity": ident.to_json(), "token": hub.identities.token(ident)},
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:

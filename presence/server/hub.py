@@ -71,11 +71,15 @@ class Hub:
         self._sweeper: asyncio.Task[None] | None = None
         self.started = False
         m = self.metrics
-        m.gauges["connections"] = ("Open client connections.",
-                                   lambda: sum(len(s) for s in self.outboxes.values()))
+        m.gauges["connections"] = (
+            "Open client connections.",
+            lambda: sum(len(s) for s in self.outboxes.values()),
+        )
         m.gauges["rooms"] = ("Rooms with members.", lambda: len(self.rooms))
-        m.gauges["members"] = ("Members in all rooms, on every replica.",
-                               lambda: sum(len(r) for r in self.rooms.values()))
+        m.gauges["members"] = (
+            "Members in all rooms, on every replica.",
+            lambda: sum(len(r) for r in self.rooms.values()),
+        )
 
     @property
     def replica_id(self) -> str:
@@ -112,8 +116,11 @@ class Hub:
             raise RoomFull(f"room is full ({self.settings.max_room_members} members)")
         if room is None:
             room = self.rooms[room_name] = Room(
-                room_name, timing=self.timing, replica=self.replica_id,
-                max_state_bytes=self.settings.max_state_bytes)
+                room_name,
+                timing=self.timing,
+                replica=self.replica_id,
+                max_state_bytes=self.settings.max_state_bytes,
+            )
             self.outboxes[room_name] = set()
             self.backplane.subscribe(room_name)
         identity: Identity
@@ -127,8 +134,11 @@ class Hub:
         self.outboxes[room_name].add(outbox)
         self._mark(room_name)
         return Membership(
-            room_name, room.member(member_id).copy(), self.identities.token(identity),
-            [m for m in room.snapshot() if m.id != member_id])
+            room_name,
+            room.member(member_id).copy(),
+            self.identities.token(identity),
+            [m for m in room.snapshot() if m.id != member_id],
+        )
 
     def update(self, room_name: str, member_id: str, patch: State) -> None:
         self.rooms[room_name].update(member_id, patch, self.clock())
@@ -210,8 +220,9 @@ class Hub:
                 self._mark(room.name)
             for outbox in list(self.outboxes[room.name]) if expired else ():
                 if outbox.members.intersection(expired):
-                    outbox.abort(CLOSE_EXPIRED, f"expired: no update or heartbeat for "
-                                                f"{expire_after:g}s")
+                    outbox.abort(
+                        CLOSE_EXPIRED, f"expired: no update or heartbeat for {expire_after:g}s"
+                    )
                     self.disconnect(room.name, outbox)
         limit = self.settings.slow_client_timeout
         stalled = [

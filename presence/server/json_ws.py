@@ -54,10 +54,9 @@ class _RateLimitedUpdates:
         if patch is None:
             return
         self.bucket.allow(self.hub.clock())
-        try:
+        # The member may have left meanwhile, or the merged state be too large: drop it.
+        with contextlib.suppress(RoomError):
             self.hub.update(self.room, self.member_id, patch)
-        except RoomError:
-            pass  # the member left meanwhile, or the merged state is too large: drop it
 
     def cancel(self) -> None:
         if self.timer is not None:
@@ -80,8 +79,13 @@ async def json_room(websocket: WebSocket) -> None:
             await websocket.close(code, reason)
 
     outbox: Outbox[str] = Outbox(
-        send, close, codec.encode_batch,
-        max_backlog=hub.settings.send_backlog, clock=hub.clock, metrics=hub.metrics)
+        send,
+        close,
+        codec.encode_batch,
+        max_backlog=hub.settings.send_backlog,
+        clock=hub.clock,
+        metrics=hub.metrics,
+    )
     try:
         membership = hub.join(room, outbox, websocket.query_params.get("token"))
     except InvalidToken as exc:
@@ -93,11 +97,21 @@ async def json_room(websocket: WebSocket) -> None:
         await websocket.close(1013, str(exc))
         return
     # Queued before any batch can be: the snapshot and the events after it line up.
-    outbox.push([codec.welcome(membership.member, membership.token, room, membership.others, {
-        "idle_after": hub.settings.idle_after,
-        "expire_after": hub.settings.expire_after,
-        "heartbeat_interval": hub.settings.heartbeat_interval,
-    })])
+    outbox.push(
+        [
+            codec.welcome(
+                membership.member,
+                membership.token,
+                room,
+                membership.others,
+                {
+                    "idle_after": hub.settings.idle_after,
+                    "expire_after": hub.settings.expire_after,
+                    "heartbeat_interval": hub.settings.heartbeat_interval,
+                },
+            )
+        ]
+    )
     writer = asyncio.create_task(outbox.run())
     updates = _RateLimitedUpdates(hub, membership)
     try:

@@ -29,16 +29,31 @@ class Metrics:
 
         for name, (help_, read) in self.gauges.items():
             metric(name, "gauge", help_, [("", read())])
-        metric("messages_in_total", "counter", "Messages received from clients.",
-               [("", self.messages_in)])
-        metric("messages_out_total", "counter", "Frames sent to clients.",
-               [("", self.messages_out)])
-        metric("updates_coalesced_total", "counter",
-               "State updates merged into a newer update of the same member before sending.",
-               [("", self.updates_coalesced)])
-        metric("slow_client_disconnects_total", "counter",
-               "Connections closed because they did not keep up (close code 1013).",
-               [("", self.slow_client_disconnects)])
-        metric("protocol_errors_total", "counter", "Invalid client messages, by error code.",
-               [(f'{{code="{code}"}}', n) for code, n in sorted(self.protocol_errors.items())])
+        metric(
+            "messages_in_total",
+            "counter",
+            "Messages received from clients.",
+            [("", self.messages_in)],
+        )
+        metric(
+            "messages_out_total", "counter", "Frames sent to clients.", [("", self.messages_out)]
+        )
+        metric(
+            "updates_coalesced_total",
+            "counter",
+            "State updates merged into a newer update of the same member before sending.",
+            [("", self.updates_coalesced)],
+        )
+        metric(
+            "slow_client_disconnects_total",
+            "counter",
+            "Connections closed because they did not keep up (close code 1013).",
+            [("", self.slow_client_disconnects)],
+        )
+        metric(
+            "protocol_errors_total",
+            "counter",
+            "Invalid client messages, by error code.",
+            [(f'{{code="{code}"}}', n) for code, n in sorted(self.protocol_errors.items())],
+        )
         return "\n".join(lines) + "\n"

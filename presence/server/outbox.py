@@ -39,12 +39,12 @@ class Outbox(Generic[F]):
         clock: Callable[[], float],
         metrics: Metrics,
     ) -> None:
-        self._send = send
+        self._send: Callable[[F], Awaitable[None]] = send
         self._close = close
         self.members: set[str] = set()  # the member ids this connection speaks for
         self._task: asyncio.Task[None] | None = None
         self._abort: tuple[int, str] | None = None
-        self.encode = encode
+        self.encode: Callable[[Batch], list[F]] = encode
         self.max_backlog = max_backlog
         self._clock = clock
         self._queue: deque[_Item[F]] = deque()

@@ -1,0 +1,192 @@
+"""Real servers on real ports: ``presence serve`` processes started and owned by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import websockets
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """One ``presence serve`` process."""
+
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20) -> Server:
+        ARTIFACTS.mkdir(exist_ok=True)
+        log = open(ARTIFACTS / f"server-{self.port}.log", "ab")  # noqa: SIM115
+        env = {**os.environ, "PRESENCE_SECRET": "test-secret", **self.env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "presence", "serve", "--port", str(self.port), *self.args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(self.http + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not start within {timeout}s; see {log.name}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def metrics(self) -> dict[str, float]:
+        values = {}
+        for line in httpx.get(self.http + "/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def make(*args: str, env: dict[str, str] | None = None) -> Server:
+        server = Server(list(args), env or {}).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop(signal.SIGKILL)
+
+
+# Short timings so that idle and expiry are observable in a test run.
+FAST = ("--idle-after", "0.5", "--expire-after", "2", "--seed", "1")
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., Server]) -> Server:
+    return server_factory(*FAST)
+
+
+class Client:
+    """A JSON-protocol client that keeps what it was told, like a frontend would."""
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.welcome: dict[str, Any] = {}
+        self.members: dict[str, dict[str, Any]] = {}
+        self.log: list[tuple[float, dict[str, Any]]] = []
+
+    @classmethod
+    async def connect(cls, url: str, **kw: Any) -> Client:
+        client = cls(await websockets.connect(url, **kw))
+        client.welcome = await client.recv()
+        assert client.welcome["type"] == "welcome", client.welcome
+        for m in client.welcome["members"]:
+            client.members[m["id"]] = m
+        return client
+
+    @property
+    def id(self) -> str:
+        return str(self.welcome["you"]["id"])
+
+    @property
+    def user(self) -> dict[str, Any]:
+        return dict(self.welcome["you"]["user"])
+
+    async def recv(self, timeout: float = 5) -> dict[str, Any]:
+        message: dict[str, Any] = orjson.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        self.log.append((time.monotonic(), message))
+        self._apply(message)
+        return message
+
+    def _apply(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "join":
+            for m in message["members"]:
+                if m["id"] != self.id:
+                    self.members[m["id"]] = m
+        elif kind == "update":
+            for u in message["updates"]:
+                member = self.members.get(u["id"])
+                if member is not None:
+                    for k, v in u["state"].items():
+                        if v is None:
+                            member["state"].pop(k, None)
+                        else:
+                            member["state"][k] = v
+        elif kind in ("idle", "active"):
+            for i in message["ids"]:
+                if i in self.members:
+                    self.members[i]["idle"] = kind == "idle"
+        elif kind == "leave":
+            for i in message["ids"]:
+                self.members.pop(i, None)
+
+    async def until(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5
+    ) -> dict[str, Any]:
+        """Receive until a message satisfies ``predicate``; return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message = await self.recv(max(0.01, deadline - time.monotonic()))
+            if predicate(message):
+                return message
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.send(orjson.dumps(message).decode())
+
+    async def update(self, **state: Any) -> None:
+        await self.send({"type": "update", "state": state})
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Client]]:
+    opened: list[Client] = []
+    yield opened
+    for c in opened:
+        await c.ws.close()

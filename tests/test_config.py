@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+
+from presence.cli import build_parser
+from presence.config import ConfigError, Settings
+
+
+def test_defaults() -> None:
+    s = Settings.load({}, env={})
+    assert (s.idle_after, s.expire_after, s.max_message_bytes) == (3.0, 30.0, 16384)
+    assert s.heartbeat_interval == 10.0
+
+
+def test_flags_win_over_environment() -> None:
+    s = Settings.load(
+        {"idle_after": "2"}, env={"PRESENCE_IDLE_AFTER": "5", "PRESENCE_PORT": "9000"}
+    )
+    assert s.idle_after == 2.0 and s.port == 9000
+
+
+@pytest.mark.parametrize(
+    "flags,env,message",
+    [
+        ({"idle_after": "abc"}, {}, "--idle-after: expected a number"),
+        ({}, {"PRESENCE_PORT": "70000"}, "PRESENCE_PORT: must be a port number"),
+        ({}, {"PRESENCE_NAME_STYLE": "pirate"}, "PRESENCE_NAME_STYLE: expected one of"),
+        ({"locale": "xx_YY"}, {}, "--locale: unknown locale"),
+        ({"idle_after": "40"}, {}, "must be shorter than expire_after"),
+        ({"rate_limit": "-1"}, {}, "--rate-limit: must be a positive number"),
+        ({"flush_interval": "nan"}, {}, "--flush-interval: must be a positive number"),
+    ],
+)
+def test_bad_values_name_the_setting(
+    flags: dict[str, str], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.load(flags, env=env)
+
+
+def test_every_setting_has_a_flag_and_a_variable() -> None:
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for name, var, *_ in Settings.options():
+        assert "--" + name.replace("_", "-") in help_text
+        assert var in help_text.replace("\n", " ").replace("  ", "")
+
+
+def test_bad_value_exits_with_one_line_and_no_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "presence", "serve", "--expire-after", "-3"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "presence: error: --expire-after: must be a positive number, got '-3'"
+    ]

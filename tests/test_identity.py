@@ -1,0 +1,160 @@
+import itertools
+
+import pytest
+
+from presence.core.colors import (
+    BLACK,
+    MIN_CONTRAST,
+    PALETTE,
+    WHITE,
+    Colors,
+    contrast_ratio,
+    distance,
+    pick_color,
+    text_color_for,
+)
+from presence.core.identity import (
+    IdentityFactory,
+    InvalidToken,
+    initials_of,
+    unique_name,
+)
+
+
+def factory(seed: int = 1, secret: bytes = b"s3cret", **kw: object) -> IdentityFactory:
+    return IdentityFactory(secret, seed=seed, **kw)  # type: ignore[arg-type]
+
+
+def test_every_palette_colour_reads_with_its_text_colour() -> None:
+    for color in PALETTE:
+        colors = Colors.of(color)
+        assert colors.text_color in (BLACK, WHITE)
+        assert contrast_ratio(color, colors.text_color) >= MIN_CONTRAST, color
+        assert colors.color_light == color + "33"
+
+
+def test_contrast_ratio_known_values() -> None:
+    assert contrast_ratio(BLACK, WHITE) == pytest.approx(21.0)
+    assert contrast_ratio("#777777", "#777777") == pytest.approx(1.0)
+    assert text_color_for("#F0E442") == BLACK
+    assert text_color_for("#332288") == WHITE
+
+
+def test_palette_colours_stay_apart_for_colour_blind_viewers() -> None:
+    # The smallest distance of any pair, as the least favoured viewer sees it,
+    # is well above what a reader can confuse in a label (about 0.02 in OKLab).
+    worst = min(distance(a, b) for a, b in itertools.combinations(PALETTE, 2))
+    assert worst > 0.05
+
+
+def test_pick_color_maximises_distance_to_colours_in_use() -> None:
+    used = [PALETTE[0]]
+    for _ in range(len(PALETTE) - 1):
+        choice = pick_color(used)
+        assert choice not in used
+        best = max(
+            (c for c in PALETTE if c not in used), key=lambda c: min(distance(c, u) for u in used)
+        )
+        assert min(distance(choice, u) for u in used) == pytest.approx(
+            min(distance(best, u) for u in used)
+        )
+        used.append(choice)
+    assert sorted(used) == sorted(PALETTE)
+    # Past the palette, colours repeat least-used first.
+    again = pick_color(used)
+    assert again in PALETTE
+    assert pick_color([*used, again]) != again
+
+
+def test_names_are_unique_among_many_joins() -> None:
+    f = factory()
+    taken: set[str] = set()
+    for _ in range(300):  # far more members than moons
+        identity = f.create(taken, [])
+        assert identity.name not in taken
+        taken.add(identity.name)
+
+
+@pytest.mark.parametrize("style", ["jupyter", "animal", "person"])
+def test_name_styles(style: str) -> None:
+    identity = factory(style=style).create()
+    if style == "jupyter":
+        assert identity.name.startswith("Anonymous ")
+        assert identity.initials == "A" + identity.name.split()[1][0]
+    else:
+        assert len(identity.name.split()) >= 2
+    assert identity.initials.isupper() and 1 <= len(identity.initials) <= 2
+
+
+def test_locale_changes_person_names() -> None:
+    ja = {factory(seed=s, style="person", locale="ja_JP").create().name for s in range(5)}
+    assert any(not n.isascii() for n in ja)
+
+
+def test_deterministic_under_a_seed() -> None:
+    a = [factory(seed=7).create().name for _ in range(1)] + [
+        factory(seed=7).create([], ["#0072B2"]).color
+    ]
+    b = [factory(seed=7).create().name for _ in range(1)] + [
+        factory(seed=7).create([], ["#0072B2"]).color
+    ]
+    assert a == b
+    assert factory(seed=7).create() == factory(seed=7).create()
+
+
+def test_unique_name_is_the_smallest_change() -> None:
+    assert unique_name("Anonymous Io", set()) == "Anonymous Io"
+    assert unique_name("Anonymous Io", {"Anonymous Io"}) == "Anonymous Io 2"
+    assert unique_name("Anonymous Io", {"Anonymous Io", "Anonymous Io 2"}) == "Anonymous Io 3"
+
+
+def test_initials() -> None:
+    assert initials_of("Anonymous Io") == "AI"
+    assert initials_of("Brave Otter 2") == "BO"
+    assert initials_of("Zoë") == "Z"
+    assert initials_of("42") == "4"
+
+
+def test_token_round_trip() -> None:
+    f = factory()
+    identity = f.create()
+    assert f.verify(f.token(identity)) == identity
+
+
+def test_token_from_another_secret_is_rejected() -> None:
+    identity = factory(secret=b"one").create()
+    token = factory(secret=b"one").token(identity)
+    with pytest.raises(InvalidToken, match="signature"):
+        factory(secret=b"two").verify(token)
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t[:-2],
+        lambda t: "x" + t,
+        lambda t: t.replace(".", ""),
+        lambda t: t + ".extra",
+        lambda t: "",
+        lambda t: "not-base64!!.@@@",
+    ],
+)
+def test_tampered_tokens_are_rejected(mangle) -> None:  # type: ignore[no-untyped-def]
+    f = factory()
+    with pytest.raises(InvalidToken):
+        f.verify(mangle(f.token(f.create())))
+
+
+def test_token_with_a_changed_name_is_rejected() -> None:
+    import base64
+
+    f = factory()
+    token = f.token(f.create())
+    _payload, mac = token.split(".")
+    forged = (
+        base64.urlsafe_b64encode(b'{"v":1,"u":"someone-else","n":"Admin","c":"#000000"}')
+        .rstrip(b"=")
+        .decode()
+    )
+    with pytest.raises(InvalidToken):
+        f.verify(f"{forged}.{mac}")

@@ -1,0 +1,249 @@
+"""The room's rules, driven by explicit times: no sleeps anywhere."""
+
+import pytest
+
+from presence.core.events import (
+    Active,
+    Batch,
+    Event,
+    Idle,
+    Joined,
+    Left,
+    MemberInfo,
+    Updated,
+    apply_patch,
+)
+from presence.core.identity import Identity
+from presence.core.room import Room, StateTooLarge, Timing, UnknownMember, is_valid_room_name
+
+
+def ident(name: str, color: str = "#0072B2") -> Identity:
+    return Identity(name.lower(), name, name[:1], color)
+
+
+def events(room: Room) -> list[Event]:
+    local, remote = room.take()
+    local.extend(remote)
+    return local.events()
+
+
+def new_room(**kw: object) -> Room:
+    return Room("r", timing=Timing(idle_after=3, expire_after=30), replica="A", **kw)  # type: ignore[arg-type]
+
+
+def test_join_update_leave_events() -> None:
+    room = new_room()
+    room.join("a", ident("Ann"), now=0)
+    [joined] = events(room)
+    assert isinstance(joined, Joined) and joined.member.identity.name == "Ann"
+    room.update("a", {"cursor": {"x": 1, "y": 2}}, now=1)
+    assert events(room) == [Updated("a", {"cursor": {"x": 1, "y": 2}})]
+    room.leave("a")
+    assert events(room) == [Left("a")]
+    assert room.is_empty
+
+
+def test_update_merges_fields_and_null_removes() -> None:
+    room = new_room()
+    room.join("a", ident("Ann"), 0)
+    room.update("a", {"cursor": {"x": 1}, "tool": "pen"}, 1)
+    room.update("a", {"cursor": None, "color": "x"}, 2)
+    assert room.member("a").state == {"tool": "pen", "color": "x"}
+
+
+def test_names_stay_unique_in_a_room() -> None:
+    room = new_room()
+    assert room.join("a", ident("Ann"), 0).name == "Ann"
+    assert room.join("b", ident("Ann"), 0).name == "Ann 2"
+    assert room.names() == {"Ann", "Ann 2"}
+    room.leave("a")
+    assert room.join("c", ident("Ann"), 0).name == "Ann"
+
+
+def test_idle_after_quiet_period_then_active_on_update() -> None:
+    room = new_room()
+    room.join("a", ident("Ann"), 0)
+    room.update("a", {"cursor": {"x": 1}}, 1)
+    events(room)
+    room.tick(3.9)
+    assert events(room) == []
+    room.tick(4.0)
+    assert events(room) == [Idle("a")]
+    room.tick(5)
+    assert events(room) == []  # idle is announced once
+    room.update("a", {"cursor": {"x": 2}}, 6)
+    assert events(room) == [Updated("a", {"cursor": {"x": 2}}), Active("a")]
+
+
+def test_heartbeat_keeps_member_but_not_label() -> None:
+    room = new_room()
+    room.join("a", ident("Ann"), 0)
+    events(room)
+    for t in range(10, 100, 10):
+        room.heartbeat("a", t)
+        assert room.tick(t) == []
+    assert "a" in room
+    assert room.member("a").idle
+
+
+def test_expire_after_silence() -> None:
+    room = new_room()
+    room.join("a", ident("Ann"), 0)
+    room.join("b", ident("Bob"), 0)
+    room.heartbeat("b", 20)
+    events(room)
+    assert room.tick(29.9) == []
+    assert events(room) == [Idle("a"), Idle("b")]
+    assert room.tick(30) == ["a"]
+    assert events(room) == [Left("a")]
+    assert room.tick(50) == ["b"]
+    assert room.is_empty
+
+
+def test_state_size_is_limited_and_a_refused_update_changes_nothing() -> None:
+    room = new_room(max_state_bytes=100)
+    room.join("a", ident("Ann"), 0)
+    room.update("a", {"k": "x" * 50}, 1)
+    events(room)
+    with pytest.raises(StateTooLarge):
+        room.update("a", {"j": "y" * 60}, 2)
+    assert room.member("a").state == {"k": "x" * 50}
+    assert events(room) == []
+
+
+def test_only_local_members_can_be_commanded() -> None:
+    room = new_room()
+    remote = MemberInfo("z", ident("Zed"), {}, False, "B")
+    room.apply([Joined(remote)])
+    with pytest.raises(UnknownMember):
+        room.update("z", {"x": 1}, 0)
+    with pytest.raises(UnknownMember):
+        room.update("nobody", {"x": 1}, 0)
+
+
+def test_remote_events_apply_and_fan_out_but_are_not_republished() -> None:
+    room = new_room()
+    room.join("a", ident("Ann"), 0)
+    room.take()
+    room.apply(
+        [Joined(MemberInfo("z", ident("Zed"), {}, False, "B")), Updated("z", {"cursor": {"x": 5}})]
+    )
+    local, remote = room.take()
+    assert not local
+    [joined] = remote.events()
+    assert isinstance(joined, Joined) and joined.member.state == {"cursor": {"x": 5}}
+    # Another replica cannot speak for our members.
+    room.apply(
+        [
+            Updated("a", {"hijack": True}),
+            Left("a"),
+            Joined(MemberInfo("a", ident("Evil"), {}, False, "A")),
+        ]
+    )
+    assert room.member("a").identity.name == "Ann"
+    assert room.member("a").state == {}
+    # Remote members neither idle nor expire here: their replica decides.
+    assert room.tick(1000) == ["a"]
+    assert "z" in room
+    room.drop_origin("B")
+    assert room.is_empty
+    assert events(room) == [Left("a"), Left("z")]
+
+
+def test_late_joiner_snapshot_plus_events_equals_what_earlier_members_see() -> None:
+    room = new_room()
+    early: dict[str, dict[str, object]] = {}  # what an early member's client holds
+
+    def deliver(view: dict[str, dict[str, object]], batch: list[Event]) -> None:
+        for e in batch:
+            if isinstance(e, Joined):
+                view[e.member.id] = dict(e.member.state)
+            elif isinstance(e, Updated) and e.id in view:
+                apply_patch(view[e.id], e.patch)
+            elif isinstance(e, Left):
+                view.pop(e.id, None)
+
+    room.join("a", ident("Ann"), 0)
+    room.join("b", ident("Bob"), 0)
+    room.update("a", {"cursor": {"x": 1}}, 1)
+    deliver(early, events(room))
+    room.update("b", {"sel": 1}, 2)  # pending when the late joiner arrives
+    room.join("c", ident("Cy"), 2)
+    late = {m.id: dict(m.state) for m in room.snapshot()}
+    room.update("a", {"cursor": {"x": 2}}, 3)
+    room.leave("b")
+    batch = events(room)
+    deliver(early, batch)
+    deliver(late, batch)
+    assert late == early == {"a": {"cursor": {"x": 2}}, "c": {}}
+
+
+def test_batch_coalesces_latest_state_per_member() -> None:
+    batch = Batch()
+    for x in range(5):
+        batch.add(Updated("a", {"cursor": {"x": x}, f"f{x}": x}))
+    batch.add(Updated("b", {"cursor": {"x": 9}}))
+    assert batch.coalesced == 4
+    assert batch.events() == [
+        Updated("a", {"cursor": {"x": 4}, "f0": 0, "f1": 1, "f2": 2, "f3": 3, "f4": 4}),
+        Updated("b", {"cursor": {"x": 9}}),
+    ]
+
+
+def test_batch_join_then_leave_cancels_and_updates_fold_into_join() -> None:
+    batch = Batch()
+    batch.add(Joined(MemberInfo("a", ident("Ann"), {}, False, "A")))
+    batch.add(Updated("a", {"cursor": {"x": 1}}))
+    batch.add(Idle("a"))
+    [joined] = batch.events()
+    assert isinstance(joined, Joined)
+    assert joined.member.state == {"cursor": {"x": 1}} and joined.member.idle
+    batch.add(Left("a"))
+    assert batch.events() == []
+
+
+def test_batch_idle_then_update_is_active() -> None:
+    batch = Batch()
+    batch.add(Idle("a"))
+    batch.add(Updated("a", {"x": 1}))
+    batch.add(Active("a"))
+    batch.add(Updated("b", {"x": 1}))
+    batch.add(Left("b"))
+    assert batch.events() == [Updated("a", {"x": 1}), Active("a"), Left("b")]
+
+
+def test_merged_batches_equal_sequential_delivery() -> None:
+    first, second = Batch(), Batch()
+    first.add(Joined(MemberInfo("a", ident("Ann"), {}, False, "A")))
+    first.add(Updated("b", {"x": 1, "y": 1}))
+    second.add(Updated("a", {"x": 2}))
+    second.add(Updated("b", {"y": None}))
+    second.add(Left("c"))
+    merged = Batch()
+    merged.extend(first)
+    merged.extend(second)
+    [j, u, left] = merged.events()
+    assert isinstance(j, Joined) and j.member.state == {"x": 2}
+    assert u == Updated("b", {"x": 1, "y": None})
+    assert left == Left("c")
+    # The shared batches are left untouched (other connections still send them).
+    assert first.events()[0].member.state == {}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "name,ok",
+    [
+        ("notebook", True),
+        ("json:notebook:3f2a-11", True),
+        ("a.b_c~d-e", True),
+        ("x" * 128, True),
+        ("", False),
+        ("x" * 129, False),
+        ("a b", False),
+        ("a/b", False),
+        ("é", False),
+        ("{room}", False),
+    ],
+)
+def test_room_names(name: str, ok: bool) -> None:
+    assert is_valid_room_name(name) is ok
