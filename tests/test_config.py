@@ -57,3 +57,13 @@ def test_bad_value_exits_with_one_line_and_no_traceback() -> None:
     assert result.stderr.strip().splitlines() == [
         "presence: error: --expire-after: must be a positive number, got '-3'"
     ]
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, var, _parse, default, _help, _metavar in Settings.options():
+        shown = "unset" if default in ("", None) else f"`{default}`"
+        row = f"| `--{name.replace('_', '-')}` | `{var}` | {shown} |"
+        assert row in readme, f"README's configuration table lacks or misstates: {row}"

@@ -262,7 +262,7 @@ async def test_slow_client_is_closed_with_1013_and_others_keep_going(server_fact
         await writer.update(cursor={"x": i}, blob=payload + str(i))
         # The others never stop receiving: each update reaches fast while slow is stuck.
         await fast.until(
-            lambda m, i=i: (  # type: ignore[misc]
+            lambda m, i=i: (
                 (
                     writer.id in fast.members
                     and fast.members[writer.id]["state"].get("cursor", {}).get("x") == i
