@@ -419,3 +419,37 @@ async def test_no_client_can_change_another_members_state_or_identity(server: Se
     assert members[b.id]["state"] == {}
     assert members[b.id]["user"]["name"] == b.user["name"]
     assert members[a.id]["user"]["name"] == a.user["name"]
+
+
+async def test_room_full_is_closed_with_1013(server_factory) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory("--max-room-members", "2", "--seed", "6")
+    await join(server)
+    await join(server)
+    ws = await websockets.connect(f"{server.ws}/rooms/doc")
+    with pytest.raises(ConnectionClosed) as info:
+        await ws.recv()
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1013 and "full" in info.value.rcvd.reason
+    # Other rooms are not affected.
+    await join(server, room="another")
+
+
+async def test_first_update_after_quiet_goes_at_once_then_ticks_batch(server_factory) -> None:  # type: ignore[no-untyped-def]
+    # A long flush interval makes the tick visible; the bounds are generous.
+    server = server_factory("--flush-interval", "1", "--seed", "7")
+    a = await join(server)
+    b = await join(server)
+    await b.until(is_type("join"))  # b's own join, flushed on the next tick
+    await asyncio.sleep(1.5)  # a quiet period: longer than the interval since that flush
+    sent = time.monotonic()
+    await a.update(cursor={"x": 1})
+    await b.until(lambda m: b.members[a.id]["state"].get("cursor") == {"x": 1})
+    first = time.monotonic() - sent
+    for x in range(2, 6):
+        await a.update(cursor={"x": x})
+    frame = await b.until(is_type("update"))
+    batched = time.monotonic() - sent
+    assert first < 0.5, first
+    assert batched >= 0.8, batched
+    # The four updates sent within one tick arrive as one frame with the latest state.
+    assert frame["updates"] == [{"id": a.id, "state": {"cursor": {"x": 5}}}]
