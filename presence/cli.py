@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 from presence import __version__
 from presence.config import ConfigError, Settings
@@ -24,11 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, var, _parse, default, help_, metavar in Settings.options():
         # Values stay strings here: Settings.load parses flags and variables alike.
+        switch = metavar == "BOOL"  # "--redis-sharded" alone means true
         serve.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             metavar=metavar,
             default=argparse.SUPPRESS,
+            nargs="?" if switch else None,
+            const="true" if switch else None,
             help=f"{help_} [{var}] (default: {_shown(default)})",
         )
     return parser
@@ -56,9 +63,20 @@ def serve(settings: Settings) -> None:
     from presence.server.app import create_app
 
     logs.configure(settings.log_level, settings.log_format)
-    app = create_app(settings)
+    options: dict[str, Any] = {}
+    if settings.workers > 1:
+        # Workers are separate processes: they read the settings from the environment,
+        # with one secret for all (a random one is made here if none was given).
+        if not settings.secret:
+            settings = replace(settings, secret=secrets.token_urlsafe(32))
+        os.environ.update(settings.to_env())
+        app: Any = "presence.server.app:app_from_env"
+        options = {"factory": True, "workers": settings.workers}
+    else:
+        app = create_app(settings)
     uvicorn.run(
         app,
+        **options,
         host=settings.host,
         port=settings.port,
         ws="websockets-sansio",

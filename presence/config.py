@@ -57,6 +57,24 @@ def optional_int(text: str) -> int | None:
         raise ValueError(f"expected a whole number, got {text!r}") from None
 
 
+def boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def redis_url(text: str) -> str:
+    if text and not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(
+            f"expected a URL like redis://[user:password@]host:6379/0 or rediss://… for TLS, "
+            f"got {text!r}"
+        )
+    return text
+
+
 def choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in options:
@@ -84,6 +102,31 @@ def _opt(default: Any, parse: Callable[[str], Any], help: str, metavar: str = ""
 class Settings:
     host: str = _opt("127.0.0.1", str, "Interface to listen on.", "HOST")
     port: int = _opt(8000, port, "TCP port to listen on.", "PORT")
+    workers: int = _opt(
+        1,
+        positive_int,
+        "Worker processes; each is a replica, so more than one needs --redis-url.",
+        "N",
+    )
+    redis_url: str = _opt(
+        "",
+        redis_url,
+        "Redis to share presence with other replicas (redis://, rediss:// "
+        "for TLS; user and password in the URL). Unset: in-memory, one process.",
+        "URL",
+    )
+    redis_sharded: bool = _opt(
+        False, boolean, "Use sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis >= 7).", "BOOL"
+    )
+    redis_cluster: bool = _opt(
+        False, boolean, "The URL names a node of a Redis Cluster (implies sharded pub/sub).", "BOOL"
+    )
+    replica_timeout: float = _opt(
+        5.0,
+        positive_float,
+        "Seconds without a heartbeat before a replica counts as dead and its members are removed.",
+        "SECONDS",
+    )
     secret: str = _opt(
         "",
         str,
@@ -172,8 +215,26 @@ class Settings:
                 f"idle_after ({self.idle_after:g}s) must be shorter than expire_after "
                 f"({self.expire_after:g}s): a member goes idle before it expires"
             )
+        if self.workers > 1 and not self.redis_url:
+            raise ConfigError(
+                f"{self.workers} workers need a shared backplane: set --redis-url (or "
+                "PRESENCE_REDIS_URL), or run one worker"
+            )
+        if (self.redis_sharded or self.redis_cluster) and not self.redis_url:
+            raise ConfigError("--redis-sharded and --redis-cluster need --redis-url")
         if self.max_state_bytes < 64:
             raise ConfigError("max_state_bytes must be at least 64")
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as PRESENCE_* variables (how worker processes receive them)."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                env[ENV_PREFIX + f.name.upper()] = (
+                    str(value).lower() if isinstance(value, bool) else str(value)
+                )
+        return env
 
     @property
     def heartbeat_interval(self) -> float:

@@ -19,6 +19,8 @@ import orjson
 import pytest
 import websockets
 
+from tests.redis_server import RedisProcess
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
@@ -190,3 +192,10 @@ async def clients() -> AsyncIterator[list[Client]]:
     yield opened
     for c in opened:
         await c.ws.close()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisProcess]:
+    server = RedisProcess().start()
+    yield server
+    server.stop()

@@ -1,46 +1,76 @@
-"""The backplane interface: publish a room's events, receive other replicas' events."""
+"""The backplane interface: how one replica's hub shares its rooms with the others."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
-from presence.core.events import Event
+from presence.core.events import Event, MemberInfo
 
-# (room, events) for events another replica published about its own members.
-Receiver = Callable[[str, Sequence[Event]], None]
+
+class Listener(Protocol):
+    """What a backplane tells its hub (implemented by :class:`presence.server.hub.Hub`)."""
+
+    def on_events(self, room: str, events: Sequence[Event]) -> None:
+        """Another replica published events about its own members."""
+
+    def on_full_state(self, room: str, origin: str, members: Sequence[MemberInfo]) -> None:
+        """``origin`` announced the complete set of its members in ``room``."""
+
+    def on_sync_request(self, room: str) -> None:
+        """A replica asks everybody to re-announce their members in ``room``."""
+
+    def on_replica_down(self, origin: str) -> None:
+        """``origin`` stopped (cleanly or not): its members are gone."""
+
+    def on_reconnected(self) -> None:
+        """The backplane was cut off and is back: messages were lost, re-sync."""
 
 
 class Backplane(ABC):
-    """Connects one replica's hub to the others.
+    """Connects one replica to the others.
 
-    ``publish`` never blocks and never raises: a backplane that cannot deliver right now
-    buffers or drops (pub/sub is at-most-once anyway) and recovers by itself.
+    Publishing never blocks and never raises: a backplane that cannot deliver now drops
+    (pub/sub is at-most-once anyway) and calls ``on_reconnected`` when it is back, so
+    that state is re-synchronised rather than replayed.
     """
 
     def __init__(self, replica_id: str) -> None:
         self.replica_id = replica_id
-        self.receiver: Receiver | None = None
+        self.listener: Listener | None = None
 
-    async def start(self, receiver: Receiver) -> None:
-        self.receiver = receiver
+    async def start(self, listener: Listener) -> None:
+        self.listener = listener
 
     async def stop(self) -> None:
-        self.receiver = None
+        self.listener = None
 
     @property
     def ready(self) -> bool:
-        """Whether events published now reach the other replicas."""
+        """Whether what is published now reaches the other replicas."""
         return True
 
     @abstractmethod
-    def subscribe(self, room: str) -> None:
-        """Start receiving the room's events (the room has a local member)."""
+    async def open_room(self, room: str) -> list[Event]:
+        """Start receiving the room's events; return the other replicas' members in it
+        (as ``Joined`` events) followed by whatever arrived while they were read."""
 
     @abstractmethod
-    def unsubscribe(self, room: str) -> None:
+    def close_room(self, room: str) -> None:
         """Stop receiving the room's events (its last local member left)."""
 
     @abstractmethod
-    def publish(self, room: str, events: Sequence[Event]) -> None:
-        """Send events about this replica's members to the other subscribed replicas."""
+    def publish(
+        self, room: str, events: Sequence[Event], current: Sequence[MemberInfo], gone: Sequence[str]
+    ) -> None:
+        """Send events about this replica's members; ``current`` is the latest state of
+        each member the events touched, ``gone`` the ids that left (for late joiners)."""
+
+    @abstractmethod
+    def publish_full_state(self, room: str, members: Sequence[MemberInfo]) -> None:
+        """Announce the complete set of this replica's members in ``room``."""
+
+    @abstractmethod
+    def request_sync(self, room: str) -> None:
+        """Ask the other replicas to announce their members in ``room``."""

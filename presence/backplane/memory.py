@@ -1,19 +1,20 @@
-"""The default backplane: replicas in one process share a bus; alone, it is a no-op."""
+"""The default backplane: replicas in one process share a bus; alone, it costs nothing."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from presence.backplane.base import Backplane
-from presence.core.events import Event
+from presence.core.events import Event, Joined, MemberInfo
 
 
 class MemoryBus:
-    """Routes events between the backplanes attached to it (one per in-process replica)."""
+    """What Redis is to the Redis backplane: subscriptions and the members of each room."""
 
     def __init__(self) -> None:
         self.subscribers: dict[str, set[MemoryBackplane]] = {}
+        self.members: dict[str, dict[str, MemberInfo]] = {}
 
 
 class MemoryBackplane(Backplane):
@@ -21,18 +22,43 @@ class MemoryBackplane(Backplane):
         super().__init__(replica_id)
         self.bus = bus or MemoryBus()
 
-    def subscribe(self, room: str) -> None:
+    async def open_room(self, room: str) -> list[Event]:
         self.bus.subscribers.setdefault(room, set()).add(self)
+        members = self.bus.members.get(room, {}).values()
+        return [Joined(m.copy()) for m in members if m.origin != self.replica_id]
 
-    def unsubscribe(self, room: str) -> None:
+    def close_room(self, room: str) -> None:
         subscribers = self.bus.subscribers.get(room)
         if subscribers is not None:
             subscribers.discard(self)
             if not subscribers:
                 del self.bus.subscribers[room]
+                self.bus.members.pop(room, None)
 
-    def publish(self, room: str, events: Sequence[Event]) -> None:
+    def _deliver(self, room: str, call: Callable[[MemoryBackplane], None]) -> None:
         for peer in self.bus.subscribers.get(room, ()):
-            if peer is not self and peer.receiver is not None:
-                # Deliver on a later loop turn, as a network would.
-                asyncio.get_running_loop().call_soon(peer.receiver, room, events)
+            if peer is not self and peer.listener is not None:
+                # On a later loop turn, as a network would.
+                asyncio.get_running_loop().call_soon(call, peer)
+
+    def publish(
+        self, room: str, events: Sequence[Event], current: Sequence[MemberInfo], gone: Sequence[str]
+    ) -> None:
+        members = self.bus.members.setdefault(room, {})
+        for m in current:
+            members[m.id] = m.copy()
+        for member_id in gone:
+            members.pop(member_id, None)
+        self._deliver(room, lambda peer: peer.listener.on_events(room, events))  # type: ignore[union-attr]
+
+    def publish_full_state(self, room: str, members: Sequence[MemberInfo]) -> None:
+        snapshot = [m.copy() for m in members]
+        self._deliver(
+            room,
+            lambda peer: peer.listener.on_full_state(  # type: ignore[union-attr]
+                room, self.replica_id, snapshot
+            ),
+        )
+
+    def request_sync(self, room: str) -> None:
+        self._deliver(room, lambda peer: peer.listener.on_sync_request(room))  # type: ignore[union-attr]

@@ -196,6 +196,29 @@ class Room:
                 del self._members[event.id]
             self._remote.add(event)
 
+    def sync_origin(self, origin: str, members: Iterable[MemberInfo]) -> None:
+        """Make this room's view of ``origin``'s members exactly ``members``.
+
+        Used when a replica re-announces its complete state (after a backplane outage);
+        only differences produce events, so a re-sync causes no flicker.
+        """
+        if origin == self.replica:
+            return
+        incoming = {m.id: m for m in members if m.origin == origin}
+        for member_id in [
+            m for m, v in self._members.items() if v.info.origin == origin and m not in incoming
+        ]:
+            del self._members[member_id]
+            self._remote.add(Left(member_id))
+        for member_id, info in incoming.items():
+            known = self._members.get(member_id)
+            if known is None or known.info != info:
+                self._members[member_id] = _Member(info.copy(), 0.0, 0.0)
+                self._remote.add(Joined(info))
+
+    def local_members(self) -> list[MemberInfo]:
+        return [m.info for m in self._members.values() if m.info.origin == self.replica]
+
     def drop_origin(self, replica: str) -> None:
         """Remove every member of a replica that is gone (crashed or restarted)."""
         for member_id in [m for m, v in self._members.items() if v.info.origin == replica]:

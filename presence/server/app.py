@@ -12,12 +12,29 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from presence.backplane.base import Backplane
+from presence.backplane.memory import MemoryBackplane
 from presence.config import Settings
 from presence.core.identity import IdentityFactory, InvalidToken
-from presence.server.hub import Hub
+from presence.server.hub import Hub, new_replica_id
 from presence.server.json_ws import json_room
 
 log = logging.getLogger("presence.app")
+
+
+def make_backplane(settings: Settings) -> Backplane:
+    replica = new_replica_id()
+    if not settings.redis_url:
+        return MemoryBackplane(replica)
+    from presence.backplane.redis import RedisBackplane
+
+    return RedisBackplane(
+        replica,
+        settings.redis_url,
+        sharded=settings.redis_sharded,
+        cluster=settings.redis_cluster,
+        replica_timeout=settings.replica_timeout,
+    )
 
 
 def make_hub(settings: Settings) -> Hub:
@@ -34,7 +51,7 @@ def make_hub(settings: Settings) -> Hub:
         locale=settings.locale,
         seed=settings.seed,
     )
-    return Hub(settings, identities=identities)
+    return Hub(settings, identities=identities, backplane=make_backplane(settings))
 
 
 async def healthz(request: Request) -> Response:
@@ -70,6 +87,15 @@ async def identity(request: Request) -> Response:
         {"identity": ident.to_json(), "token": hub.identities.token(ident)},
         headers={"Cache-Control": "no-store"},
     )
+
+
+def app_from_env() -> Starlette:
+    """The application of a worker process, configured by PRESENCE_* variables."""
+    from presence import logs
+
+    settings = Settings.load()
+    logs.configure(settings.log_level, settings.log_format)
+    return create_app(settings)
 
 
 def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:

@@ -20,13 +20,18 @@ from typing import Any
 from presence.backplane.base import Backplane
 from presence.backplane.memory import MemoryBackplane
 from presence.config import Settings
-from presence.core.events import Batch, Event, MemberInfo, State
-from presence.core.identity import Identity, IdentityFactory
+from presence.core.events import Batch, Event, Joined, MemberInfo, State
+from presence.core.identity import IdentityFactory
 from presence.core.room import Room, RoomError, Timing
 from presence.server.metrics import Metrics
 from presence.server.outbox import Outbox
 
 log = logging.getLogger("presence.hub")
+
+
+def new_replica_id() -> str:
+    """New at every start, so that a restarted replica never speaks for its old members."""
+    return secrets.token_hex(8)
 
 
 # Close code for a connection whose member expired (it sent nothing for expire_after).
@@ -59,7 +64,7 @@ class Hub:
     ) -> None:
         self.settings = settings
         self.identities = identities
-        self.backplane = backplane or MemoryBackplane(secrets.token_hex(8))
+        self.backplane = backplane or MemoryBackplane(new_replica_id())
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.timing = Timing(settings.idle_after, settings.expire_after)
@@ -69,6 +74,7 @@ class Hub:
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush = -float("inf")
         self._sweeper: asyncio.Task[None] | None = None
+        self._opening: dict[str, asyncio.Future[None]] = {}
         self.started = False
         m = self.metrics
         m.gauges["connections"] = (
@@ -88,7 +94,7 @@ class Hub:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.backplane.start(self._receive)
+        await self.backplane.start(self)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="presence-sweep")
         self.started = True
 
@@ -109,24 +115,13 @@ class Hub:
 
     # -- commands from endpoints -------------------------------------------------------
 
-    def join(self, room_name: str, outbox: Outbox[Any], token: str | None) -> Membership:
+    async def join(self, room_name: str, outbox: Outbox[Any], token: str | None) -> Membership:
         """Add a member for a new connection; raises InvalidToken or RoomFull."""
-        room = self.rooms.get(room_name)
-        if room is not None and len(room) >= self.settings.max_room_members:
+        identity = self.identities.verify(token) if token else None
+        room = await self._open(room_name)
+        if len(room) >= self.settings.max_room_members:
             raise RoomFull(f"room is full ({self.settings.max_room_members} members)")
-        if room is None:
-            room = self.rooms[room_name] = Room(
-                room_name,
-                timing=self.timing,
-                replica=self.replica_id,
-                max_state_bytes=self.settings.max_state_bytes,
-            )
-            self.outboxes[room_name] = set()
-            self.backplane.subscribe(room_name)
-        identity: Identity
-        if token:
-            identity = self.identities.verify(token)
-        else:
+        if identity is None:
             identity = self.identities.create(room.names(), room.colors())
         member_id = secrets.token_hex(8)
         room.join(member_id, identity, self.clock())
@@ -139,6 +134,28 @@ class Hub:
             self.identities.token(identity),
             [m for m in room.snapshot() if m.id != member_id],
         )
+
+    async def _open(self, name: str) -> Room:
+        """The room, opened on the backplane (with the other replicas' members) if new."""
+        while name in self._opening:
+            await asyncio.shield(self._opening[name])
+        room = self.rooms.get(name)
+        if room is not None:
+            return room
+        room = self.rooms[name] = Room(
+            name,
+            timing=self.timing,
+            replica=self.replica_id,
+            max_state_bytes=self.settings.max_state_bytes,
+        )
+        self.outboxes[name] = set()
+        opened = self._opening[name] = asyncio.get_running_loop().create_future()
+        try:
+            room.apply(await self.backplane.open_room(name))
+        finally:
+            del self._opening[name]
+            opened.set_result(None)
+        return room
 
     def update(self, room_name: str, member_id: str, patch: State) -> None:
         self.rooms[room_name].update(member_id, patch, self.clock())
@@ -158,13 +175,36 @@ class Hub:
             self._mark(room_name)
         outbox.members.clear()
 
-    # -- events from other replicas ----------------------------------------------------
+    # -- what the backplane tells us (backplane.base.Listener) --------------------------
 
-    def _receive(self, room_name: str, events: Sequence[Event]) -> None:
+    def on_events(self, room_name: str, events: Sequence[Event]) -> None:
         room = self.rooms.get(room_name)
         if room is not None:
             room.apply(events)
             self._mark(room_name)
+
+    def on_full_state(self, room_name: str, origin: str, members: Sequence[MemberInfo]) -> None:
+        room = self.rooms.get(room_name)
+        if room is not None:
+            room.sync_origin(origin, members)
+            self._mark(room_name)
+
+    def on_sync_request(self, room_name: str) -> None:
+        room = self.rooms.get(room_name)
+        if room is not None and room.has_local_members:
+            self.backplane.publish_full_state(room_name, room.local_members())
+
+    def on_replica_down(self, origin: str) -> None:
+        for room in self.rooms.values():
+            room.drop_origin(origin)
+            if room.has_pending:
+                self._mark(room.name)
+
+    def on_reconnected(self) -> None:
+        """Messages were lost while cut off: announce ours, ask for everybody else's."""
+        for name, room in self.rooms.items():
+            self.backplane.publish_full_state(name, room.local_members())
+            self.backplane.request_sync(name)
 
     # -- ticks -------------------------------------------------------------------------
 
@@ -191,7 +231,11 @@ class Hub:
                 continue
             local, remote = room.take()
             if local:
-                self.backplane.publish(name, local.events())
+                events = local.events()
+                touched = {e.member.id if isinstance(e, Joined) else e.id for e in events}
+                current = [room.member(i) for i in touched if i in room]
+                gone = [i for i in touched if i not in room]
+                self.backplane.publish(name, events, current, gone)
                 self.metrics.updates_coalesced += local.coalesced
             batch = local
             if remote:
@@ -204,11 +248,11 @@ class Hub:
                     if frames is None:
                         frames = encoded[outbox.encode] = outbox.encode(batch)
                     outbox.push_batch(batch, frames)
-            if not outboxes and not room.has_local_members:
+            if not outboxes and not room.has_local_members and name not in self._opening:
                 # Memory must not grow with churn: an empty room is forgotten.
                 del self.rooms[name]
                 del self.outboxes[name]
-                self.backplane.unsubscribe(name)
+                self.backplane.close_room(name)
 
     def sweep(self) -> None:
         """Idle and expiry for every room; close connections that stopped reading."""

@@ -87,7 +87,7 @@ async def json_room(websocket: WebSocket) -> None:
         metrics=hub.metrics,
     )
     try:
-        membership = hub.join(room, outbox, websocket.query_params.get("token"))
+        membership = await hub.join(room, outbox, websocket.query_params.get("token"))
     except InvalidToken as exc:
         hub.metrics.error("invalid_token")
         await websocket.send_text(codec.error("invalid_token", str(exc)))

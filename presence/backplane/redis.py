@@ -1,0 +1,438 @@
+"""The Redis backplane: pub/sub per room, replica heartbeats, a members hash per room.
+
+Keys and channels of a room share one hash slot (``{room}`` hash tag), so the backplane
+works on Redis Cluster; with ``sharded=True`` it uses SPUBLISH/SSUBSCRIBE (Redis >= 7),
+which keeps a room's traffic inside the shard that owns it.
+
+- ``presence:{room}``: the room's channel. Messages: events (``e``), a replica's complete
+  member set (``f``), and sync requests (``q``). A replica subscribes only to the rooms
+  it has members in.
+- ``presence:{room}:members``: hash ``origin/member_id`` -> latest member state with the
+  sequence number of the message that wrote it; read once by a replica that opens the
+  room, so that its first member's snapshot includes every replica's members.
+- ``presence:replicas`` (``presence:{replicas}`` when sharded): heartbeats and goodbyes.
+  A replica not heard for ``replica_timeout`` is dead; its members are removed.
+- ``presence:replica:ID``: expires ``replica_timeout`` after the last heartbeat; lets a
+  snapshot skip the members of replicas that are gone.
+
+Pub/sub is at-most-once. After any connection loss the backplane resubscribes and asks
+the hub to re-announce its members and to request everybody else's (``on_reconnected``):
+state is re-synchronised, never replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+from redis.exceptions import RedisError
+
+from presence.backplane.base import Backplane
+from presence.codecs import replica as codec
+from presence.core.events import Event, Joined, MemberInfo
+
+log = logging.getLogger("presence.redis")
+
+HASH_TTL_MS = 24 * 3600 * 1000  # backstop for hashes left by replicas that all died
+MAX_BACKOFF = 5.0
+
+# Replace this replica's fields of a room's members hash with the given ones, atomically.
+FULL_STATE_SCRIPT = """
+local prefix = ARGV[1]
+local keep = {}
+for i = 2, #ARGV, 2 do keep[ARGV[i]] = true end
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, #prefix) == prefix and not keep[field] then
+    redis.call('HDEL', KEYS[1], field)
+  end
+end
+if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
+redis.call('PEXPIRE', KEYS[1], TTL)
+return 1
+""".replace("TTL", str(HASH_TTL_MS))
+
+
+class RedisBackplane(Backplane):
+    def __init__(
+        self,
+        replica_id: str,
+        url: str,
+        *,
+        sharded: bool = False,
+        cluster: bool = False,
+        replica_timeout: float = 5.0,
+        prefix: str = "presence",
+    ) -> None:
+        super().__init__(replica_id)
+        self.url = url
+        self.sharded = sharded or cluster
+        self.cluster = cluster
+        self.replica_timeout = replica_timeout
+        self.heartbeat_interval = replica_timeout / 5
+        self.prefix = prefix
+        self.redis: Redis | RedisCluster = (
+            RedisCluster.from_url(url) if cluster else Redis.from_url(url)
+        )
+        self._pubsub: PubSub | ClusterPubSub | None = None
+        self._connected = False
+        self._rooms: set[str] = set()
+        self._opening: dict[str, list[dict[str, Any]]] = {}
+        self._seq = 0
+        self._last_seen: dict[str, float] = {}
+        self._outgoing: deque[tuple[str, tuple[Any, ...]]] = deque()
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.dropped = 0  # messages not published because Redis was unreachable
+
+    # -- names -------------------------------------------------------------------------
+
+    def channel(self, room: str) -> str:
+        return f"{self.prefix}:{{{room}}}"
+
+    def members_key(self, room: str) -> str:
+        return f"{self.prefix}:{{{room}}}:members"
+
+    @property
+    def replicas_channel(self) -> str:
+        return f"{self.prefix}:{{replicas}}" if self.sharded else f"{self.prefix}:replicas"
+
+    def replica_key(self, replica: str) -> str:
+        return f"{self.prefix}:replica:{replica}"
+
+    def _room_of(self, channel: str) -> str | None:
+        start = len(self.prefix) + 2
+        if channel.startswith(self.prefix + ":{") and channel.endswith("}"):
+            return channel[start:-1]
+        return None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._connected
+
+    async def start(self, listener: Any) -> None:
+        await super().start(listener)
+        self._tasks = [
+            asyncio.create_task(self._read_forever(), name="redis-reader"),
+            asyncio.create_task(self._heartbeat_forever(), name="redis-heartbeat"),
+            asyncio.create_task(self._publish_forever(), name="redis-publisher"),
+        ]
+
+    async def stop(self) -> None:
+        # Let queued messages (the goodbyes of our members) go out first.
+        for _ in range(50):
+            if not self._outgoing or not self._connected:
+                break
+            await asyncio.sleep(0.01)
+        if self._connected:
+            with contextlib.suppress(RedisError, OSError):
+                await self._send_publish(
+                    self.replicas_channel, codec.dumps({"k": "b", "o": self.replica_id})
+                )
+                await self.redis.delete(self.replica_key(self.replica_id))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+        await super().stop()
+
+    # -- connection --------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        await self.redis.ping()
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        self._pubsub = self.redis.pubsub()
+        await self._subscribe(self.replicas_channel)
+        for room in list(self._rooms):
+            await self._subscribe(self.channel(room))
+        await self._beat()
+        # Everyone gets a fresh grace period: we could not hear them while cut off.
+        now = time.monotonic()
+        for origin in self._last_seen:
+            self._last_seen[origin] = now
+
+    async def _subscribe(self, channel: str) -> None:
+        assert self._pubsub is not None
+        if self.sharded:
+            await self._pubsub.ssubscribe(channel)
+        else:
+            await self._pubsub.subscribe(channel)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if self._pubsub is None:
+            return
+        if self.sharded:
+            await self._pubsub.sunsubscribe(channel)
+        else:
+            await self._pubsub.unsubscribe(channel)
+
+    async def _next_message(self) -> dict[str, Any] | None:
+        assert self._pubsub is not None
+        if isinstance(self._pubsub, ClusterPubSub):
+            return await self._pubsub.get_sharded_message(
+                ignore_subscribe_messages=True, timeout=1.0
+            )
+        message: dict[str, Any] | None = await self._pubsub.get_message(
+            ignore_subscribe_messages=True, timeout=1.0
+        )
+        return message
+
+    async def _read_forever(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                if not self._connected:
+                    await self._connect()
+                    self._connected = True
+                    backoff = 0.1
+                    log.info("redis connected", extra={"url": _safe(self.url)})
+                    if self.listener is not None:
+                        self.listener.on_reconnected()
+                message = await self._next_message()
+                if message is not None:
+                    self._dispatch(message)
+            except (RedisError, OSError) as exc:
+                if self._connected:
+                    log.warning("redis connection lost: %s", exc)
+                self._connected = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            except Exception:
+                log.exception("bad backplane message ignored")
+
+    # -- heartbeats --------------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        await self.redis.set(
+            self.replica_key(self.replica_id), "1", px=int(self.replica_timeout * 1000)
+        )
+        await self._send_publish(
+            self.replicas_channel, codec.dumps({"k": "h", "o": self.replica_id})
+        )
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            if not self._connected:
+                continue  # we cannot tell who is alive while cut off
+            try:
+                await self._beat()
+            except (RedisError, OSError):
+                continue  # the reader notices and reconnects
+            now = time.monotonic()
+            for origin, seen in list(self._last_seen.items()):
+                if now - seen > self.replica_timeout:
+                    log.info("replica down", extra={"replica": origin})
+                    self._replica_down(origin)
+                    await self._forget(origin)
+
+    def _replica_down(self, origin: str) -> None:
+        self._last_seen.pop(origin, None)
+        if self.listener is not None:
+            self.listener.on_replica_down(origin)
+
+    async def _forget(self, origin: str) -> None:
+        """Remove a dead replica's members from the hashes of our rooms."""
+        prefix = origin + "/"
+        with contextlib.suppress(RedisError, OSError):
+            for room in list(self._rooms):
+                key = self.members_key(room)
+                fields = [f for f in await self.redis.hkeys(key) if _text(f).startswith(prefix)]
+                if fields:
+                    await self.redis.hdel(key, *fields)
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = _text(message["channel"])
+        data = codec.loads(message["data"])
+        origin = data["o"]
+        if origin == self.replica_id or self.listener is None:
+            return
+        known = origin in self._last_seen
+        self._last_seen[origin] = time.monotonic()
+        if channel == self.replicas_channel:
+            if data["k"] == "b":
+                self._replica_down(origin)
+            elif not known:
+                # A replica we had given up on (or never heard) is back: ask for its state.
+                for name in self._rooms:
+                    self.request_sync(name)
+            return
+        room = self._room_of(channel)
+        if room is None or room not in self._rooms:
+            return
+        if room in self._opening:
+            self._opening[room].append(data)
+            return
+        self._deliver(room, data)
+
+    def _deliver(self, room: str, data: dict[str, Any]) -> None:
+        assert self.listener is not None
+        kind = data["k"]
+        if kind == "e":
+            self.listener.on_events(room, codec.events_from_json(data["e"]))
+        elif kind == "f":
+            members = [codec.member_from_json(m) for m in data["m"]]
+            self.listener.on_full_state(room, data["o"], members)
+        elif kind == "q":
+            self.listener.on_sync_request(room)
+
+    async def open_room(self, room: str) -> list[Event]:
+        self._rooms.add(room)
+        if not self._connected:
+            return []  # on_reconnected will sync this room
+        self._opening[room] = []
+        try:
+            await self._subscribe(self.channel(room))
+            raw = await self.redis.hgetall(self.members_key(room))
+            snapshot: dict[str, tuple[int, MemberInfo]] = {}
+            for field, value in raw.items():
+                if _text(field).startswith(self.replica_id + "/"):
+                    continue
+                entry = codec.loads(value)
+                snapshot[_text(field)] = (entry["s"], codec.member_from_json(entry["m"]))
+            origins = {m.origin for _, m in snapshot.values()}
+            alive = {o for o in origins if await self.redis.exists(self.replica_key(o))}
+            now = time.monotonic()
+            for origin in alive:
+                self._last_seen.setdefault(origin, now)
+        except (RedisError, OSError):
+            self._opening.pop(room, None)
+            return []  # the reader reconnects, and on_reconnected syncs this room
+        seqs = {m.id: s for s, m in snapshot.values() if m.origin in alive}
+        events: list[Event] = [Joined(m) for _, m in snapshot.values() if m.origin in alive]
+        for data in self._opening.pop(room):
+            # Messages that arrived while the snapshot was read: skip what it already has.
+            if data["k"] == "e":
+                for event in codec.events_from_json(data["e"]):
+                    member_id = event.member.id if isinstance(event, Joined) else event.id
+                    if seqs.get(member_id, -1) < data["s"]:
+                        events.append(event)
+            else:
+                asyncio.get_running_loop().call_soon(self._deliver, room, data)
+        return events
+
+    def close_room(self, room: str) -> None:
+        self._rooms.discard(room)
+        self._opening.pop(room, None)
+        self._outgoing.append(("unsubscribe", (room,)))
+        self._wakeup.set()
+
+    # -- publishing --------------------------------------------------------------------
+
+    def publish(
+        self, room: str, events: Sequence[Event], current: Sequence[MemberInfo], gone: Sequence[str]
+    ) -> None:
+        self._seq += 1
+        seq = self._seq
+        fields = {
+            f"{m.origin}/{m.id}": codec.dumps({"s": seq, "m": codec.member_to_json(m)})
+            for m in current
+        }
+        message = codec.dumps(
+            {"k": "e", "o": self.replica_id, "s": seq, "e": codec.events_to_json(events)}
+        )
+        self._queue("events", room, fields, [f"{self.replica_id}/{g}" for g in gone], message)
+
+    def publish_full_state(self, room: str, members: Sequence[MemberInfo]) -> None:
+        self._seq += 1
+        seq = self._seq
+        fields = {
+            f"{m.origin}/{m.id}": codec.dumps({"s": seq, "m": codec.member_to_json(m)})
+            for m in members
+        }
+        message = codec.dumps(
+            {
+                "k": "f",
+                "o": self.replica_id,
+                "s": seq,
+                "m": [codec.member_to_json(m) for m in members],
+            }
+        )
+        self._queue("full", room, fields, message)
+
+    def request_sync(self, room: str) -> None:
+        self._queue("request", room, codec.dumps({"k": "q", "o": self.replica_id}))
+
+    def _queue(self, kind: str, *args: Any) -> None:
+        if not self._connected:
+            self.dropped += 1
+            return  # lost like any pub/sub message; on_reconnected re-syncs
+        self._outgoing.append((kind, args))
+        self._wakeup.set()
+
+    async def _send_publish(self, channel: str, message: bytes) -> None:
+        if self.sharded:
+            await self.redis.execute_command("SPUBLISH", channel, message)
+        else:
+            await self.redis.publish(channel, message)
+
+    async def _publish_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch = list(self._outgoing)
+            self._outgoing.clear()
+            try:
+                await self._send(batch)
+            except (RedisError, OSError) as exc:
+                self.dropped += len(batch)
+                log.warning("publish failed: %s", exc)
+
+    async def _send(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """One round trip for everything queued since the last one."""
+        pipe = self.redis.pipeline(transaction=False)
+        publish = "SPUBLISH" if self.sharded else "PUBLISH"
+        for kind, args in batch:
+            if kind == "unsubscribe":
+                (room,) = args
+                if room not in self._rooms:
+                    await self._unsubscribe(self.channel(room))
+                continue
+            room = args[0]
+            key, channel = self.members_key(room), self.channel(room)
+            if kind == "events":
+                _, fields, gone, message = args
+                if fields:
+                    pipe.hset(key, mapping=fields)
+                if gone:
+                    pipe.hdel(key, *gone)
+                pipe.pexpire(key, HASH_TTL_MS)
+            elif kind == "full":
+                _, fields, message = args
+                flat = [x for pair in fields.items() for x in pair]
+                pipe.eval(FULL_STATE_SCRIPT, 1, key, self.replica_id + "/", *flat)
+            else:
+                _, message = args
+            pipe.execute_command(publish, channel, message)
+        await pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

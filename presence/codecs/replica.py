@@ -1,0 +1,67 @@
+"""The format replicas exchange through the backplane: compact JSON for events and members."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from presence.core.events import Active, Event, Idle, Joined, Left, MemberInfo, Updated
+from presence.core.identity import Identity, initials_of
+
+
+def member_to_json(m: MemberInfo) -> list[Any]:
+    i = m.identity
+    return [m.id, i.username, i.name, i.color, m.state, m.idle, m.origin]
+
+
+def member_from_json(data: list[Any]) -> MemberInfo:
+    member_id, username, name, color, state, idle, origin = data
+    return MemberInfo(
+        member_id, Identity(username, name, initials_of(name), color), state, bool(idle), origin
+    )
+
+
+def events_to_json(events: Sequence[Event]) -> list[Any]:
+    out: list[Any] = []
+    for e in events:
+        if isinstance(e, Joined):
+            out.append(["j", member_to_json(e.member)])
+        elif isinstance(e, Updated):
+            out.append(["u", e.id, e.patch])
+        elif isinstance(e, Idle):
+            out.append(["i", e.id])
+        elif isinstance(e, Active):
+            out.append(["a", e.id])
+        else:
+            out.append(["l", e.id])
+    return out
+
+
+def events_from_json(data: list[Any]) -> list[Event]:
+    events: list[Event] = []
+    for item in data:
+        kind = item[0]
+        if kind == "j":
+            events.append(Joined(member_from_json(item[1])))
+        elif kind == "u":
+            events.append(Updated(item[1], item[2]))
+        elif kind == "i":
+            events.append(Idle(item[1]))
+        elif kind == "a":
+            events.append(Active(item[1]))
+        elif kind == "l":
+            events.append(Left(item[1]))
+    return events
+
+
+def dumps(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(message)
+
+
+def loads(data: bytes | str) -> dict[str, Any]:
+    message = orjson.loads(data)
+    if not isinstance(message, dict):
+        raise ValueError("backplane message is not an object")
+    return message
