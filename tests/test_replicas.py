@@ -11,7 +11,7 @@ import httpx
 import orjson
 
 from tests.conftest import FAST, Client, Server
-from tests.redis_server import RedisProcess
+from tests.redis_server import RedisCluster, RedisProcess
 from tests.test_json_protocol import closed_with, join
 
 ServerFactory = Callable[..., Server]
@@ -288,3 +288,39 @@ async def test_workers_share_presence_through_redis(
                 break
             await asyncio.sleep(0.1)
         assert len(client.keys("presence:replica:*")) == 2
+
+
+async def test_redis_cluster_with_sharded_pubsub(server_factory: ServerFactory) -> None:
+    cluster = RedisCluster().start()
+    try:
+        # Each replica is pointed at a different node; they find the rest.
+        r1 = server_factory(*FAST, "--redis-url", cluster.nodes[0].url, "--redis-cluster")
+        r2 = server_factory(*FAST, "--redis-url", cluster.nodes[1].url, "--redis-cluster")
+        r3 = server_factory(*FAST, "--redis-url", cluster.nodes[2].url, "--redis-cluster")
+        rooms = ["doc", "notebook", "whiteboard", "json:notebook:42"]  # spread over slots
+        for room in rooms:
+            a = await join(r1, room=room)
+            b = await join(r2, room=room)
+            await a.update(cursor={"x": 1, "y": 2})
+            await b.until(sees(b, a, cursor={"x": 1, "y": 2}))
+            await b.update(cursor={"x": 3, "y": 4})
+            await a.until(sees(a, b, cursor={"x": 3, "y": 4}))
+            # A replica that opens the room reads the members hash from the owning node.
+            late = await join(r3, room=room)
+            assert {m["id"] for m in late.welcome["members"]} == {a.id, b.id}
+        # Each room's channel is subscribed on the node that owns its slot, and only there.
+        owners = set()
+        for room in rooms:
+            channel = f"presence:{{{room}}}"
+            holders = []
+            for node in cluster.nodes:
+                with node.client() as client:
+                    if client.execute_command("PUBSUB", "SHARDCHANNELS", channel):
+                        holders.append(node.port)
+            assert len(holders) == 1, (room, holders)
+            owners.add(holders[0])
+        assert len(owners) > 1, "the test rooms should span several shards"
+        await b.close()
+        await a.until(lambda m: b.id not in a.members)
+    finally:
+        cluster.stop()

@@ -29,10 +29,11 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from presence.backplane.base import Backplane
@@ -81,8 +82,11 @@ class RedisBackplane(Backplane):
         self.redis: Redis | RedisCluster = (
             RedisCluster.from_url(url) if cluster else Redis.from_url(url)
         )
-        self._pubsub: PubSub | ClusterPubSub | None = None
+        self._subscribers: dict[str, PubSub] = {}  # Redis node -> its pub/sub connection
+        self._node_clients: dict[str, Redis] = {}
+        self._readers: dict[int, asyncio.Task[None]] = {}
         self._connected = False
+        self._lost = asyncio.Event()
         self._rooms: set[str] = set()
         self._opening: dict[str, list[dict[str, Any]]] = {}
         self._seq = 0
@@ -122,7 +126,7 @@ class RedisBackplane(Backplane):
     async def start(self, listener: Any) -> None:
         await super().start(listener)
         self._tasks = [
-            asyncio.create_task(self._read_forever(), name="redis-reader"),
+            asyncio.create_task(self._supervise(), name="redis-supervisor"),
             asyncio.create_task(self._heartbeat_forever(), name="redis-heartbeat"),
             asyncio.create_task(self._publish_forever(), name="redis-publisher"),
         ]
@@ -144,21 +148,44 @@ class RedisBackplane(Backplane):
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._teardown()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         await super().stop()
 
     # -- connection --------------------------------------------------------------------
 
+    async def _supervise(self) -> None:
+        """Connect, and reconnect with backoff whenever a connection is lost."""
+        backoff = 0.1
+        while True:
+            if self._connected:
+                await self._lost.wait()
+                continue
+            self._lost.clear()
+            try:
+                await self._connect()
+            except (RedisError, OSError) as exc:
+                log.debug("redis unavailable: %s", exc)
+                await self._teardown()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            backoff = 0.1
+            self._connected = True
+            log.info("redis connected", extra={"url": _safe(self.url)})
+            if self.listener is not None:
+                self.listener.on_reconnected()
+
+    def _connection_lost(self, exc: BaseException) -> None:
+        if self._connected:
+            log.warning("redis connection lost: %s", exc)
+        self._connected = False
+        self._lost.set()
+
     async def _connect(self) -> None:
+        await self._teardown()
         await self.redis.ping()
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        self._pubsub = self.redis.pubsub()
         await self._subscribe(self.replicas_channel)
         for room in list(self._rooms):
             await self._subscribe(self.channel(room))
@@ -168,54 +195,70 @@ class RedisBackplane(Backplane):
         for origin in self._last_seen:
             self._last_seen[origin] = now
 
-    async def _subscribe(self, channel: str) -> None:
-        assert self._pubsub is not None
-        if self.sharded:
-            await self._pubsub.ssubscribe(channel)
+    async def _teardown(self) -> None:
+        for task in self._readers.values():
+            task.cancel()
+        self._readers.clear()
+        for pubsub in self._subscribers.values():
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        self._subscribers.clear()
+        for client in self._node_clients.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        self._node_clients.clear()
+
+    def _subscriber(self, channel: str) -> PubSub:
+        """The pub/sub connection for a channel: one per Redis node, each with a reader."""
+        if isinstance(self.redis, RedisCluster):
+            # Sharded channels live on the node that owns their slot.
+            node = self.redis.get_node_from_key(channel)
+            if node is None:
+                raise RedisError(f"no cluster node serves {channel!r} yet")
+            name = node.name
+            if name not in self._node_clients:
+                self._node_clients[name] = Redis.from_url(
+                    _with_host(self.url, node.host, int(node.port))
+                )
+            client: Redis = self._node_clients[name]
         else:
-            await self._pubsub.subscribe(channel)
+            name, client = "", self.redis
+        pubsub = self._subscribers.get(name)
+        if pubsub is None:
+            pubsub = self._subscribers[name] = client.pubsub()
+        return pubsub
+
+    def _ensure_reader(self, pubsub: PubSub) -> None:
+        key = id(pubsub)
+        if key not in self._readers:
+            self._readers[key] = asyncio.create_task(self._read(pubsub), name="redis-reader")
+
+    async def _read(self, pubsub: PubSub) -> None:
+        try:
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None:
+                    try:
+                        self._dispatch(message)
+                    except Exception:
+                        log.exception("bad backplane message ignored")
+        except (RedisError, OSError) as exc:
+            self._connection_lost(exc)
+
+    async def _subscribe(self, channel: str) -> None:
+        pubsub = self._subscriber(channel)
+        if self.sharded:
+            await pubsub.ssubscribe(channel)
+        else:
+            await pubsub.subscribe(channel)
+        self._ensure_reader(pubsub)
 
     async def _unsubscribe(self, channel: str) -> None:
-        if self._pubsub is None:
-            return
+        pubsub = self._subscriber(channel)
         if self.sharded:
-            await self._pubsub.sunsubscribe(channel)
+            await pubsub.sunsubscribe(channel)
         else:
-            await self._pubsub.unsubscribe(channel)
-
-    async def _next_message(self) -> dict[str, Any] | None:
-        assert self._pubsub is not None
-        if isinstance(self._pubsub, ClusterPubSub):
-            return await self._pubsub.get_sharded_message(
-                ignore_subscribe_messages=True, timeout=1.0
-            )
-        message: dict[str, Any] | None = await self._pubsub.get_message(
-            ignore_subscribe_messages=True, timeout=1.0
-        )
-        return message
-
-    async def _read_forever(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                if not self._connected:
-                    await self._connect()
-                    self._connected = True
-                    backoff = 0.1
-                    log.info("redis connected", extra={"url": _safe(self.url)})
-                    if self.listener is not None:
-                        self.listener.on_reconnected()
-                message = await self._next_message()
-                if message is not None:
-                    self._dispatch(message)
-            except (RedisError, OSError) as exc:
-                if self._connected:
-                    log.warning("redis connection lost: %s", exc)
-                self._connected = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-            except Exception:
-                log.exception("bad backplane message ignored")
+            await pubsub.unsubscribe(channel)
 
     # -- heartbeats --------------------------------------------------------------------
 
@@ -428,6 +471,13 @@ class RedisBackplane(Backplane):
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _with_host(url: str, host: str, port: int) -> str:
+    """``url`` pointed at another node of the same cluster (same scheme, credentials)."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{credentials}{host}:{port}"))
 
 
 def _safe(url: str) -> str:
