@@ -147,7 +147,9 @@ class Client:
         kind = message["type"]
         if kind == "join":
             for m in message["members"]:
-                if m["id"] != self.id:
+                if m["id"] == self.id:
+                    self.welcome["you"] = m  # our own member re-announced (e.g. renamed)
+                else:
                     self.members[m["id"]] = m
         elif kind == "update":
             for u in message["updates"]:

@@ -159,6 +159,10 @@ async def test_reconnect_with_token_keeps_name_and_colour(server: Server) -> Non
     twin = await join(server, token=token)
     assert twin.user["name"] == user["name"] + " 2"
     assert twin.user["color"] == user["color"] and twin.user["username"] == user["username"]
+    # When the first one leaves, the twin gets the name back (a join of its own id).
+    await again.close()
+    await twin.until(lambda m: twin.user["name"] == user["name"])
+    assert twin.user["initials"] == user["initials"]
     # The identity is room-independent, and replicas with the same secret accept it.
     elsewhere = await join(server, room="other", token=token)
     assert elsewhere.user == user

@@ -56,8 +56,40 @@ def test_names_stay_unique_in_a_room() -> None:
     assert room.join("a", ident("Ann"), 0).name == "Ann"
     assert room.join("b", ident("Ann"), 0).name == "Ann 2"
     assert room.names() == {"Ann", "Ann 2"}
+    events(room)
+    # When the holder leaves, b gets its own name back, announced as a join of b.
     room.leave("a")
-    assert room.join("c", ident("Ann"), 0).name == "Ann"
+    rejoined, left = events(room)
+    assert left == Left("a")
+    assert isinstance(rejoined, Joined) and rejoined.member.identity.name == "Ann"
+    assert rejoined.member.identity.initials == "A"
+    assert room.join("c", ident("Ann"), 0).name == "Ann 2"
+
+
+def test_concurrent_joins_on_two_replicas_settle_on_unique_names() -> None:
+    # Replica A and replica B both gave "Ann" away before hearing of each other.
+    a = Room("r", replica="A")
+    b = Room("r", replica="B")
+    a.join("m1", ident("Ann"), 0)
+    b.join("m2", ident("Ann"), 0)
+    a_events, _ = a.take()
+    b_events, _ = b.take()
+    a.apply(b_events.events())
+    b.apply(a_events.events())
+    # The smaller id keeps the name; B renames its own member and says so.
+    assert a.member("m1").identity.name == "Ann"
+    renamed, _ = b.take()
+    [join] = renamed.events()
+    assert isinstance(join, Joined) and join.member.identity.name == "Ann 2"
+    a.apply(renamed.events())
+    assert a.names() == b.names() == {"Ann", "Ann 2"}
+    # m1 leaves: m2 takes its name back, on both replicas.
+    a.leave("m1")
+    gone, _ = a.take()
+    b.apply(gone.events())
+    back, _ = b.take()
+    a.apply(back.events())
+    assert a.names() == b.names() == {"Ann"}
 
 
 def test_idle_after_quiet_period_then_active_on_update() -> None:

@@ -87,6 +87,7 @@ class Room:
         self.replica = replica
         self.max_state_bytes = max_state_bytes
         self._members: dict[str, _Member] = {}
+        self._wanted: dict[str, str] = {}  # local members renamed away from their own name
         self._local = Batch()  # events decided here: fanned out and published
         self._remote = Batch()  # events applied from other replicas: fanned out only
 
@@ -127,7 +128,10 @@ class Room:
         """Add a local member. Returns its identity, renamed if another member holds the name."""
         if member_id in self._members:
             raise RoomError(f"member {member_id!r} is already in room {self.name!r}")
-        identity = identity.renamed(unique_name(identity.name, self.names()))
+        wanted = identity.name
+        identity = identity.renamed(unique_name(wanted, self.names()))
+        if identity.name != wanted:
+            self._wanted[member_id] = wanted
         info = MemberInfo(member_id, identity, {}, False, self.replica)
         self._members[member_id] = _Member(info, now, now)
         self._emit(Joined(info))
@@ -154,6 +158,8 @@ class Room:
     def leave(self, member_id: str) -> None:
         if self._members.pop(member_id, None) is not None:
             self._emit(Left(member_id))
+            self._wanted.pop(member_id, None)
+            self._settle_names()
 
     def tick(self, now: float) -> list[str]:
         """Mark local members idle, and remove the ones that stopped heartbeating.
@@ -178,12 +184,14 @@ class Room:
 
     def apply(self, events: Iterable[Event]) -> None:
         """Apply events published by another replica about its own members."""
+        membership_changed = False
         for event in events:
             if isinstance(event, Joined):
                 if event.member.origin == self.replica:
                     continue  # only we speak for our members
                 self._members[event.member.id] = _Member(event.member.copy(), 0.0, 0.0)
                 self._remote.add(event)
+                membership_changed = True
                 continue
             member = self._members.get(event.id)
             if member is None or member.info.origin == self.replica:
@@ -194,7 +202,10 @@ class Room:
                 member.info.idle = isinstance(event, Idle)
             else:
                 del self._members[event.id]
+                membership_changed = True
             self._remote.add(event)
+        if membership_changed:
+            self._settle_names()
 
     def sync_origin(self, origin: str, members: Iterable[MemberInfo]) -> None:
         """Make this room's view of ``origin``'s members exactly ``members``.
@@ -215,6 +226,7 @@ class Room:
             if known is None or known.info != info:
                 self._members[member_id] = _Member(info.copy(), 0.0, 0.0)
                 self._remote.add(Joined(info))
+        self._settle_names()
 
     def local_members(self) -> list[MemberInfo]:
         return [m.info for m in self._members.values() if m.info.origin == self.replica]
@@ -224,6 +236,39 @@ class Room:
         for member_id in [m for m, v in self._members.items() if v.info.origin == replica]:
             del self._members[member_id]
             self._remote.add(Left(member_id))
+        self._settle_names()
+
+    def _settle_names(self) -> None:
+        """Keep names unique across replicas, and give names back when they free up.
+
+        Two replicas can hand out one name at the same moment; when they learn of each
+        other, the member with the smaller id keeps it and the other's replica renames its
+        own. A member renamed because its name was taken ("Io 2") gets its name back when
+        the holder leaves (typically: the old connection of a page that was reloaded).
+        A rename is announced as a ``join`` of the same id, which replaces the member.
+        """
+        holders: dict[str, list[str]] = {}
+        for member_id, member in self._members.items():
+            holders.setdefault(member.info.identity.name, []).append(member_id)
+        for member_id, member in self._members.items():
+            if member.info.origin != self.replica:
+                continue
+            name = member.info.identity.name
+            wanted = self._wanted.get(member_id, name)
+            if min(holders[name]) != member_id:
+                new = unique_name(wanted, holders)
+            elif wanted != name and wanted not in holders:
+                new = wanted
+            else:
+                continue
+            holders[name].remove(member_id)
+            holders.setdefault(new, []).append(member_id)
+            member.info.identity = member.info.identity.renamed(new)
+            if new == wanted:
+                self._wanted.pop(member_id, None)
+            else:
+                self._wanted[member_id] = wanted
+            self._emit(Joined(member.info))
 
     # -- output ------------------------------------------------------------------------
 
