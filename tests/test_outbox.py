@@ -4,7 +4,7 @@ import asyncio
 
 import orjson
 
-from presence.codecs.json import encode_batch
+from presence.codecs.json import ENCODER, encode_batch
 from presence.core.events import Batch, Updated
 from presence.server.metrics import Metrics
 from presence.server.outbox import Outbox
@@ -35,11 +35,10 @@ async def test_fast_connection_gets_the_shared_frames() -> None:
     peer, metrics = Peer(), Metrics()
     peer.gate.set()
     outbox = Outbox(
-        peer.send, peer.close, encode_batch, max_backlog=4, clock=lambda: 0.0, metrics=metrics
+        peer.send, peer.close, ENCODER, max_backlog=4, clock=lambda: 0.0, metrics=metrics
     )
     task = asyncio.create_task(outbox.run())
-    shared = ["shared-frame"]
-    outbox.push_batch(batch_of(a={"x": 1}), shared)
+    outbox.push_batch(batch_of(a={"x": 1}), ["shared-frame"])
     await asyncio.sleep(0.01)
     assert peer.frames == ["shared-frame"]
     assert metrics.messages_out == 1
@@ -50,7 +49,7 @@ async def test_fast_connection_gets_the_shared_frames() -> None:
 async def test_a_stalled_connection_coalesces_its_backlog() -> None:
     peer, metrics = Peer(), Metrics()
     outbox = Outbox(
-        peer.send, peer.close, encode_batch, max_backlog=4, clock=lambda: 0.0, metrics=metrics
+        peer.send, peer.close, ENCODER, max_backlog=4, clock=lambda: 0.0, metrics=metrics
     )
     task = asyncio.create_task(outbox.run())
     outbox.push(["welcome"])
@@ -77,7 +76,7 @@ async def test_a_stalled_connection_coalesces_its_backlog() -> None:
 async def test_abort_stops_a_stalled_send_and_closes() -> None:
     peer = Peer()
     outbox = Outbox(
-        peer.send, peer.close, encode_batch, max_backlog=4, clock=lambda: 5.0, metrics=Metrics()
+        peer.send, peer.close, ENCODER, max_backlog=4, clock=lambda: 5.0, metrics=Metrics()
     )
     task = asyncio.create_task(outbox.run())
     outbox.push(["stuck"])

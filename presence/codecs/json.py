@@ -147,6 +147,19 @@ def error(code: str, message: str) -> str:
     return _dumps({"type": "error", "code": code, "message": message})
 
 
+class JsonEncoder:
+    """Frames are the same for every JSON connection: encode once, send as is."""
+
+    def shared(self, batch: Batch) -> list[str]:
+        return encode_batch(batch)
+
+    def frames(self, shared: list[str], outbox: object) -> list[str]:
+        return shared
+
+
+ENCODER = JsonEncoder()
+
+
 def encode_batch(batch: Batch) -> list[str]:
     """A batch as frames: one per kind of event present, in a safe order."""
     joins: list[dict[str, Any]] = []

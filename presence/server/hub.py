@@ -20,7 +20,7 @@ from typing import Any
 from presence.backplane.base import Backplane
 from presence.backplane.memory import MemoryBackplane
 from presence.config import Settings
-from presence.core.events import Batch, Event, Joined, MemberInfo, State
+from presence.core.events import Event, Joined, MemberInfo, State
 from presence.core.identity import IdentityFactory
 from presence.core.room import Room, RoomError, Timing
 from presence.server.metrics import Metrics
@@ -242,12 +242,12 @@ class Hub:
                 batch.extend(remote)
             outboxes = self.outboxes[name]
             if batch and outboxes:
-                encoded: dict[Callable[[Batch], list[Any]], list[Any]] = {}
+                shared: dict[int, Any] = {}  # one encoding per wire format
                 for outbox in outboxes:
-                    frames = encoded.get(outbox.encode)
-                    if frames is None:
-                        frames = encoded[outbox.encode] = outbox.encode(batch)
-                    outbox.push_batch(batch, frames)
+                    key = id(outbox.encoder)
+                    if key not in shared:
+                        shared[key] = outbox.encoder.shared(batch)
+                    outbox.push_batch(batch, shared[key])
             if not outboxes and not room.has_local_members and name not in self._opening:
                 # Memory must not grow with churn: an empty room is forgotten.
                 del self.rooms[name]

@@ -81,7 +81,7 @@ async def json_room(websocket: WebSocket) -> None:
     outbox: Outbox[str] = Outbox(
         send,
         close,
-        codec.encode_batch,
+        codec.ENCODER,
         max_backlog=hub.settings.send_backlog,
         clock=hub.clock,
         metrics=hub.metrics,

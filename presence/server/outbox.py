@@ -1,6 +1,8 @@
 """One connection's outgoing side: a bounded queue, a writer task, coalescing.
 
-A fast connection gets the frames its room encoded once for everybody. A connection that
+A fast connection gets the frames its room encoded once for everybody (an
+:class:`Encoder` encodes a batch once per tick; ``frames`` only picks this connection's
+share, for example leaving out a Yjs client's own states). A connection that
 falls behind (its queue passes ``max_backlog`` batches) has its queued batches merged
 into one, latest state per member, and encoded for it alone when it catches up: its
 memory is bounded by the room's size, not by how long it has been stalled. A send that
@@ -14,7 +16,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from presence.core.events import Batch
 from presence.server.metrics import Metrics
@@ -22,10 +24,21 @@ from presence.server.metrics import Metrics
 F = TypeVar("F", str, bytes)
 
 
+class Encoder(Protocol[F]):
+    """A wire format's encoding of room batches, shared by the connections that use it."""
+
+    def shared(self, batch: Batch) -> Any:
+        """Encode a batch once, for every connection of the room using this format."""
+
+    def frames(self, shared: Any, outbox: Outbox[F]) -> list[F]:
+        """The frames one connection gets from a shared encoding."""
+
+
 @dataclass(slots=True)
-class _Item(Generic[F]):
-    frames: list[F] | None  # None: encode ``batch`` for this connection when sending
-    batch: Batch | None  # None: a direct reply (welcome, error), never merged
+class _Item:
+    frames: list[Any] | None  # a direct reply (welcome, error): never merged
+    batch: Batch | None = None
+    shared: Any = None  # the batch's shared encoding; None: encode when sending
 
 
 class Outbox(Generic[F]):
@@ -33,7 +46,7 @@ class Outbox(Generic[F]):
         self,
         send: Callable[[F], Awaitable[None]],
         close: Callable[[int, str], Awaitable[None]],
-        encode: Callable[[Batch], list[F]],
+        encoder: Encoder[F],
         *,
         max_backlog: int,
         clock: Callable[[], float],
@@ -44,10 +57,10 @@ class Outbox(Generic[F]):
         self.members: set[str] = set()  # the member ids this connection speaks for
         self._task: asyncio.Task[None] | None = None
         self._abort: tuple[int, str] | None = None
-        self.encode: Callable[[Batch], list[F]] = encode
+        self.encoder: Encoder[F] = encoder
         self.max_backlog = max_backlog
         self._clock = clock
-        self._queue: deque[_Item[F]] = deque()
+        self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self.closed = False
         self.sending_since: float | None = None
@@ -58,13 +71,13 @@ class Outbox(Generic[F]):
 
     def push(self, frames: list[F]) -> None:
         """Queue frames meant for this connection only."""
-        self._put(_Item(frames, None))
+        self._put(_Item(frames))
 
-    def push_batch(self, batch: Batch, frames: list[F]) -> None:
+    def push_batch(self, batch: Batch, shared: Any) -> None:
         """Queue a room batch with its shared encoding."""
-        self._put(_Item(frames, batch))
+        self._put(_Item(None, batch, shared))
 
-    def _put(self, item: _Item[F]) -> None:
+    def _put(self, item: _Item) -> None:
         if self.closed:
             return
         self._queue.append(item)
@@ -74,7 +87,7 @@ class Outbox(Generic[F]):
 
     def _merge_backlog(self) -> None:
         merged = Batch()
-        kept: deque[_Item[F]] = deque()
+        kept: deque[_Item] = deque()
         for item in self._queue:
             if item.batch is None:
                 kept.append(item)
@@ -106,7 +119,10 @@ class Outbox(Generic[F]):
             frames = item.frames
             if frames is None:
                 assert item.batch is not None
-                frames = self.encode(item.batch)
+                shared = item.shared
+                if shared is None:
+                    shared = self.encoder.shared(item.batch)
+                frames = self.encoder.frames(shared, self)
             for frame in frames:
                 self.sending_since = self._clock()
                 await self._send(frame)
