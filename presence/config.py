@@ -148,6 +148,13 @@ class Settings:
         "Seed for names, colours and ids (tests, demos); unset in production.",
         "N",
     )
+    yjs_anonymous: bool = _opt(
+        False,
+        boolean,
+        "Replace the 'user' of Yjs clients with server-made anonymous "
+        "identities (by default a client's own 'user' is kept).",
+        "BOOL",
+    )
     idle_after: float = _opt(
         3.0,
         positive_float,

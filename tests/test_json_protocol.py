@@ -415,8 +415,12 @@ async def test_too_many_invalid_messages_close_with_1008(server: Server) -> None
 async def test_no_client_can_change_another_members_state_or_identity(server: Server) -> None:
     a = await join(server)
     b = await join(server)
+    # No client can set an identity, not even its own.
+    await a.update(user={"name": "Mallory"})
+    error = await a.until(is_type("error"))
+    assert error["code"] == "invalid_field" and "reserved" in error["message"]
     # There is no way to address another member: fields like these are a's own state.
-    await a.update(id=b.id, user={"name": "Mallory"}, cursor={"x": 1})
+    await a.update(id=b.id, name="Mallory", cursor={"x": 1})
     await b.until(lambda m: a.id in b.members and b.members[a.id]["state"].get("cursor"))
     c = await join(server)
     members = {m["id"]: m for m in c.welcome["members"]}

@@ -59,6 +59,9 @@ def _is_number(value: Any) -> bool:
 
 def _check_conventional(state: State) -> None:
     """The fields overlays rely on must have the documented shapes."""
+    if "user" in state:
+        # Peers read the identity from ``user`` (Yjs clients in the state itself).
+        raise ProtocolError("invalid_field", "'user' is reserved: the server assigns identities")
     cursor = state.get("cursor")
     if cursor is not None:
         if not isinstance(cursor, dict):

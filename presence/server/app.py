@@ -18,6 +18,7 @@ from presence.config import Settings
 from presence.core.identity import IdentityFactory, InvalidToken
 from presence.server.hub import Hub, new_replica_id
 from presence.server.json_ws import json_room
+from presence.server.yjs_ws import yjs_room
 
 log = logging.getLogger("presence.app")
 
@@ -114,6 +115,7 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
     app = Starlette(
         routes=[
             WebSocketRoute("/rooms/{room}", json_room),
+            WebSocketRoute("/yjs/{room}", yjs_room),
             Route("/identity", identity),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

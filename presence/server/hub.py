@@ -19,9 +19,10 @@ from typing import Any
 
 from presence.backplane.base import Backplane
 from presence.backplane.memory import MemoryBackplane
+from presence.codecs.yjs import YjsView
 from presence.config import Settings
 from presence.core.events import Event, Joined, MemberInfo, State
-from presence.core.identity import IdentityFactory
+from presence.core.identity import Identity, IdentityFactory
 from presence.core.room import Room, RoomError, Timing
 from presence.server.metrics import Metrics
 from presence.server.outbox import Outbox
@@ -70,6 +71,7 @@ class Hub:
         self.timing = Timing(settings.idle_after, settings.expire_after)
         self.rooms: dict[str, Room] = {}
         self.outboxes: dict[str, set[Outbox[Any]]] = {}
+        self.yjs_views: dict[str, YjsView] = {}
         self._dirty: set[str] = set()
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush = -float("inf")
@@ -116,26 +118,60 @@ class Hub:
     # -- commands from endpoints -------------------------------------------------------
 
     async def join(self, room_name: str, outbox: Outbox[Any], token: str | None) -> Membership:
-        """Add a member for a new connection; raises InvalidToken or RoomFull."""
+        """Add a member for a new JSON connection; raises InvalidToken or RoomFull."""
         identity = self.identities.verify(token) if token else None
-        room = await self._open(room_name)
+        room = await self.open(room_name)
+        self.attach(room, outbox)
+        member_id = secrets.token_hex(8)
+        self.admit(room, outbox, member_id, identity)
+        return Membership(
+            room_name,
+            room.member(member_id).copy(),
+            self.identities.token(identity or room.member(member_id).identity),
+            [m for m in room.snapshot() if m.id != member_id],
+        )
+
+    def attach(self, room: Room, outbox: Outbox[Any]) -> None:
+        """Deliver the room's events to ``outbox`` from now on."""
+        self.outboxes[room.name].add(outbox)
+
+    def admit(
+        self,
+        room: Room,
+        outbox: Outbox[Any],
+        member_id: str,
+        identity: Identity | None,
+        state: State | None = None,
+    ) -> Identity:
+        """Add a member spoken for by ``outbox``; a new anonymous identity if none."""
         if len(room) >= self.settings.max_room_members:
             raise RoomFull(f"room is full ({self.settings.max_room_members} members)")
         if identity is None:
             identity = self.identities.create(room.names(), room.colors())
-        member_id = secrets.token_hex(8)
-        room.join(member_id, identity, self.clock())
+        now = self.clock()
+        given = room.join(member_id, identity, now)
         outbox.members.add(member_id)
-        self.outboxes[room_name].add(outbox)
-        self._mark(room_name)
-        return Membership(
-            room_name,
-            room.member(member_id).copy(),
-            self.identities.token(identity),
-            [m for m in room.snapshot() if m.id != member_id],
-        )
+        if state:
+            room.update(member_id, state, now)
+        self._mark(room.name)
+        return given
 
-    async def _open(self, name: str) -> Room:
+    def leave(self, room_name: str, member_id: str, outbox: Outbox[Any]) -> None:
+        """One member of a connection leaves (a Yjs client's null state)."""
+        outbox.members.discard(member_id)
+        room = self.rooms.get(room_name)
+        if room is not None:
+            room.leave(member_id)
+            self._mark(room_name)
+
+    def yjs_view(self, room: Room) -> YjsView:
+        view = self.yjs_views.get(room.name)
+        if view is None:
+            view = self.yjs_views[room.name] = YjsView(room)
+            view.last_renewal = self.clock()
+        return view
+
+    async def open(self, name: str) -> Room:
         """The room, opened on the backplane (with the other replicas' members) if new."""
         while name in self._opening:
             await asyncio.shield(self._opening[name])
@@ -252,6 +288,7 @@ class Hub:
                 # Memory must not grow with churn: an empty room is forgotten.
                 del self.rooms[name]
                 del self.outboxes[name]
+                self.yjs_views.pop(name, None)
                 self.backplane.close_room(name)
 
     def sweep(self) -> None:
@@ -263,11 +300,16 @@ class Hub:
             if room.has_pending:
                 self._mark(room.name)
             for outbox in list(self.outboxes[room.name]) if expired else ():
-                if outbox.members.intersection(expired):
-                    outbox.abort(
-                        CLOSE_EXPIRED, f"expired: no update or heartbeat for {expire_after:g}s"
-                    )
-                    self.disconnect(room.name, outbox)
+                if not outbox.members.intersection(expired):
+                    continue
+                if not outbox.close_on_expiry:
+                    outbox.members.difference_update(expired)
+                    continue
+                outbox.abort(
+                    CLOSE_EXPIRED, f"expired: no update or heartbeat for {expire_after:g}s"
+                )
+                self.disconnect(room.name, outbox)
+        self._renew_yjs(now)
         limit = self.settings.slow_client_timeout
         stalled = [
             (name, outbox)
@@ -279,6 +321,18 @@ class Hub:
             self.metrics.slow_client_disconnects += 1
             outbox.abort(1013, f"client too slow: a send stalled for over {limit:g}s")
             self.disconnect(name, outbox)
+
+    def _renew_yjs(self, now: float) -> None:
+        """Re-announce every state to Yjs clients before their 30 s timeout drops it."""
+        period = self.settings.expire_after / 2
+        for name, view in self.yjs_views.items():
+            if now - view.last_renewal < period:
+                continue
+            view.last_renewal = now
+            shared = view.snapshot(renew=True)
+            for outbox in self.outboxes[name]:
+                if outbox.encoder is view:
+                    outbox.push([view.full(shared, outbox)])
 
     async def _sweep_forever(self) -> None:
         interval = min(0.25, self.settings.idle_after / 10)

@@ -10,57 +10,15 @@ import logging
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from presence.codecs import json as codec
-from presence.core.events import State
 from presence.core.identity import InvalidToken
-from presence.core.ratelimit import TokenBucket
 from presence.core.room import ROOM_NAME_RULE, RoomError, is_valid_room_name
 from presence.server.hub import Hub, Membership, RoomFull
 from presence.server.outbox import Outbox
+from presence.server.updates import RateLimitedUpdates
 
 log = logging.getLogger("presence.ws")
 
 MAX_CONSECUTIVE_ERRORS = 10
-
-
-class _RateLimitedUpdates:
-    """Applies a client's updates at most ``rate`` per second; the excess is merged
-    into one pending patch (latest value per field) and applied when allowed."""
-
-    def __init__(self, hub: Hub, membership: Membership) -> None:
-        self.hub = hub
-        self.room = membership.room
-        self.member_id = membership.member.id
-        rate = hub.settings.rate_limit
-        self.bucket = TokenBucket(rate, max(1.0, rate), hub.clock())
-        self.pending: State | None = None
-        self.timer: asyncio.TimerHandle | None = None
-
-    def submit(self, patch: State) -> None:
-        if self.pending is None and self.bucket.allow(self.hub.clock()):
-            self.hub.update(self.room, self.member_id, patch)
-            return
-        if self.pending is None:
-            self.pending = dict(patch)
-        else:
-            self.pending.update(patch)
-            self.hub.metrics.updates_coalesced += 1
-        if self.timer is None:
-            delay = self.bucket.wait_time(self.hub.clock())
-            self.timer = asyncio.get_running_loop().call_later(delay, self._release)
-
-    def _release(self) -> None:
-        self.timer = None
-        patch, self.pending = self.pending, None
-        if patch is None:
-            return
-        self.bucket.allow(self.hub.clock())
-        # The member may have left meanwhile, or the merged state be too large: drop it.
-        with contextlib.suppress(RoomError):
-            self.hub.update(self.room, self.member_id, patch)
-
-    def cancel(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
 
 
 async def json_room(websocket: WebSocket) -> None:
@@ -113,7 +71,7 @@ async def json_room(websocket: WebSocket) -> None:
         ]
     )
     writer = asyncio.create_task(outbox.run())
-    updates = _RateLimitedUpdates(hub, membership)
+    updates = RateLimitedUpdates(hub, room, membership.member.id)
     try:
         await _read(websocket, hub, membership, updates, outbox)
     except WebSocketDisconnect:
@@ -131,7 +89,7 @@ async def _read(
     websocket: WebSocket,
     hub: Hub,
     membership: Membership,
-    updates: _RateLimitedUpdates,
+    updates: RateLimitedUpdates,
     outbox: Outbox[str],
 ) -> None:
     errors = 0

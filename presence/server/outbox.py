@@ -55,6 +55,9 @@ class Outbox(Generic[F]):
         self._send: Callable[[F], Awaitable[None]] = send
         self._close = close
         self.members: set[str] = set()  # the member ids this connection speaks for
+        # A JSON member that expires has a dead client: close. A Yjs client ID expires
+        # on its own (y-protocols), its connection stays.
+        self.close_on_expiry = True
         self._task: asyncio.Task[None] | None = None
         self._abort: tuple[int, str] | None = None
         self.encoder: Encoder[F] = encoder

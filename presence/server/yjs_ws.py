@@ -1,0 +1,205 @@
+"""The y-websocket endpoint, ``/yjs/{room}``: awareness for stock Yjs clients.
+
+Each Yjs client ID is a member of the room (id ``y<clientID>``), bound to the connection
+that introduced it: other connections can neither change nor remove it, and when that
+connection closes, cleanly or not, its client IDs are removed for everyone at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from presence.codecs import yjs
+from presence.core.colors import parse_hex, pick_color
+from presence.core.identity import Identity, InvalidToken, initials_of
+from presence.core.room import ROOM_NAME_RULE, Room, RoomError, is_valid_room_name
+from presence.server.hub import Hub, RoomFull
+from presence.server.outbox import Outbox
+from presence.server.updates import RateLimitedUpdates
+
+log = logging.getLogger("presence.yjs")
+
+
+class YjsConnection:
+    """What one socket controls: its client IDs, their last clocks, their rate limits."""
+
+    def __init__(
+        self, hub: Hub, room: Room, outbox: Outbox[bytes], identity: Identity | None
+    ) -> None:
+        self.hub = hub
+        self.room = room
+        self.outbox = outbox
+        self.identity = identity  # from ?token=, for states that carry no ``user``
+        self.clocks: dict[int, int] = {}
+        self.updates: dict[str, RateLimitedUpdates] = {}
+
+    def receive(self, entry: yjs.Entry) -> None:
+        member_id = yjs.member_id_of(entry.client_id)
+        if member_id in self.room and member_id not in self.outbox.members:
+            # Another connection's client: an echo of a relayed update (stock clients
+            # send every update they receive back), or an attempt to take it over.
+            return
+        last = self.clocks.get(entry.client_id)
+        if last is not None and entry.clock <= last:
+            return  # our own client's old state, or an echo of it
+        state = yjs.parse_state(entry.state)
+        self.clocks[entry.client_id] = entry.clock
+        if state is None:
+            if member_id in self.outbox.members:
+                self._forget(member_id)
+                self.hub.leave(self.room.name, member_id, self.outbox)
+            return
+        for field in yjs.SERVER_FIELDS:
+            state.pop(field, None)
+        if self.hub.settings.yjs_anonymous:
+            state.pop("user", None)
+        if member_id in self.outbox.members:
+            self._update(member_id, state)
+        else:
+            # A new client ID, or one that went null or reconnected: bind it here.
+            identity = self._identity_of(state.get("user"), entry.client_id)
+            self.hub.admit(self.room, self.outbox, member_id, identity, state)
+
+    def _update(self, member_id: str, state: dict[str, Any]) -> None:
+        old = self.room.member(member_id).state
+        patch = {k: v for k, v in state.items() if old.get(k) != v}
+        patch.update({k: None for k in old if k not in state})
+        if not patch:
+            # y-protocols renews an unchanged state every 15 s: a heartbeat, not a move.
+            self.hub.heartbeat(self.room.name, member_id)
+            return
+        limiter = self.updates.get(member_id)
+        if limiter is None:
+            limiter = self.updates[member_id] = RateLimitedUpdates(
+                self.hub, self.room.name, member_id
+            )
+        limiter.submit(patch)
+
+    def _identity_of(self, user: Any, client_id: int) -> Identity | None:
+        """The client's own ``user``, if it has a usable one; else the token's or None
+        (the hub then makes an anonymous one)."""
+        if not isinstance(user, dict):
+            return self.identity
+        name = user.get("display_name") or user.get("name")
+        if not isinstance(name, str) or not name.strip():
+            return self.identity
+        name = name.strip()[:100]
+        color = user.get("color")
+        try:
+            parse_hex(color if isinstance(color, str) else "")
+        except ValueError:
+            # A CSS variable or a colour name: Yjs peers keep it, JSON peers get ours.
+            color = pick_color(self.room.colors())
+        username = user.get("username")
+        if not isinstance(username, str) or not username:
+            username = f"yjs-{client_id}"
+        return Identity(username[:100], name, initials_of(name), str(color))
+
+    def _forget(self, member_id: str) -> None:
+        limiter = self.updates.pop(member_id, None)
+        if limiter is not None:
+            limiter.cancel()
+
+    def close(self) -> None:
+        for member_id in list(self.updates):
+            self._forget(member_id)
+
+
+async def yjs_room(websocket: WebSocket) -> None:
+    hub: Hub = websocket.app.state.hub
+    room_name = websocket.path_params["room"]
+    await websocket.accept()
+    if not is_valid_room_name(room_name):
+        await websocket.close(1008, f"invalid room name: use {ROOM_NAME_RULE}")
+        return
+    token = websocket.query_params.get("token")
+    try:
+        identity = hub.identities.verify(token) if token else None
+    except InvalidToken as exc:
+        hub.metrics.error("invalid_token")
+        await websocket.close(1008, f"invalid identity token: {exc}"[:120])
+        return
+
+    async def send(frame: bytes) -> None:
+        await websocket.send_bytes(frame)
+
+    async def close(code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await websocket.close(code, reason)
+
+    room = await hub.open(room_name)
+    view = hub.yjs_view(room)
+    outbox: Outbox[bytes] = Outbox(
+        send,
+        close,
+        view,
+        max_backlog=hub.settings.send_backlog,
+        clock=hub.clock,
+        metrics=hub.metrics,
+    )
+    outbox.close_on_expiry = False
+    hub.attach(room, outbox)
+    # Stock clients never ask (query-awareness): push the room's states on join.
+    outbox.push([view.full(view.snapshot(renew=False), outbox)])
+    connection = YjsConnection(hub, room, outbox, identity)
+    writer = asyncio.create_task(outbox.run())
+    try:
+        await _read(websocket, hub, view, connection)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        connection.close()
+        hub.disconnect(room_name, outbox)
+        if not writer.done():
+            writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
+
+
+async def _read(
+    websocket: WebSocket, hub: Hub, view: yjs.YjsView, connection: YjsConnection
+) -> None:
+    outbox = connection.outbox
+    while not outbox.closed:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        hub.metrics.messages_in += 1
+        data = message.get("bytes")
+        if data is None:
+            hub.metrics.error("text_frame")
+            await websocket.close(1003, "y-websocket messages are binary frames")
+            return
+        try:
+            kind, reader = yjs.read_message(data)
+            if kind == yjs.AWARENESS:
+                for entry in yjs.read_awareness(reader):
+                    try:
+                        connection.receive(entry)
+                    except yjs.MalformedMessage as exc:
+                        hub.metrics.error("invalid_state")  # one bad state: skip it
+                        log.debug("ignored awareness entry: %s", exc)
+                    except RoomFull as exc:
+                        await websocket.close(1013, str(exc))
+                        return
+                    except RoomError as exc:
+                        hub.metrics.error(exc.code)
+            elif kind == yjs.SYNC:
+                if yjs.is_sync_step1(reader):
+                    outbox.push([yjs.EMPTY_SYNC_STEP2])
+                # Document updates are not ours to keep: this service holds no documents.
+            elif kind == yjs.QUERY_AWARENESS:
+                outbox.push([view.full(view.snapshot(renew=False), outbox)])
+            elif kind != yjs.AUTH:
+                hub.metrics.error("unknown_type")
+                await websocket.close(1003, f"unsupported y-websocket message type {kind}")
+                return
+        except yjs.MalformedMessage as exc:
+            hub.metrics.error("malformed")
+            await websocket.close(1007, f"malformed message: {exc}")
+            return

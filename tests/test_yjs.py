@@ -1,0 +1,346 @@
+"""The y-websocket endpoint against real servers, with pycrdt's Awareness as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+from pycrdt import create_awareness_message, write_var_uint
+
+from tests.conftest import FAST, Server
+from tests.redis_server import RedisProcess
+from tests.test_json_protocol import join
+from tests.yjs_client import YClient
+
+ServerFactory = Callable[..., Server]
+
+
+async def yjoin(
+    server: Server, state: dict[str, object] | None = None, room: str = "doc", **kw: object
+) -> YClient:
+    return await YClient.connect(f"{server.ws}/yjs/{room}", state, **kw)  # type: ignore[arg-type]
+
+
+def has(client: YClient, other: int, **fields: object) -> Callable[[], bool]:
+    def check() -> bool:
+        state = client.states.get(other)
+        return state is not None and all(state.get(k) == v for k, v in fields.items())
+
+    return check
+
+
+async def closed_with(client: YClient) -> tuple[int, str]:
+    """Wait for the server to close the client; the close code and reason it sent."""
+    await asyncio.wait_for(asyncio.shield(client.reader), 5)
+    rcvd = client.ws.protocol.close_rcvd
+    assert rcvd is not None, "closed without a close frame"
+    return rcvd.code, rcvd.reason
+
+
+async def test_late_joiner_gets_the_full_awareness_and_updates_relay(server: Server) -> None:
+    a = await yjoin(server, {"cursor": {"anchor": 1, "head": 2}})
+    b = await yjoin(server, {"cursor": None})
+    # b never asked (stock clients do not send query-awareness): the server pushed it.
+    await b.until(has(b, a.id, cursor={"anchor": 1, "head": 2}))
+    await a.until(has(a, b.id))
+    for i in range(50):
+        a.awareness.set_local_state_field("cursor", {"anchor": i, "head": i})
+        await a.send_update([a.id])
+    await b.until(has(b, a.id, cursor={"anchor": 49, "head": 49}))
+    # The provider's sync step 1 got a step 2 (an empty update): it counts as synced.
+    assert a.synced and b.synced
+
+
+async def test_identity_is_injected_when_a_state_has_no_user(server: Server) -> None:
+    a = await yjoin(server, {"cursor": None})
+    b = await yjoin(server, {"user": {"name": "Ada", "color": "#123456"}})
+    await b.until(has(b, a.id))
+    user = b.states[a.id]["user"]
+    assert user["name"].startswith("Anonymous ")
+    assert user["color"].startswith("#") and user["colorLight"] == user["color"] + "33"
+    assert {"initials", "display_name", "username"} <= set(user)
+    # A client's own user is kept as it is.
+    await a.until(has(a, b.id))
+    assert a.states[b.id]["user"] == {"name": "Ada", "color": "#123456"}
+    # The idle mark: every relayed state says whether its label should show.
+    assert b.states[a.id]["presence"] == {"idle": False}
+    await b.until(lambda: b.states[a.id]["presence"] == {"idle": True}, timeout=3)
+    a.awareness.set_local_state_field("cursor", {"anchor": 3, "head": 3})
+    await a.send_update([a.id])
+    await b.until(lambda: b.states[a.id]["presence"] == {"idle": False})
+
+
+async def test_anonymous_identities_can_be_enforced(server_factory: ServerFactory) -> None:
+    server = server_factory(*FAST, "--yjs-anonymous")
+    a = await yjoin(server, {"user": {"name": "Real Name", "color": "#123456"}})
+    b = await yjoin(server, {})
+    await b.until(has(b, a.id))
+    assert b.states[a.id]["user"]["name"].startswith("Anonymous ")
+
+
+async def test_clean_and_abrupt_disconnects_remove_states_at_once(server: Server) -> None:
+    a = await yjoin(server, {"n": 1})
+    b = await yjoin(server, {"n": 2})
+    c = await yjoin(server, {"n": 3})
+    await c.until(lambda: a.id in c.states and b.id in c.states)
+    started = time.monotonic()
+    await a.close()
+    await c.until(lambda: a.id not in c.states, timeout=2)
+    b.abort()  # no null state, no close frame
+    await c.until(lambda: b.id not in c.states, timeout=2)
+    assert time.monotonic() - started < 2
+
+
+async def test_states_expire_when_not_renewed(server: Server) -> None:
+    # expire_after is 2 s here (30 s by default, as y-protocols). a is a frozen client:
+    # connected, silent, and deaf (a live stock client would re-assert its state when
+    # told it was removed, as y-protocols does).
+    a = await yjoin(server, {"n": 1}, echo=False)
+    b = await yjoin(server, {"n": 2})
+    await b.until(has(b, a.id))
+    started = time.monotonic()
+    # b renews its own state; a stays connected but silent.
+    while a.id in b.states:
+        b.awareness.set_local_state(b.awareness.get_local_state())
+        await b.send_update([b.id])
+        await asyncio.sleep(0.2)
+        assert time.monotonic() - started < 6, "a never expired"
+    assert 1.5 <= time.monotonic() - started <= 4
+    # a's socket is still open: its next state brings it back.
+    await a.set({"n": 10})
+    await b.until(has(b, a.id, n=10))
+
+
+async def test_a_lone_client_keeps_hearing_from_the_server(server: Server) -> None:
+    a = await yjoin(server, {"n": 1})
+    await asyncio.sleep(0.3)
+    before = len(a.received)
+    await asyncio.sleep(2.5)  # renewals every expire_after / 2 (15 s by default; 1 s here)
+    assert len(a.received) - before >= 2
+
+
+async def test_another_connection_cannot_update_or_remove_a_client(server: Server) -> None:
+    a = await yjoin(server, {"who": "a"})
+    b = await yjoin(server, {"who": "b"})
+    mallory = await yjoin(server, {"who": "mallory"}, echo=False)
+    await b.until(lambda: a.id in b.states and mallory.id in b.states)
+    # mallory forges updates for a's client ID, with ever higher clocks, then a removal.
+    for clock, state in ((100, '{"who":"mallory"}'), (200, "null")):
+        update = (
+            write_var_uint(1)
+            + write_var_uint(a.id)
+            + write_var_uint(clock)
+            + write_var_uint(len(state))
+            + state.encode()
+        )
+        await mallory.ws.send(create_awareness_message(update))
+    # y-websocket#126: a connection that relays another client's removal must not take
+    # it over either; mallory now closes and a must stay.
+    await mallory.close()
+    await b.until(lambda: mallory.id not in b.states)
+    await asyncio.sleep(0.3)
+    assert b.states[a.id]["who"] == "a"
+    a.awareness.set_local_state_field("who", "still a")
+    await a.send_update([a.id])
+    await b.until(has(b, a.id, who="still a"))
+
+
+async def test_echoes_are_dropped_not_relayed(server_factory: ServerFactory) -> None:
+    server = server_factory("--seed", "1")  # default timings: no idle marks or renewals
+    a = await yjoin(server, {"n": 0})
+    b = await yjoin(server, {"n": 0})  # echoes every update it receives, like stock clients
+    c = await yjoin(server, {"n": 0}, echo=False)
+    await c.until(lambda: a.id in c.states and b.id in c.states)
+    await asyncio.sleep(0.3)
+    before = server.metrics()["presence_messages_out_total"]
+    for i in range(1, 11):
+        a.awareness.set_local_state_field("n", i)
+        await a.send_update([a.id])
+        await asyncio.sleep(0.05)
+    await c.until(has(c, a.id, n=10))
+    await asyncio.sleep(0.3)
+    sent = server.metrics()["presence_messages_out_total"] - before
+    # Ten moves to two peers: at most twenty frames, whatever b echoes back.
+    assert sent <= 20, sent
+    # a never gets its own state back (it would adopt the server's clock and resend).
+    assert a.id not in a.states
+
+
+async def test_a_reconnecting_client_is_visible_at_once(server: Server) -> None:
+    a = await yjoin(server, {"n": 1})
+    b = await yjoin(server, {"n": 2})
+    await b.until(has(b, a.id))
+    a.abort()
+    await b.until(lambda: a.id not in b.states)
+    # Same client ID and the same clock as before the drop, as a stock client resends.
+    again = await yjoin(server, None, client_id=a.id)
+    again.awareness._meta[a.id] = dict(a.awareness._meta[a.id])
+    again.awareness._states[a.id] = {"n": 1}
+    await again.send_update([a.id])
+    await b.until(has(b, a.id, n=1), timeout=2)
+    # ...and bound to its new socket: its next abrupt drop is announced too.
+    again.abort()
+    await b.until(lambda: a.id not in b.states, timeout=2)
+
+
+async def test_json_and_yjs_members_see_each_other(server: Server) -> None:
+    y = await yjoin(server, {"cursor": {"anchor": 5, "head": 5}})
+    j = await join(server)
+    # The Yjs member in the JSON snapshot: member "y<clientID>" with identity and state.
+    [ym] = j.welcome["members"]
+    assert ym["id"] == f"y{y.id}"
+    assert ym["state"] == {"cursor": {"anchor": 5, "head": 5}}
+    assert ym["user"]["name"].startswith("Anonymous ")
+    # The JSON member in Yjs awareness: its own client ID, its user, its state.
+    await j.update(cursor={"x": 1, "y": 2})
+    await y.until(lambda: any(s.get("cursor") == {"x": 1, "y": 2} for s in y.states.values()))
+    [(client_id, state)] = y.states.items()
+    assert client_id >= 2**32
+    assert state["user"]["name"] == j.user["name"]
+    assert state["user"]["color"] == j.user["color"]
+    # Updates and leave cross in both directions.
+    y.awareness.set_local_state_field("cursor", {"anchor": 9, "head": 9})
+    await y.send_update([y.id])
+    await j.until(lambda m: j.members[f"y{y.id}"]["state"]["cursor"] == {"anchor": 9, "head": 9})
+    await j.close()
+    await y.until(lambda: client_id not in y.states)
+    await y.close()
+
+
+async def test_query_awareness_returns_everything(server: Server) -> None:
+    a = await yjoin(server, {"n": 1})
+    b = await yjoin(server, {"n": 2}, echo=False)
+    await b.until(has(b, a.id))
+    b.awareness._states.pop(a.id)
+    b.awareness._meta.pop(a.id)
+    await b.ws.send(write_var_uint(3))
+    await b.until(has(b, a.id, n=1))
+
+
+async def test_across_two_replicas(
+    server_factory: ServerFactory, redis_server: RedisProcess
+) -> None:
+    r1 = server_factory(*FAST, "--redis-url", redis_server.url)
+    r2 = server_factory(*FAST, "--redis-url", redis_server.url)
+    a = await yjoin(r1, {"n": 1})
+    b = await yjoin(r2, {"n": 2})
+    await b.until(has(b, a.id, n=1))
+    await a.until(has(a, b.id, n=2))
+    j = await join(r2)
+    assert {m["id"] for m in j.welcome["members"]} == {f"y{a.id}", f"y{b.id}"}
+    # Controlled IDs hold across replicas: a connection on r2 cannot touch a's ID.
+    update = (
+        write_var_uint(1)
+        + write_var_uint(a.id)
+        + write_var_uint(10**6)
+        + write_var_uint(4)
+        + b"null"
+    )
+    await b.ws.send(create_awareness_message(update))
+    a.awareness.set_local_state_field("n", 3)
+    await a.send_update([a.id])
+    await b.until(has(b, a.id, n=3))
+    a.abort()
+    await b.until(lambda: a.id not in b.states, timeout=3)
+
+
+# -- bad input -------------------------------------------------------------------------
+
+
+async def room_still_works(server: Server) -> None:
+    a = await yjoin(server, {"ok": 1}, room="healthy")
+    b = await yjoin(server, {"ok": 2}, room="healthy")
+    await b.until(has(b, a.id, ok=1))
+
+
+@pytest.mark.parametrize(
+    "payload,code",
+    [
+        (b"\x01\x85", 1007),  # truncated varint
+        (b"\x01\x05\x01", 1007),  # length past the end
+        (b"\x01\x04\x01\xff\xff\xff", 1007),  # entry truncated
+        (b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", 1007),  # varint too long
+        (b"\x07\x00", 1003),  # unknown message type
+    ],
+)
+async def test_malformed_messages_close_with_a_reason(
+    server: Server, payload: bytes, code: int
+) -> None:
+    peer = await yjoin(server, {"n": 0})
+    bad = await yjoin(server, {"n": 1}, echo=False)
+    await peer.until(has(peer, bad.id))
+    await bad.ws.send(payload)
+    got, reason = await closed_with(bad)
+    assert got == code and reason
+    # Its client ID goes with it; the others carry on.
+    await peer.until(lambda: bad.id not in peer.states)
+    await room_still_works(server)
+
+
+async def test_bad_states_and_old_clocks_are_ignored(server: Server) -> None:
+    a = await yjoin(server, {"n": 5}, echo=False)
+    b = await yjoin(server, {"n": 0})
+    await b.until(has(b, a.id, n=5))
+    clock = a.awareness.meta[a.id]["clock"]
+    for c, state in (
+        (clock + 1, b"{not json"),
+        (clock + 2, b"[1,2]"),
+        (clock - 1, b'{"n":-1}'),
+        (clock, b'{"n":-2}'),
+    ):
+        update = (
+            write_var_uint(1)
+            + write_var_uint(a.id)
+            + write_var_uint(c)
+            + write_var_uint(len(state))
+            + state
+        )
+        await a.ws.send(create_awareness_message(update))
+    a.awareness.set_local_state_field("n", 6)
+    a.awareness._meta[a.id]["clock"] = clock + 5
+    await a.send_update([a.id])
+    await b.until(has(b, a.id, n=6))
+    m = server.metrics()
+    assert m['presence_protocol_errors_total{code="invalid_state"}'] == 2
+
+
+async def test_text_frames_and_huge_messages_are_refused(server: Server) -> None:
+    a = await yjoin(server, {"n": 1}, echo=False)
+    await a.ws.send("hello")
+    assert (await closed_with(a))[0] == 1003
+    b = await yjoin(server, {"n": 1}, echo=False)
+    await b.ws.send(b"\x01" + b"\x00" * 100_000)
+    assert (await closed_with(b))[0] == 1009
+    await room_still_works(server)
+
+
+async def test_non_ascii_states_round_trip(server: Server) -> None:
+    a = await yjoin(server, {"n": 1}, echo=False)
+    b = await yjoin(server, {"n": 1})
+    # Written by hand: pycrdt's Encoder counts characters, not bytes, in varString.
+    state = '{"name":"Zoë ✓"}'.encode()
+    clock = a.awareness.meta[a.id]["clock"] + 1
+    update = (
+        write_var_uint(1)
+        + write_var_uint(a.id)
+        + write_var_uint(clock)
+        + write_var_uint(len(state))
+        + state
+    )
+    await a.ws.send(create_awareness_message(update))
+    await b.until(has(b, a.id, name="Zoë ✓"))
+
+
+async def test_half_open_connection_is_found_by_pings(server_factory: ServerFactory) -> None:
+    # A laptop lid closes: no FIN, no close frame, no answer to pings.
+    server = server_factory("--seed", "1", "--ping-interval", "1")
+    a = await yjoin(server, {"n": 1}, echo=False)
+    b = await yjoin(server, {"n": 2})
+    await b.until(has(b, a.id))
+    a.ws.transport.pause_reading()
+    started = time.monotonic()
+    await b.until(lambda: a.id not in b.states, timeout=6)
+    # One ping interval to send the ping, one to wait for the pong.
+    assert time.monotonic() - started <= 4
