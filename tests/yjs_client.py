@@ -4,6 +4,7 @@ like the stock JavaScript client (including sending back every update it receive
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -77,10 +78,8 @@ class YClient:
                 asyncio.get_running_loop().create_task(self._echo(ids))
 
     async def _echo(self, ids: list[int]) -> None:
-        try:
+        with contextlib.suppress(websockets.ConnectionClosed):
             await self.send_update(ids)
-        except websockets.ConnectionClosed:
-            pass
 
     async def _read(self) -> None:
         try:
@@ -104,10 +103,8 @@ class YClient:
             if remaining <= 0:
                 raise TimeoutError(f"condition not met; states: {self.states}")
             self.changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(remaining, 0.2))
-            except TimeoutError:
-                pass
 
     async def close(self) -> None:
         """A clean close, as the stock client does it: own state to null first."""
