@@ -134,6 +134,13 @@ class Settings:
         "one is made at start-up and tokens do not survive a restart.",
         "SECRET",
     )
+    admin_token: str = _opt(
+        "",
+        str,
+        "Bearer token for GET /rooms (every room, with member counts); unset: "
+        "that listing is disabled.",
+        "TOKEN",
+    )
     name_style: str = _opt(
         "jupyter",
         choice(*NAME_STYLES),

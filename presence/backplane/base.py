@@ -72,5 +72,13 @@ class Backplane(ABC):
         """Announce the complete set of this replica's members in ``room``."""
 
     @abstractmethod
+    async def members(self, room: str) -> list[MemberInfo]:
+        """The members of a room this replica has not opened (for read-only views)."""
+
+    @abstractmethod
+    async def rooms(self) -> dict[str, int]:
+        """Every room with members on any replica, with its member count."""
+
+    @abstractmethod
     def request_sync(self, room: str) -> None:
         """Ask the other replicas to announce their members in ``room``."""

@@ -60,5 +60,11 @@ class MemoryBackplane(Backplane):
             ),
         )
 
+    async def members(self, room: str) -> list[MemberInfo]:
+        return [m.copy() for m in self.bus.members.get(room, {}).values()]
+
+    async def rooms(self) -> dict[str, int]:
+        return {room: len(members) for room, members in self.bus.members.items() if members}
+
     def request_sync(self, room: str) -> None:
         self._deliver(room, lambda peer: peer.listener.on_sync_request(room))  # type: ignore[union-attr]

@@ -345,23 +345,12 @@ class RedisBackplane(Backplane):
         self._opening[room] = []
         try:
             await self._subscribe(self.channel(room))
-            raw = await self.redis.hgetall(self.members_key(room))
-            snapshot: dict[str, tuple[int, MemberInfo]] = {}
-            for field, value in raw.items():
-                if _text(field).startswith(self.replica_id + "/"):
-                    continue
-                entry = codec.loads(value)
-                snapshot[_text(field)] = (entry["s"], codec.member_from_json(entry["m"]))
-            origins = {m.origin for _, m in snapshot.values()}
-            alive = {o for o in origins if await self.redis.exists(self.replica_key(o))}
-            now = time.monotonic()
-            for origin in alive:
-                self._last_seen.setdefault(origin, now)
+            snapshot = await self._read_members(room)
         except (RedisError, OSError):
             self._opening.pop(room, None)
             return []  # the reader reconnects, and on_reconnected syncs this room
-        seqs = {m.id: s for s, m in snapshot.values() if m.origin in alive}
-        events: list[Event] = [Joined(m) for _, m in snapshot.values() if m.origin in alive]
+        seqs = {m.id: s for s, m in snapshot.values()}
+        events: list[Event] = [Joined(m) for _, m in snapshot.values()]
         for data in self._opening.pop(room):
             # Messages that arrived while the snapshot was read: skip what it already has.
             if data["k"] == "e":
@@ -372,6 +361,46 @@ class RedisBackplane(Backplane):
             else:
                 asyncio.get_running_loop().call_soon(self._deliver, room, data)
         return events
+
+    async def _read_members(self, room: str) -> dict[str, tuple[int, MemberInfo]]:
+        """The room's members hash, less our own members and those of dead replicas."""
+        raw = await self.redis.hgetall(self.members_key(room))
+        snapshot: dict[str, tuple[int, MemberInfo]] = {}
+        for field, value in raw.items():
+            if _text(field).startswith(self.replica_id + "/"):
+                continue
+            entry = codec.loads(value)
+            snapshot[_text(field)] = (entry["s"], codec.member_from_json(entry["m"]))
+        alive = await self._alive({m.origin for _, m in snapshot.values()})
+        return {f: (s, m) for f, (s, m) in snapshot.items() if m.origin in alive}
+
+    async def _alive(self, origins: set[str]) -> set[str]:
+        alive = {o for o in origins if await self.redis.exists(self.replica_key(o))}
+        now = time.monotonic()
+        for origin in alive:
+            self._last_seen.setdefault(origin, now)
+        return alive
+
+    async def members(self, room: str) -> list[MemberInfo]:
+        try:
+            return [m for _, m in (await self._read_members(room)).values()]
+        except (RedisError, OSError):
+            return []
+
+    async def rooms(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        try:
+            pattern = f"{self.prefix}:{{*}}:members"
+            keys = [_text(k) async for k in self.redis.scan_iter(match=pattern, count=500)]
+            for key in keys:
+                origins = [_text(f).split("/", 1)[0] for f in await self.redis.hkeys(key)]
+                alive = await self._alive(set(origins) - {self.replica_id}) | {self.replica_id}
+                count = sum(1 for o in origins if o in alive)
+                if count:
+                    counts[key[len(self.prefix) + 2 : -len("}:members")]] = count
+        except (RedisError, OSError):
+            pass  # a partial answer while Redis is away; /readyz says so
+        return counts
 
     def close_room(self, room: str) -> None:
         self._rooms.discard(room)

@@ -123,7 +123,7 @@ def member_json(member: MemberInfo) -> dict[str, Any]:
     }
 
 
-def _dumps(message: dict[str, Any]) -> str:
+def dumps(message: dict[str, Any]) -> str:
     return orjson.dumps(message).decode()
 
 
@@ -134,7 +134,7 @@ def welcome(
     members: Sequence[MemberInfo],
     timing: dict[str, float],
 ) -> str:
-    return _dumps(
+    return dumps(
         {
             "type": "welcome",
             "room": room,
@@ -147,7 +147,7 @@ def welcome(
 
 
 def error(code: str, message: str) -> str:
-    return _dumps({"type": "error", "code": code, "message": message})
+    return dumps({"type": "error", "code": code, "message": message})
 
 
 class JsonEncoder:
@@ -165,6 +165,11 @@ ENCODER = JsonEncoder()
 
 def encode_batch(batch: Batch) -> list[str]:
     """A batch as frames: one per kind of event present, in a safe order."""
+    return [dumps(message) for message in batch_messages(batch)]
+
+
+def batch_messages(batch: Batch) -> list[dict[str, Any]]:
+    """A batch as protocol messages (join, update, idle, active, leave)."""
     joins: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
     idle: list[str] = []
@@ -181,12 +186,12 @@ def encode_batch(batch: Batch) -> list[str]:
             active.append(event.id)
         elif isinstance(event, Left):
             leave.append(event.id)
-    frames = []
+    messages: list[dict[str, Any]] = []
     if joins:
-        frames.append(_dumps({"type": "join", "members": joins}))
+        messages.append({"type": "join", "members": joins})
     if updates:
-        frames.append(_dumps({"type": "update", "updates": updates}))
+        messages.append({"type": "update", "updates": updates})
     for kind, ids in (("idle", idle), ("active", active), ("leave", leave)):
         if ids:
-            frames.append(_dumps({"type": kind, "ids": ids}))
-    return frames
+            messages.append({"type": kind, "ids": ids})
+    return messages

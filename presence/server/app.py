@@ -6,11 +6,13 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from presence.backplane.base import Backplane
 from presence.backplane.memory import MemoryBackplane
@@ -18,9 +20,11 @@ from presence.config import Settings
 from presence.core.identity import IdentityFactory, InvalidToken
 from presence.server.hub import Hub, new_replica_id
 from presence.server.json_ws import json_room
+from presence.server.views import list_rooms, room_events, room_members
 from presence.server.yjs_ws import yjs_room
 
 log = logging.getLogger("presence.app")
+STATIC = Path(__file__).resolve().parent.parent / "static"
 
 
 def make_backplane(settings: Settings) -> Backplane:
@@ -53,6 +57,11 @@ def make_hub(settings: Settings) -> Hub:
         seed=settings.seed,
     )
     return Hub(settings, identities=identities, backplane=make_backplane(settings))
+
+
+async def index(request: Request) -> Response:
+    """The demo page: live cursors, the room's members, a link to share."""
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 async def healthz(request: Request) -> Response:
@@ -116,6 +125,11 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
         routes=[
             WebSocketRoute("/rooms/{room}", json_room),
             WebSocketRoute("/yjs/{room}", yjs_room),
+            Route("/", index),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+            Route("/rooms", list_rooms),
+            Route("/rooms/{room}", room_members),
+            Route("/rooms/{room}/events", room_events),
             Route("/identity", identity),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

@@ -164,6 +164,20 @@ class Hub:
             room.leave(member_id)
             self._mark(room_name)
 
+    async def members_of(self, room_name: str) -> list[MemberInfo]:
+        """A room's members on every replica, whether or not this replica has it open."""
+        room = self.rooms.get(room_name)
+        if room is not None:
+            return room.snapshot()
+        return await self.backplane.members(room_name)
+
+    async def room_counts(self) -> dict[str, int]:
+        """Rooms with members on any replica, and how many."""
+        counts = {name: len(room) for name, room in self.rooms.items() if len(room)}
+        for name, count in (await self.backplane.rooms()).items():
+            counts.setdefault(name, count)
+        return counts
+
     def yjs_view(self, room: Room) -> YjsView:
         view = self.yjs_views.get(room.name)
         if view is None:
@@ -188,6 +202,7 @@ class Hub:
         opened = self._opening[name] = asyncio.get_running_loop().create_future()
         try:
             room.apply(await self.backplane.open_room(name))
+            room.take()  # nobody is attached yet: the snapshot is news to no one
         finally:
             del self._opening[name]
             opened.set_result(None)

@@ -1,0 +1,114 @@
+"""Read-only HTTP views for dashboards: rooms, members, and a live event stream (SSE).
+
+A room's name is what lets someone in (like a share link): knowing it is enough to watch
+it. Listing every room is for hub admins only, behind ``--admin-token``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from presence.codecs import sse
+from presence.codecs.json import member_json
+from presence.core.room import ROOM_NAME_RULE, is_valid_room_name
+from presence.server.hub import Hub
+from presence.server.outbox import Outbox
+
+
+def _room_name(request: Request) -> str | None:
+    name: str = request.path_params["room"]
+    return name if is_valid_room_name(name) else None
+
+
+def _bad_room() -> Response:
+    return JSONResponse(
+        {"error": "invalid_room", "message": f"room names are {ROOM_NAME_RULE}"}, status_code=400
+    )
+
+
+async def list_rooms(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    expected = hub.settings.admin_token
+    if not expected:
+        return JSONResponse(
+            {
+                "error": "disabled",
+                "message": "set --admin-token (PRESENCE_ADMIN_TOKEN) to list rooms",
+            },
+            status_code=403,
+        )
+    given = request.headers.get("authorization", "").removeprefix("Bearer ")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        return JSONResponse(
+            {"error": "unauthorized", "message": "send Authorization: Bearer <admin token>"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    counts = await hub.room_counts()
+    return JSONResponse(
+        {"rooms": [{"room": name, "members": n} for name, n in sorted(counts.items())]},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def room_members(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    name = _room_name(request)
+    if name is None:
+        return _bad_room()
+    members = await hub.members_of(name)
+    return JSONResponse(
+        {"room": name, "members": [member_json(m) for m in members]},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def room_events(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    name = _room_name(request)
+    if name is None:
+        return _bad_room()
+    # The stream is a connection with no member of its own: it gets the room's batches
+    # like any other, through a bounded queue (a slow dashboard coalesces, then is cut).
+    queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=1)
+    outbox: Outbox[str] = Outbox(
+        queue.put,
+        lambda code, reason: queue.put(None),
+        sse.ENCODER,
+        max_backlog=hub.settings.send_backlog,
+        clock=hub.clock,
+        metrics=hub.metrics,
+    )
+    room = await hub.open(name)
+    hub.attach(room, outbox)
+    outbox.push([sse.snapshot(name, room.snapshot())])
+    writer = asyncio.create_task(outbox.run())
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(queue.get(), 15)
+                except TimeoutError:
+                    yield sse.KEEPALIVE
+                    continue
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            hub.disconnect(name, outbox)
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )

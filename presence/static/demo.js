@@ -1,0 +1,80 @@
+import { PresenceClient } from "./presence.js";
+import { CursorOverlay, SelectionOverlay, trackPointer, trackSelection } from "./overlay.js";
+
+// The room comes from the link; a new visitor gets a fresh, hard-to-guess room.
+const params = new URLSearchParams(location.search);
+let room = params.get("room");
+if (!room) {
+  room = crypto.randomUUID().slice(0, 13);
+  params.set("room", room);
+  history.replaceState(null, "", `?${params}`);
+}
+
+const client = new PresenceClient(room);
+const board = document.querySelector("#board");
+const notes = document.querySelector("#notes");
+new CursorOverlay(client, board);
+new SelectionOverlay(client, notes);
+trackPointer(client, board);
+trackSelection(client, notes);
+
+const link = document.querySelector("#link");
+link.value = location.href;
+document.querySelector("#copy").addEventListener("click", async () => {
+  await navigator.clipboard?.writeText(link.value);
+  document.querySelector("#copy").textContent = "Copied";
+  setTimeout(() => { document.querySelector("#copy").textContent = "Copy link"; }, 1500);
+});
+
+function avatar(user, extra = "") {
+  const el = document.createElement("span");
+  el.className = `avatar ${extra}`;
+  el.style.background = user.color;
+  el.style.color = user.text_color;
+  el.textContent = user.initials;
+  el.title = user.name;
+  return el;
+}
+
+function renderMe() {
+  const me = document.querySelector("#me");
+  if (!client.me) return;
+  const name = document.createElement("span");
+  name.className = "me-name";
+  name.textContent = client.me.user.name;
+  me.replaceChildren(avatar(client.me.user), name);
+  me.dataset.name = client.me.user.name;
+  me.dataset.color = client.me.user.color;
+}
+
+function renderMembers() {
+  const list = document.querySelector("#members");
+  const items = [];
+  if (client.me) items.push(memberItem(client.me, "you"));
+  for (const m of client.members.values()) items.push(memberItem(m, m.idle ? "idle" : "active"));
+  list.replaceChildren(...items);
+  document.querySelector("#count").textContent = String(items.length);
+}
+
+function memberItem(member, note) {
+  const li = document.createElement("li");
+  li.dataset.member = member.id;
+  const name = document.createElement("span");
+  name.className = "name";
+  name.textContent = member.user.name;
+  const tag = document.createElement("span");
+  tag.className = `tag ${note}`;
+  tag.textContent = note;
+  li.append(avatar(member.user), name, tag);
+  return li;
+}
+
+for (const type of ["welcome", "me"]) client.addEventListener(type, () => { renderMe(); renderMembers(); });
+for (const type of ["join", "leave", "idle", "active"]) client.addEventListener(type, renderMembers);
+client.addEventListener("status", (e) => {
+  const text = { connecting: "connecting…", open: "connected", closed: "reconnecting…" }[e.detail.status];
+  const status = document.querySelector("#status");
+  status.textContent = text;
+  status.dataset.status = e.detail.status;
+});
+window.presence = client; // for the curious, and for the browser tests

@@ -1,0 +1,189 @@
+// A client for the presence service's JSON protocol (docs/protocol.md). No build step:
+//
+//   import { PresenceClient } from "/static/presence.js";
+//   const client = new PresenceClient("my-room");
+//   client.addEventListener("update", (e) => console.log(e.detail.member));
+//   client.update({ cursor: { x: 10, y: 20 } });
+//
+// Events (CustomEvent, details in `event.detail`): "welcome" {me, members}, "join",
+// "update", "idle", "active" and "leave" {member}, "me" {me} (own identity changed),
+// "status" {status: "connecting" | "open" | "closed", code, reason}.
+
+const NO_RETRY = new Set([1003, 1007, 1009]); // our own bug: retrying will not help
+
+export class PresenceClient extends EventTarget {
+  /**
+   * @param {string} room
+   * @param {object} [options]
+   * @param {string} [options.url] WebSocket base, default: this page's host + "/rooms/"
+   * @param {number} [options.rate] most updates per second (default: one per animation frame)
+   * @param {string} [options.storageKey] where the identity token is kept
+   */
+  constructor(room, options = {}) {
+    super();
+    this.room = room;
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    this.base = options.url ?? `${scheme}//${location.host}/rooms/`;
+    this.rate = options.rate ?? null;
+    this.storageKey = options.storageKey ?? "presence:token";
+    this.me = null;
+    this.members = new Map(); // id -> {id, user, state, idle}
+    this.timing = { idle_after: 3, expire_after: 30, heartbeat_interval: 10 };
+    this.status = "closed";
+    this._state = {}; // our full state, re-sent after a reconnect
+    this._pending = null; // fields changed since the last send
+    this._flushScheduled = false;
+    this._lastSent = 0;
+    this._retries = 0;
+    this._closed = false;
+    this._socket = null;
+    this._heartbeat = null;
+    this._connect();
+  }
+
+  /** Merge fields into our state (null removes a field); sent at most once per frame. */
+  update(fields) {
+    Object.assign(this._state, fields);
+    for (const [k, v] of Object.entries(fields)) if (v === null) delete this._state[k];
+    this._pending = Object.assign(this._pending ?? {}, fields);
+    this._scheduleFlush();
+  }
+
+  close() {
+    this._closed = true;
+    clearInterval(this._heartbeat);
+    this._socket?.close(1000, "bye");
+  }
+
+  get token() {
+    try { return localStorage.getItem(this.storageKey); } catch { return null; }
+  }
+
+  set token(value) {
+    try {
+      if (value) localStorage.setItem(this.storageKey, value);
+      else localStorage.removeItem(this.storageKey);
+    } catch { /* storage disabled: identity lasts for this page only */ }
+  }
+
+  _connect() {
+    const token = this.token;
+    const url = this.base + encodeURIComponent(this.room) + (token ? `?token=${encodeURIComponent(token)}` : "");
+    this._setStatus("connecting");
+    const socket = new WebSocket(url);
+    this._socket = socket;
+    socket.onmessage = (e) => this._receive(JSON.parse(e.data));
+    socket.onclose = (e) => this._onClose(e);
+  }
+
+  _onClose(event) {
+    clearInterval(this._heartbeat);
+    const left = [...this.members.values()];
+    this.members.clear();
+    for (const member of left) this._emit("leave", { member });
+    this._setStatus("closed", event.code, event.reason);
+    if (this._closed || NO_RETRY.has(event.code)) return;
+    // Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... 10 s.
+    const delay = Math.min(10000, 500 * 2 ** this._retries) * (0.5 + Math.random() / 2);
+    this._retries += 1;
+    setTimeout(() => this._connect(), delay);
+  }
+
+  _receive(message) {
+    switch (message.type) {
+      case "welcome": {
+        this._retries = 0;
+        this.token = message.token;
+        this.me = message.you;
+        this.timing = message.timing;
+        this.members = new Map(message.members.map((m) => [m.id, m]));
+        this._setStatus("open");
+        this._emit("welcome", { me: this.me, members: [...this.members.values()] });
+        if (Object.keys(this._state).length) {
+          this._pending = { ...this._state }; // a new member: send everything again
+          this._scheduleFlush();
+        }
+        clearInterval(this._heartbeat);
+        this._heartbeat = setInterval(() => this._beat(), this.timing.heartbeat_interval * 1000);
+        break;
+      }
+      case "join":
+        for (const member of message.members) {
+          if (member.id === this.me?.id) {
+            this.me = member;
+            this._emit("me", { me: member });
+          } else {
+            this.members.set(member.id, member);
+            this._emit("join", { member });
+          }
+        }
+        break;
+      case "update":
+        for (const { id, state } of message.updates) {
+          const member = this.members.get(id);
+          if (!member) continue;
+          for (const [k, v] of Object.entries(state)) {
+            if (v === null) delete member.state[k];
+            else member.state[k] = v;
+          }
+          this._emit("update", { member });
+        }
+        break;
+      case "idle":
+      case "active":
+        for (const id of message.ids) {
+          const member = this.members.get(id);
+          if (!member) continue;
+          member.idle = message.type === "idle";
+          this._emit(message.type, { member });
+        }
+        break;
+      case "leave":
+        for (const id of message.ids) {
+          const member = this.members.get(id);
+          if (!member) continue;
+          this.members.delete(id);
+          this._emit("leave", { member });
+        }
+        break;
+      case "error":
+        if (message.code === "invalid_token") this.token = null; // reconnect as someone new
+        console.warn(`presence: ${message.code}: ${message.message}`);
+        break;
+    }
+  }
+
+  _scheduleFlush() {
+    if (this._flushScheduled) return;
+    this._flushScheduled = true;
+    const wait = this.rate ? Math.max(0, 1000 / this.rate - (performance.now() - this._lastSent)) : 0;
+    const run = () => { this._flushScheduled = false; this._flush(); };
+    if (this.rate || document.hidden) setTimeout(run, wait);
+    else requestAnimationFrame(run);
+  }
+
+  _flush() {
+    if (!this._pending || this._socket?.readyState !== WebSocket.OPEN || this.status !== "open") return;
+    this._socket.send(JSON.stringify({ type: "update", state: this._pending }));
+    this._pending = null;
+    this._lastSent = performance.now();
+  }
+
+  _beat() {
+    // Only while still: an update is a heartbeat too.
+    if (performance.now() - this._lastSent < this.timing.heartbeat_interval * 1000) return;
+    if (this._socket?.readyState === WebSocket.OPEN) {
+      this._socket.send('{"type":"heartbeat"}');
+      this._lastSent = performance.now();
+    }
+  }
+
+  _setStatus(status, code, reason) {
+    this.status = status;
+    this._emit("status", { status, code, reason });
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}
