@@ -122,3 +122,13 @@ async def test_views_across_two_replicas(
                 if kind == "leave":
                     assert message["ids"] == [c.id]
                     break
+
+
+def test_client_modules_load_from_other_origins(server: Server) -> None:
+    for path in ("/static/presence.js", "/static/overlay.js"):
+        response = httpx.get(server.http + path, headers={"Origin": "https://notebooks.example"})
+        assert response.status_code == 200
+        assert "javascript" in response.headers["content-type"]
+        assert response.headers["access-control-allow-origin"] == "*"
+    page = httpx.get(server.http + "/")
+    assert page.status_code == 200 and 'src="/static/demo.js"' in page.text

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -122,6 +124,9 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
             log.info("presence stopped", extra={"replica": hub.replica_id})
 
     app = Starlette(
+        # Pages on other origins may load the client modules and read the views;
+        # WebSockets are not subject to CORS.
+        middleware=[Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET"])],
         routes=[
             WebSocketRoute("/rooms/{room}", json_room),
             WebSocketRoute("/yjs/{room}", yjs_room),
