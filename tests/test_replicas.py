@@ -152,7 +152,8 @@ async def test_sigkill_of_a_replica_removes_its_members_everywhere(
             assert time.monotonic() - killed < 9, "ghost still there"
     removed_after = time.monotonic() - killed
     print(f"\nghost removed {removed_after:.2f}s after SIGKILL (replica timeout 5 s)")
-    assert removed_after <= 5 + 2.5
+    # The timeout, plus one heartbeat check (1 s), plus scheduling slack.
+    assert removed_after <= 5 + 1 + 2
     # A restarted replica is a new replica: its old members never come back.
     r3 = server_factory(*FAST, "--redis-url", redis_server.url)
     late = await join(r3)

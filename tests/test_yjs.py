@@ -344,3 +344,28 @@ async def test_half_open_connection_is_found_by_pings(server_factory: ServerFact
     await b.until(lambda: a.id not in b.states, timeout=6)
     # One ping interval to send the ping, one to wait for the pong.
     assert time.monotonic() - started <= 4
+
+
+async def test_one_connection_cannot_fill_a_room_with_client_ids(server: Server) -> None:
+    flood = await yjoin(server, None, echo=False)
+    watcher = await yjoin(server, {"n": 0})
+    for client_id in range(1000, 1050):
+        state = b'{"spam":1}'
+        update = (
+            write_var_uint(1)
+            + write_var_uint(client_id)
+            + write_var_uint(1)
+            + write_var_uint(len(state))
+            + state
+        )
+        await flood.ws.send(create_awareness_message(update))
+    await watcher.until(lambda: len(watcher.states) >= 8)
+    await asyncio.sleep(0.3)
+    assert len(watcher.states) == 8
+    # A self-declared user cannot pass for a server-issued identity.
+    j = await join(server, room="other")
+    mimic = await yjoin(
+        server, {"user": {"name": "Twin", "username": j.user["username"]}}, room="other"
+    )
+    await j.until(lambda m: f"y{mimic.id}" in j.members)
+    assert j.members[f"y{mimic.id}"]["user"]["username"] == "yjs:" + j.user["username"]

@@ -201,6 +201,9 @@ class YjsView:
             if isinstance(event, Left) or member_id not in self.room:
                 client_id = client_id_of(member_id)
                 entries[client_id] = _entry(client_id, self._clock(client_id), b"null")
+                # Forget it, or churn would grow this table: clocks are times, so one
+                # handed out later is still newer.
+                del self.clocks[client_id]
             else:
                 client_id, entry = self._member_entry(self.room.member(member_id))
                 entries[client_id] = entry

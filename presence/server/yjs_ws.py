@@ -24,6 +24,10 @@ from presence.server.updates import RateLimitedUpdates
 
 log = logging.getLogger("presence.yjs")
 
+# A y-websocket client speaks for one client ID (a few with several documents); more from
+# one socket is somebody filling the room.
+MAX_CLIENT_IDS = 8
+
 
 class YjsConnection:
     """What one socket controls: its client IDs, their last clocks, their rate limits."""
@@ -60,6 +64,8 @@ class YjsConnection:
             state.pop("user", None)
         if member_id in self.outbox.members:
             self._update(member_id, state)
+        elif len(self.outbox.members) >= MAX_CLIENT_IDS:
+            raise RoomError(f"a connection speaks for at most {MAX_CLIENT_IDS} client IDs")
         else:
             # A new client ID, or one that went null or reconnected: bind it here.
             identity = self._identity_of(state.get("user"), entry.client_id)
@@ -95,10 +101,11 @@ class YjsConnection:
         except ValueError:
             # A CSS variable or a colour name: Yjs peers keep it, JSON peers get ours.
             color = pick_color(self.room.colors())
+        # Self-declared, so kept apart from the usernames this service hands out.
         username = user.get("username")
         if not isinstance(username, str) or not username:
-            username = f"yjs-{client_id}"
-        return Identity(username[:100], name, initials_of(name), str(color))
+            username = str(client_id)
+        return Identity(f"yjs:{username[:100]}", name, initials_of(name), str(color))
 
     def _forget(self, member_id: str) -> None:
         limiter = self.updates.pop(member_id, None)
