@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pycrdt import YMessageType, YSyncMessageType, create_awareness_message, write_var_uint
 
-from presence.core.colors import Colors
 from presence.core.events import Batch, Joined, Left, MemberInfo
 from presence.core.identity import Identity
 
@@ -143,18 +142,10 @@ def member_id_of(client_id: int) -> str:
 
 
 def yjs_user(identity: Identity) -> dict[str, Any]:
-    """The ``user`` field JupyterLab and y-codemirror.next read."""
-    colors = Colors.of(identity.color)
-    return {
-        "username": identity.username,
-        "name": identity.name,
-        "display_name": identity.name,
-        "initials": identity.initials,
-        "avatar_url": None,
-        "color": colors.color,
-        "colorLight": colors.color_light,
-        "text_color": colors.text_color,
-    }
+    """The ``user`` field JupyterLab and y-codemirror.next read (``colorLight`` there)."""
+    user = identity.to_json()
+    user["colorLight"] = user["color_light"]
+    return user
 
 
 def yjs_state(member: MemberInfo) -> dict[str, Any]:

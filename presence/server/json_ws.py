@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -15,6 +13,7 @@ from presence.core.room import ROOM_NAME_RULE, RoomError, is_valid_room_name
 from presence.server.hub import Hub, Membership, RoomFull
 from presence.server.outbox import Outbox
 from presence.server.updates import RateLimitedUpdates
+from presence.server.websocket import socket_outbox, writing
 
 log = logging.getLogger("presence.ws")
 
@@ -29,21 +28,7 @@ async def json_room(websocket: WebSocket) -> None:
         await websocket.close(1008, f"invalid room name: use {ROOM_NAME_RULE}")
         return
 
-    async def send(frame: str) -> None:
-        await websocket.send_text(frame)
-
-    async def close(code: int, reason: str) -> None:
-        with contextlib.suppress(Exception):
-            await websocket.close(code, reason)
-
-    outbox: Outbox[str] = Outbox(
-        send,
-        close,
-        codec.ENCODER,
-        max_backlog=hub.settings.send_backlog,
-        clock=hub.clock,
-        metrics=hub.metrics,
-    )
+    outbox: Outbox[str] = socket_outbox(websocket, hub, codec.ENCODER, binary=False)
     try:
         membership = await hub.join(room, outbox, websocket.query_params.get("token"))
     except InvalidToken as exc:
@@ -70,19 +55,15 @@ async def json_room(websocket: WebSocket) -> None:
             )
         ]
     )
-    writer = asyncio.create_task(outbox.run())
     updates = RateLimitedUpdates(hub, room, membership.member.id)
-    try:
-        await _read(websocket, hub, membership, updates, outbox)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        updates.cancel()
-        hub.disconnect(room, outbox)
-        if not writer.done():
-            writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
+    async with writing(outbox):
+        try:
+            await _read(websocket, hub, membership, updates, outbox)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            updates.cancel()
+            hub.disconnect(room, outbox)
 
 
 async def _read(

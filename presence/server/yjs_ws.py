@@ -7,8 +7,6 @@ connection closes, cleanly or not, its client IDs are removed for everyone at on
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -21,6 +19,7 @@ from presence.core.room import ROOM_NAME_RULE, Room, RoomError, is_valid_room_na
 from presence.server.hub import Hub, RoomFull
 from presence.server.outbox import Outbox
 from presence.server.updates import RateLimitedUpdates
+from presence.server.websocket import socket_outbox, writing
 
 log = logging.getLogger("presence.yjs")
 
@@ -132,40 +131,22 @@ async def yjs_room(websocket: WebSocket) -> None:
         await websocket.close(1008, f"invalid identity token: {exc}"[:120])
         return
 
-    async def send(frame: bytes) -> None:
-        await websocket.send_bytes(frame)
-
-    async def close(code: int, reason: str) -> None:
-        with contextlib.suppress(Exception):
-            await websocket.close(code, reason)
-
     room = await hub.open(room_name)
     view = hub.yjs_view(room)
-    outbox: Outbox[bytes] = Outbox(
-        send,
-        close,
-        view,
-        max_backlog=hub.settings.send_backlog,
-        clock=hub.clock,
-        metrics=hub.metrics,
-    )
+    outbox: Outbox[bytes] = socket_outbox(websocket, hub, view, binary=True)
     outbox.close_on_expiry = False
     hub.attach(room, outbox)
     # Stock clients never ask (query-awareness): push the room's states on join.
     outbox.push([view.full(view.snapshot(renew=False), outbox)])
     connection = YjsConnection(hub, room, outbox, identity)
-    writer = asyncio.create_task(outbox.run())
-    try:
-        await _read(websocket, hub, view, connection)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        connection.close()
-        hub.disconnect(room_name, outbox)
-        if not writer.done():
-            writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
+    async with writing(outbox):
+        try:
+            await _read(websocket, hub, view, connection)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            connection.close()
+            hub.disconnect(room_name, outbox)
 
 
 async def _read(
