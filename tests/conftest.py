@@ -1,91 +1,21 @@
-"""Real servers on real ports: ``presence serve`` processes started and owned by the tests."""
+"""Fixtures: real servers on real ports (``presence serve`` processes), real Redis, and a
+JSON-protocol client that keeps the room as a frontend would."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 import websockets
 
-from tests.redis_server import RedisProcess
+from load.procs import ARTIFACTS, RedisProcess, Server
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    """One ``presence serve`` process."""
-
-    args: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 20) -> Server:
-        ARTIFACTS.mkdir(exist_ok=True)
-        log = open(ARTIFACTS / f"server-{self.port}.log", "ab")  # noqa: SIM115
-        env = {**os.environ, "PRESENCE_SECRET": "test-secret", **self.env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "presence", "serve", "--port", str(self.port), *self.args],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(self.http + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not start within {timeout}s; see {log.name}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def metrics(self) -> dict[str, float]:
-        values = {}
-        for line in httpx.get(self.http + "/metrics").text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values
+__all__ = ["ARTIFACTS", "Server"]  # tests import these from here
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import yaml
 
+from load.procs import RedisProcess
 from presence.cli import build_parser
 from presence.config import Settings
 from presence.server.app import create_app
 from tests.conftest import Client, Server
-from tests.redis_server import RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 

