@@ -1,0 +1,276 @@
+"""``python -m load SCENARIO``: start replicas (and Redis), drive them, report.
+
+Scenarios (docs/benchmarks.md has the results):
+  a      1 replica, 20 rooms x 10 members x 10 Hz
+  b      2 replicas + Redis, same load, members of each room on both replicas
+  c      2 replicas + Redis, 5 rooms x 40 members x 20 Hz (big rooms)
+  d      memory per idle connection, 1,000 and 5,000 connections
+  e      churn: 100 joins and leaves per second for a minute
+  custom --replicas --rooms --members --hz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from load.clients import Plan, run_churn_worker, run_idle_worker
+from load.hist import Histogram
+from load.procs import RedisProcess, Server
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "a": {"replicas": 1, "rooms": 20, "members": 10, "hz": 10},
+    "b": {"replicas": 2, "rooms": 20, "members": 10, "hz": 10},
+    "c": {"replicas": 2, "rooms": 5, "members": 40, "hz": 20},
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def progress(label: str, until: float, total: float) -> None:
+    while (left := until - time.time()) > 0:
+        done = 1 - left / total
+        bar = "#" * int(done * 30)
+        print(f"\r{label} [{bar:<30}] {done:4.0%}", end="", file=sys.stderr, flush=True)
+        time.sleep(min(1.0, left))
+    print(f"\r{label} [{'#' * 30}] 100%", file=sys.stderr)
+
+
+def start_replicas(n: int, extra: list[str]) -> tuple[list[Server], RedisProcess | None]:
+    redis = RedisProcess().start() if n > 1 else None
+    args = ["--log-level", "warning", "--rate-limit", "100", *extra]
+    if redis is not None:
+        args += ["--redis-url", redis.url]
+    return [Server(args, {"PRESENCE_SECRET": "load"}).start() for _ in range(n)], redis
+
+
+def run_moving(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
+    replicas, redis = start_replicas(cfg["replicas"], opts.server_arg)
+    try:
+        n = cfg["rooms"] * cfg["members"]
+        path = "yjs" if opts.protocol == "yjs" else "rooms"
+        urls = [
+            f"{replicas[i % len(replicas)].ws}/{path}/load-{i // cfg['members']}" for i in range(n)
+        ]
+        room_of = {f"c{i}": i // cfg["members"] for i in range(n)}
+        start_at = time.time() + 3 + n / 500  # time to connect everyone
+        workers = max(1, opts.workers)
+        chunks = [list(range(n))[w::workers] for w in range(workers)]
+        with ProcessPoolExecutor(workers) as pool:
+            futures = []
+            for chunk in chunks:
+                plan = Plan(
+                    [urls[i] for i in chunk],
+                    cfg["hz"],
+                    opts.warmup,
+                    opts.duration,
+                    opts.protocol,
+                    start_at,
+                )
+                futures.append(pool.submit(run_worker, chunk, plan))
+            measure_from = start_at + opts.warmup
+            progress(f"{name}: warm-up", measure_from, measure_from - time.time())
+            pids = [r.proc.pid for r in replicas if r.proc]
+            cpu0 = sum(cpu_seconds(p) for p in pids)
+            progress(f"{name}: measuring", measure_from + opts.duration, opts.duration)
+            cpu1 = sum(cpu_seconds(p) for p in pids)
+            parts = [f.result() for f in futures]
+        return summarize(name, cfg, opts, parts, room_of, cpu1 - cpu0, replicas)
+    finally:
+        for r in replicas:
+            r.stop()
+        if redis is not None:
+            redis.stop()
+
+
+def summarize(
+    name: str,
+    cfg: dict[str, Any],
+    opts: argparse.Namespace,
+    parts: list[dict[str, Any]],
+    room_of: dict[str, int],
+    cpu: float,
+    replicas: list[Server],
+) -> dict[str, Any]:
+    latency = Histogram()
+    sent = received = errors = disconnects = joined = 0
+    highest: dict[str, dict[str, int]] = {}
+    sent_by: dict[str, int] = {}
+    first_by: dict[str, int] = {}
+    for p in parts:
+        latency.merge(Histogram.from_json(p["latency"]))
+        sent += p["sent"]
+        received += p["received"]
+        errors += p["errors"]
+        disconnects += p["disconnects"]
+        joined += p["joined"]
+        highest.update(p["highest"])
+        sent_by.update(p["sent_by"])
+        first_by.update(p["first_by"])
+    members_of: dict[int, list[str]] = {}
+    for client, room in room_of.items():
+        members_of.setdefault(room, []).append(client)
+    expected = covered = 0
+    for receiver, room in room_of.items():
+        seen = highest.get(receiver, {})
+        for sender in members_of[room]:
+            if sender == receiver:
+                continue
+            n = sent_by.get(sender, 0)
+            expected += n
+            # Everything up to the newest update seen was delivered or superseded by it.
+            covered += max(0, min(n, seen.get(sender, -1) - first_by.get(sender, 0) + 1))
+    delivered_share = covered / expected if expected else 0.0
+    return {
+        "scenario": name,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "protocol": opts.protocol,
+        "config": cfg,
+        "warmup_s": opts.warmup,
+        "duration_s": opts.duration,
+        "clients": len(room_of),
+        "joined": joined,
+        "updates_sent": sent,
+        "updates_observed": received,
+        "delivered_or_superseded": round(delivered_share, 5),
+        "latency_ms": {
+            p: round(latency.percentile_ms(float(p)), 2) for p in ("50", "90", "99", "99.9")
+        }
+        | {"max": latency.max_us / 1000},
+        "server_cpu_s": round(cpu, 2),
+        "server_cpu_us_per_delivered": round(cpu / received * 1e6, 1) if received else None,
+        "errors": errors,
+        "disconnects": disconnects,
+        "server_rss_mib": [round(rss_bytes(r.proc.pid) / 2**20, 1) for r in replicas if r.proc],
+    }
+
+
+def run_idle(opts: argparse.Namespace) -> dict[str, Any]:
+    results = []
+    for count in (1000, 5000):
+        (server,), _ = start_replicas(1, opts.server_arg)
+        try:
+            assert server.proc is not None
+            time.sleep(1)
+            before = rss_bytes(server.proc.pid)
+            urls = [f"{server.ws}/rooms/idle-{i // 10}" for i in range(count)]
+            hold = 8 + count / 400
+            with ProcessPoolExecutor(2) as pool:
+                parts = [pool.submit(run_idle_worker, urls[w::2], hold) for w in range(2)]
+                progress(f"d: {count} idle", time.time() + hold - 2, hold - 2)
+                after = rss_bytes(server.proc.pid)
+                joined = sum(p.result()["joined"] for p in parts)
+            results.append(
+                {
+                    "connections": count,
+                    "joined": joined,
+                    "rss_before_mib": round(before / 2**20, 1),
+                    "rss_after_mib": round(after / 2**20, 1),
+                    "kib_per_connection": round((after - before) / 1024 / max(1, joined), 2),
+                }
+            )
+        finally:
+            server.stop()
+    return {
+        "scenario": "d",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "idle": results,
+    }
+
+
+def run_churn(opts: argparse.Namespace) -> dict[str, Any]:
+    (server,), _ = start_replicas(1, opts.server_arg)
+    try:
+        assert server.proc is not None
+
+        def sample() -> dict[str, float]:
+            m = server.metrics()
+            return {
+                "rss_mib": round(rss_bytes(server.proc.pid) / 2**20, 1),  # type: ignore[union-attr]
+                "rooms": m["presence_rooms"],
+                "connections": m["presence_connections"],
+                "tasks": m.get("presence_tasks", float("nan")),
+            }
+
+        time.sleep(1)
+        baseline = sample()
+        duration = opts.duration if opts.duration != 30 else 60
+        with ProcessPoolExecutor(1) as pool:
+            part = pool.submit(run_churn_worker, server.ws, 20, 100, duration)
+            progress("e: churn", time.time() + duration, duration)
+            result = part.result()
+        time.sleep(2)
+        after = sample()
+        return {
+            "scenario": "e",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "rate_per_s": 100,
+            "duration_s": duration,
+            **result,
+            "baseline": baseline,
+            "after": after,
+        }
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("scenario", choices=["a", "b", "c", "d", "e", "custom"])
+    parser.add_argument("--protocol", choices=["json", "yjs"], default="json")
+    parser.add_argument("--duration", type=float, default=30)
+    parser.add_argument("--warmup", type=float, default=5)
+    parser.add_argument("--workers", type=int, default=2, help="load generator processes")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--rooms", type=int, default=10)
+    parser.add_argument("--members", type=int, default=10)
+    parser.add_argument("--hz", type=float, default=10)
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra flag for presence serve (repeatable)",
+    )
+    opts = parser.parse_args()
+    if opts.scenario == "d":
+        result = run_idle(opts)
+    elif opts.scenario == "e":
+        result = run_churn(opts)
+    else:
+        cfg = SCENARIOS.get(opts.scenario) or {
+            "replicas": opts.replicas,
+            "rooms": opts.rooms,
+            "members": opts.members,
+            "hz": opts.hz,
+        }
+        result = run_moving(opts.scenario, cfg, opts)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{opts.scenario}-{opts.protocol}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"written to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
