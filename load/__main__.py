@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from load.clients import Plan, run_churn_worker, run_idle_worker
+from load.clients import Plan, run_churn_worker, run_idle_worker, run_worker
 from load.hist import Histogram
 from load.procs import RedisProcess, Server
 
