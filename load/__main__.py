@@ -246,6 +246,7 @@ def main() -> None:
     parser.add_argument("--rooms", type=int, default=10)
     parser.add_argument("--members", type=int, default=10)
     parser.add_argument("--hz", type=float, default=10)
+    parser.add_argument("--out", type=Path, help="result file (default: load/results/)")
     parser.add_argument(
         "--server-arg",
         action="append",
@@ -265,8 +266,8 @@ def main() -> None:
             "hz": opts.hz,
         }
         result = run_moving(opts.scenario, cfg, opts)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{opts.scenario}-{opts.protocol}.json"
+    out = opts.out or RESULTS / f"{opts.scenario}-{opts.protocol}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"written to {out}", file=sys.stderr)

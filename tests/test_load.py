@@ -1,0 +1,66 @@
+"""The load generator keeps working: a tiny run end to end, and its histogram."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from load.hist import Histogram
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_histogram_percentiles_within_one_percent() -> None:
+    h = Histogram()
+    for ms in range(1, 1001):
+        h.record(ms / 1000)
+    assert h.percentile_ms(50) == pytest.approx(500, rel=0.011)
+    assert h.percentile_ms(99) == pytest.approx(990, rel=0.011)
+    other = Histogram()
+    other.record(5.0)
+    h.merge(Histogram.from_json(other.to_json()))
+    assert h.total == 1001 and h.max_us == 5_000_000
+
+
+@pytest.mark.parametrize("protocol", ["json", "yjs"])
+def test_a_small_run_reports_every_update(tmp_path: Path, protocol: str) -> None:
+    out = tmp_path / "result.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "load",
+            "custom",
+            "--rooms",
+            "2",
+            "--members",
+            "3",
+            "--hz",
+            "5",
+            "--duration",
+            "2",
+            "--warmup",
+            "1",
+            "--workers",
+            "1",
+            "--protocol",
+            protocol,
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    result = json.loads(out.read_text())
+    assert result["joined"] == 6 and result["errors"] == 0
+    assert result["updates_sent"] == pytest.approx(6 * 5 * 2, abs=6)
+    assert result["delivered_or_superseded"] == 1.0
+    assert result["updates_observed"] >= result["updates_sent"] * 2
+    assert 0 < result["latency_ms"]["50"] < 1000
+    assert result["server_cpu_us_per_delivered"] > 0
