@@ -38,12 +38,13 @@ from redis.exceptions import RedisError
 
 from presence.backplane.base import Backplane
 from presence.codecs import replica as codec
-from presence.core.events import Event, Joined, MemberInfo
+from presence.core.events import Event, Joined, Left, MemberInfo
 
 log = logging.getLogger("presence.redis")
 
 HASH_TTL_MS = 24 * 3600 * 1000  # backstop for hashes left by replicas that all died
 MAX_BACKOFF = 5.0
+HASH_INTERVAL = 1.0  # seconds between writes of a moving member's state to the hash
 
 # Replace this replica's fields of a room's members hash with the given ones, atomically.
 FULL_STATE_SCRIPT = """
@@ -92,6 +93,8 @@ class RedisBackplane(Backplane):
         self._seq = 0
         self._last_seen: dict[str, float] = {}
         self._outgoing: deque[tuple[str, tuple[Any, ...]]] = deque()
+        self._hash_pending: dict[str, dict[str, MemberInfo | None]] = {}
+        self._hash_written: dict[str, float] = {}
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.dropped = 0  # messages not published because Redis was unreachable
@@ -280,6 +283,10 @@ class RedisBackplane(Backplane):
             except (RedisError, OSError):
                 continue  # the reader notices and reconnects
             now = time.monotonic()
+            for room in [r for r in self._hash_pending if r in self._rooms]:
+                if now - self._hash_written.get(room, 0.0) >= HASH_INTERVAL:
+                    self._queue("hash", room, self._take_hash(room, now))
+            now = time.monotonic()
             for origin, seen in list(self._last_seen.items()):
                 if now - seen > self.replica_timeout:
                     log.info("replica down", extra={"replica": origin})
@@ -405,6 +412,8 @@ class RedisBackplane(Backplane):
     def close_room(self, room: str) -> None:
         self._rooms.discard(room)
         self._opening.pop(room, None)
+        self._hash_pending.pop(room, None)
+        self._hash_written.pop(room, None)
         self._outgoing.append(("unsubscribe", (room,)))
         self._wakeup.set()
 
@@ -414,15 +423,29 @@ class RedisBackplane(Backplane):
         self, room: str, events: Sequence[Event], current: Sequence[MemberInfo], gone: Sequence[str]
     ) -> None:
         self._seq += 1
-        seq = self._seq
-        fields = {
-            f"{m.origin}/{m.id}": codec.dumps({"s": seq, "m": codec.member_to_json(m)})
-            for m in current
-        }
         message = codec.dumps(
-            {"k": "e", "o": self.replica_id, "s": seq, "e": codec.events_to_json(events)}
+            {"k": "e", "o": self.replica_id, "s": self._seq, "e": codec.events_to_json(events)}
         )
-        self._queue("events", room, fields, [f"{self.replica_id}/{g}" for g in gone], message)
+        # The members hash only serves replicas that open the room later: it is written on
+        # joins and leaves at once, and otherwise at most every HASH_INTERVAL, not on
+        # every tick of a moving cursor.
+        pending = self._hash_pending.setdefault(room, {})
+        for m in current:
+            pending[m.id] = m
+        for member_id in gone:
+            pending[member_id] = None
+        now = time.monotonic()
+        urgent = any(isinstance(e, Joined | Left) for e in events)
+        if urgent or now - self._hash_written.get(room, 0.0) >= HASH_INTERVAL:
+            self._queue("events", room, self._take_hash(room, now), message)
+        else:
+            self._queue("events", room, None, message)
+
+    def _take_hash(self, room: str, now: float) -> dict[str, MemberInfo | None]:
+        """The members whose hash fields are due, by field name (None: delete)."""
+        self._hash_written[room] = now
+        pending = self._hash_pending.pop(room, {})
+        return {f"{self.replica_id}/{member_id}": m for member_id, m in pending.items()}
 
     def publish_full_state(self, room: str, members: Sequence[MemberInfo]) -> None:
         self._seq += 1
@@ -469,6 +492,22 @@ class RedisBackplane(Backplane):
                 self.dropped += len(batch)
                 log.warning("publish failed: %s", exc)
 
+    def _write_hash(self, pipe: Any, key: str, due: dict[str, MemberInfo | None]) -> None:
+        # The state is encoded now, with the sequence number of the last message queued:
+        # it reflects at least everything up to that message (later ones only repeat it).
+        seq = self._seq
+        fields = {
+            field: codec.dumps({"s": seq, "m": codec.member_to_json(m)})
+            for field, m in due.items()
+            if m is not None
+        }
+        gone = [field for field, m in due.items() if m is None]
+        if fields:
+            pipe.hset(key, mapping=fields)
+        if gone:
+            pipe.hdel(key, *gone)
+        pipe.pexpire(key, HASH_TTL_MS)
+
     async def _send(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
         """One round trip for everything queued since the last one."""
         pipe = self.redis.pipeline(transaction=False)
@@ -482,12 +521,13 @@ class RedisBackplane(Backplane):
             room = args[0]
             key, channel = self.members_key(room), self.channel(room)
             if kind == "events":
-                _, fields, gone, message = args
-                if fields:
-                    pipe.hset(key, mapping=fields)
-                if gone:
-                    pipe.hdel(key, *gone)
-                pipe.pexpire(key, HASH_TTL_MS)
+                _, due, message = args
+                if due:
+                    self._write_hash(pipe, key, due)
+            elif kind == "hash":
+                _, due = args
+                self._write_hash(pipe, key, due)
+                continue
             elif kind == "full":
                 _, fields, message = args
                 flat = [x for pair in fields.items() for x in pair]

@@ -84,8 +84,10 @@ class Hub:
             lambda: sum(len(s) for s in self.outboxes.values()),
         )
         m.gauges["rooms"] = ("Rooms with members.", lambda: len(self.rooms))
-        m.gauges["tasks"] = ("asyncio tasks of this process (connections, timers).",
-                             lambda: len(asyncio.all_tasks()))
+        m.gauges["tasks"] = (
+            "asyncio tasks of this process (connections, timers).",
+            lambda: len(asyncio.all_tasks()),
+        )
         m.gauges["members"] = (
             "Members in all rooms, on every replica.",
             lambda: sum(len(r) for r in self.rooms.values()),
