@@ -1,0 +1,131 @@
+"""The hub in-process: two replicas on a shared memory bus, and the sweep driven by a
+fake clock (no sleeping for idle, expiry or stalled sends)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from presence.backplane.memory import MemoryBackplane, MemoryBus
+from presence.codecs.json import ENCODER
+from presence.config import Settings
+from presence.core.identity import IdentityFactory
+from presence.server.hub import CLOSE_EXPIRED, Hub
+from presence.server.outbox import Outbox
+from tests.test_outbox import Peer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_hub(name: str, bus: MemoryBus, clock: Clock) -> Hub:
+    settings = Settings(idle_after=3, expire_after=30, slow_client_timeout=10, seed=1)
+    return Hub(
+        settings,
+        identities=IdentityFactory(b"k", seed=hash(name) % 100),
+        backplane=MemoryBackplane(name, bus),
+        clock=clock,
+    )
+
+
+def outbox_for(hub: Hub, peer: Peer) -> Outbox[str]:
+    return Outbox(
+        peer.send, peer.close, ENCODER, max_backlog=8, clock=hub.clock, metrics=hub.metrics
+    )
+
+
+def messages(peer: Peer) -> list[dict[str, object]]:
+    return [orjson.loads(f) for f in peer.frames]
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0.02)
+
+
+async def test_two_replicas_share_a_room_through_the_bus() -> None:
+    bus, clock = MemoryBus(), Clock()
+    a, b = make_hub("A", bus, clock), make_hub("B", bus, clock)
+    await a.start()
+    await b.start()
+    pa, pb = Peer(), Peer()
+    pa.gate.set()
+    pb.gate.set()
+    oa, ob = outbox_for(a, pa), outbox_for(b, pb)
+    writers = [asyncio.create_task(oa.run()), asyncio.create_task(ob.run())]
+    ma = await a.join("doc", oa, None)
+    await settle()
+    mb = await b.join("doc", ob, None)
+    assert [m.id for m in mb.others] == [ma.member.id]  # B's snapshot has A's member
+    a.update("doc", ma.member.id, {"cursor": {"x": 1}})
+    await settle()
+    updates = [m for m in messages(pb) if m["type"] == "update"]
+    assert updates[-1]["updates"] == [{"id": ma.member.id, "state": {"cursor": {"x": 1}}}]
+    # Replica A dies: B removes its member and tells its own connections.
+    b.on_replica_down("A")
+    await settle()
+    assert {"type": "leave", "ids": [ma.member.id]} in messages(pb)
+    for w in writers:
+        w.cancel()
+    await a.stop()
+    await b.stop()
+
+
+async def test_sweep_idles_expires_and_closes_by_the_clock() -> None:
+    bus, clock = MemoryBus(), Clock()
+    hub = make_hub("A", bus, clock)
+    await hub.start()
+    quiet, watcher = Peer(), Peer()
+    quiet.gate.set()
+    watcher.gate.set()
+    oq, ow = outbox_for(hub, quiet), outbox_for(hub, watcher)
+    writers = [asyncio.create_task(oq.run()), asyncio.create_task(ow.run())]
+    mq = await hub.join("doc", oq, None)
+    mw = await hub.join("doc", ow, None)
+    await settle()
+    clock.now += 3
+    hub.sweep()
+    await settle()
+    assert {"type": "idle", "ids": [mq.member.id, mw.member.id]} in messages(watcher)
+    clock.now += 20
+    hub.heartbeat("doc", mw.member.id)
+    clock.now += 10  # 33 s of silence for the quiet one, 10 s for the watcher
+    hub.sweep()
+    await settle()
+    assert {"type": "leave", "ids": [mq.member.id]} in messages(watcher)
+    assert quiet.closed is not None and quiet.closed[0] == CLOSE_EXPIRED
+    assert watcher.closed is None
+    for w in writers:
+        w.cancel()
+    await hub.stop()
+
+
+async def test_sweep_cuts_a_stalled_connection() -> None:
+    bus, clock = MemoryBus(), Clock()
+    hub = make_hub("A", bus, clock)
+    await hub.start()
+    stuck, fine = Peer(), Peer()  # stuck never lets a send complete
+    fine.gate.set()
+    os_, of = outbox_for(hub, stuck), outbox_for(hub, fine)
+    writers = [asyncio.create_task(os_.run()), asyncio.create_task(of.run())]
+    ms = await hub.join("doc", os_, None)
+    await hub.join("doc", of, None)
+    await settle()
+    clock.now += 9
+    hub.sweep()
+    assert stuck.closed is None  # stalled, but not for long enough yet
+    clock.now += 2
+    hub.sweep()
+    await settle()
+    assert stuck.closed is not None and stuck.closed[0] == 1013
+    assert hub.metrics.slow_client_disconnects == 1
+    assert {"type": "leave", "ids": [ms.member.id]} in messages(fine)
+    for w in writers:
+        w.cancel()
+    await hub.stop()
