@@ -6,11 +6,12 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import orjson
 import pytest
 from pycrdt import create_awareness_message, write_var_uint
 
 from load.procs import RedisProcess
-from tests.conftest import FAST, Server
+from tests.conftest import EXPIRING, FAST, Server
 from tests.test_json_protocol import join
 from tests.yjs_client import YClient
 
@@ -93,7 +94,8 @@ async def test_clean_and_abrupt_disconnects_remove_states_at_once(server: Server
     assert time.monotonic() - started < 2
 
 
-async def test_states_expire_when_not_renewed(server: Server) -> None:
+async def test_states_expire_when_not_renewed(server_factory: ServerFactory) -> None:
+    server = server_factory(*EXPIRING)
     # expire_after is 2 s here (30 s by default, as y-protocols). a is a frozen client:
     # connected, silent, and deaf (a live stock client would re-assert its state when
     # told it was removed, as y-protocols does).
@@ -113,7 +115,8 @@ async def test_states_expire_when_not_renewed(server: Server) -> None:
     await b.until(has(b, a.id, n=10))
 
 
-async def test_a_lone_client_keeps_hearing_from_the_server(server: Server) -> None:
+async def test_a_lone_client_keeps_hearing_from_the_server(server_factory: ServerFactory) -> None:
+    server = server_factory(*EXPIRING)
     a = await yjoin(server, {"n": 1})
     await asyncio.sleep(0.3)
     before = len(a.received)
@@ -369,3 +372,30 @@ async def test_one_connection_cannot_fill_a_room_with_client_ids(server: Server)
     )
     await j.until(lambda m: f"y{mimic.id}" in j.members)
     assert j.members[f"y{mimic.id}"]["user"]["username"] == "yjs:" + j.user["username"]
+
+
+async def test_a_late_echo_does_not_adopt_a_departed_client(server: Server) -> None:
+    # Stock clients send back every state they receive; one may arrive after its owner
+    # left. It must not make the echoing connection the owner of that client ID.
+    y = await yjoin(server, {"n": 1}, echo=False)
+    watcher = await yjoin(server, {"n": 2}, echo=False)
+    j = await join(server)
+    await j.update(cursor={"x": 1, "y": 1})
+    await y.until(lambda: any(s.get("cursor") for s in y.states.values()))
+    [(client_id, state)] = [(c, s) for c, s in y.states.items() if s.get("cursor")]
+    clock = y.awareness.meta[client_id]["clock"]
+    await j.close()
+    await watcher.until(lambda: client_id not in watcher.states)
+    body = orjson.dumps(state)
+    update = (
+        write_var_uint(1)
+        + write_var_uint(client_id)
+        + write_var_uint(clock)
+        + write_var_uint(len(body))
+        + body
+    )
+    await y.ws.send(create_awareness_message(update))
+    await asyncio.sleep(0.5)
+    assert client_id not in watcher.states
+    late = await join(server)
+    assert {m["id"] for m in late.welcome["members"]} == {f"y{y.id}", f"y{watcher.id}"}

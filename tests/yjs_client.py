@@ -28,6 +28,7 @@ class YClient:
         self.echo = echo
         self.received: list[bytes] = []
         self.synced = False
+        self.error: Exception | None = None
         self.changed = asyncio.Event()
         self.awareness.observe(self._on_change)
         self.reader = asyncio.create_task(self._read())
@@ -95,13 +96,20 @@ class YClient:
                 self.changed.set()
         except websockets.ConnectionClosed:
             pass
+        except Exception as exc:  # surfaced by until(), not lost in a task
+            self.error = exc
+            self.changed.set()
 
     async def until(self, predicate: Callable[[], bool], timeout: float = 5) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
+            if self.error is not None:
+                raise RuntimeError("the client's reader failed") from self.error
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"condition not met; states: {self.states}")
+                raise TimeoutError(
+                    f"condition not met; states: {self.states}; last messages: {self.received[-3:]}"
+                )
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(remaining, 0.2))

@@ -157,6 +157,9 @@ def yjs_state(member: MemberInfo) -> dict[str, Any]:
     return state
 
 
+Line = tuple[int, bytes]  # (clock, encoded entry) of one client in an awareness update
+
+
 def _entry(client_id: int, clock: int, state: bytes) -> bytes:
     return write_var_uint(client_id) + write_var_uint(clock) + write_var_uint(len(state)) + state
 
@@ -179,48 +182,55 @@ class YjsView:
         self.clocks[client_id] = clock
         return clock
 
-    def _member_entry(self, member: MemberInfo) -> tuple[int, bytes]:
+    def _member_entry(self, member: MemberInfo, clock: int | None = None) -> Line:
         client_id = client_id_of(member.id)
-        state = orjson.dumps(yjs_state(member))
-        return client_id, _entry(client_id, self._clock(client_id), state)
+        clock = self._clock(client_id) if clock is None else clock
+        return clock, _entry(client_id, clock, orjson.dumps(yjs_state(member)))
 
-    def shared(self, batch: Batch) -> dict[int, bytes]:
+    def shared(self, batch: Batch) -> dict[int, Line]:
         """The latest state (or removal) of every member the batch touched."""
-        entries: dict[int, bytes] = {}
+        entries: dict[int, Line] = {}
         for event in batch.events():
             member_id = event.member.id if isinstance(event, Joined) else event.id
             if isinstance(event, Left) or member_id not in self.room:
                 client_id = client_id_of(member_id)
-                entries[client_id] = _entry(client_id, self._clock(client_id), b"null")
+                clock = self._clock(client_id)
+                entries[client_id] = (clock, _entry(client_id, clock, b"null"))
                 # Forget it, or churn would grow this table: clocks are times, so one
                 # handed out later is still newer.
-                del self.clocks[client_id]
+                self.clocks.pop(client_id, None)
             else:
-                client_id, entry = self._member_entry(self.room.member(member_id))
-                entries[client_id] = entry
+                member = self.room.member(member_id)
+                entries[client_id_of(member_id)] = self._member_entry(member)
         return entries
 
-    def frames(self, shared: dict[int, bytes], outbox: Outbox[bytes]) -> list[bytes]:
-        # A client's own states are never sent back to it: it would apply the server's
-        # clock to itself and send the state back again.
+    def _pick(self, shared: dict[int, Line], outbox: Outbox[bytes]) -> list[bytes]:
+        """The entries for one connection, noting the clocks it is told (see echoes)."""
         own = {client_id_of(m) for m in outbox.members}
-        entries = [e for client_id, e in shared.items() if client_id not in own]
+        picked = []
+        for client_id, (clock, entry) in shared.items():
+            if client_id in own:
+                # A client's own states are never sent back to it: it would apply the
+                # server's clock to itself and send the state back again.
+                continue
+            outbox.told[client_id] = clock
+            picked.append(entry)
+        return picked
+
+    def frames(self, shared: dict[int, Line], outbox: Outbox[bytes]) -> list[bytes]:
+        entries = self._pick(shared, outbox)
         return [awareness_message(entries)] if entries else []
 
-    def snapshot(self, *, renew: bool) -> dict[int, bytes]:
+    def snapshot(self, *, renew: bool) -> dict[int, Line]:
         """Every member's entry: with fresh clocks when renewing, else the ones announced."""
         entries = {}
         for member in self.room.snapshot():
             client_id = client_id_of(member.id)
-            if renew or client_id not in self.clocks:
-                entries[client_id] = self._member_entry(member)[1]
-            else:
-                state = orjson.dumps(yjs_state(member))
-                entries[client_id] = _entry(client_id, self.clocks[client_id], state)
+            clock = None if renew else self.clocks.get(client_id)
+            entries[client_id] = self._member_entry(member, clock)
         return entries
 
-    def full(self, shared: dict[int, bytes], outbox: Outbox[bytes]) -> bytes:
+    def full(self, shared: dict[int, Line], outbox: Outbox[bytes]) -> bytes:
         """A complete awareness update for one connection, even if empty: a lone
         y-websocket client closes a socket that stays silent for 30 s."""
-        own = {client_id_of(m) for m in outbox.members}
-        return awareness_message([e for c, e in shared.items() if c not in own])
+        return awareness_message(self._pick(shared, outbox))

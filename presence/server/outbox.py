@@ -55,6 +55,9 @@ class Outbox(Generic[F]):
         self._send: Callable[[F], Awaitable[None]] = send
         self._close = close
         self.members: set[str] = set()  # the member ids this connection speaks for
+        # Yjs: the clock of the last state of each client ID sent to this connection, to
+        # recognise the copies that stock clients send back.
+        self.told: dict[int, int] = {}
         # A JSON member that expires has a dead client: close. A Yjs client ID expires
         # on its own (y-protocols), its connection stays.
         self.close_on_expiry = True

@@ -47,6 +47,11 @@ class YjsConnection:
             # Another connection's client: an echo of a relayed update (stock clients
             # send every update they receive back), or an attempt to take it over.
             return
+        told = self.outbox.told.get(entry.client_id)
+        if told is not None and entry.clock <= told and member_id not in self.outbox.members:
+            # A copy of a state we relayed to this client, arriving after its owner left:
+            # adopting it would make this connection the owner of someone else's ID.
+            return
         last = self.clocks.get(entry.client_id)
         if last is not None and entry.clock <= last:
             return  # our own client's old state, or an echo of it
