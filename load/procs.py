@@ -44,7 +44,7 @@ def free_port() -> int:
 
 
 class RedisProcess:
-    def __init__(self, *args: str, port: int | None = None) -> None:
+    def __init__(self, *args: str, port: int | None = None, tls: bool = False) -> None:
         self.port = port or free_port()
         self.args = list(args)
         self.dir = tempfile.mkdtemp(prefix="presence-redis-")
@@ -52,18 +52,94 @@ class RedisProcess:
         self.password: str | None = None
         if "--requirepass" in args:
             self.password = args[args.index("--requirepass") + 1]
+        self.tls = tls
+        if tls:
+            self._make_certificates()
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.dir}/ca.crt"
         return f"redis://{auth}127.0.0.1:{self.port}"
 
+    def _make_certificates(self) -> None:
+        """A throw-away CA and a server certificate for 127.0.0.1 (openssl CLI)."""
+
+        def run(*cmd: str) -> None:
+            subprocess.run(cmd, cwd=self.dir, check=True, capture_output=True, timeout=60)
+
+        run(
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=presence-test-ca",
+        )
+        run(
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        )
+        Path(self.dir, "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run(
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        )
+
     def start(self, timeout: float = 10) -> RedisProcess:
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            d = self.dir
+            ports = [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-auth-clients",
+                "no",
+                "--tls-cert-file",
+                f"{d}/server.crt",
+                "--tls-key-file",
+                f"{d}/server.key",
+                "--tls-ca-cert-file",
+                f"{d}/ca.crt",
+            ]
         self.proc = subprocess.Popen(
             [
                 redis_binary(),
-                "--port",
-                str(self.port),
+                *ports,
                 "--bind",
                 "127.0.0.1",
                 "--save",

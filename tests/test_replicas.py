@@ -325,3 +325,17 @@ async def test_redis_cluster_with_sharded_pubsub(server_factory: ServerFactory) 
         await a.until(lambda m: b.id not in a.members)
     finally:
         cluster.stop()
+
+
+async def test_redis_over_tls(server_factory: ServerFactory) -> None:
+    secured = RedisProcess(tls=True).start()
+    try:
+        assert secured.url.startswith("rediss://")
+        r1, r2 = replicas(server_factory, secured.url)
+        a = await join(r1)
+        b = await join(r2)
+        assert [m["id"] for m in b.welcome["members"]] == [a.id]
+        await a.update(cursor={"x": 1, "y": 1})
+        await b.until(sees(b, a, cursor={"x": 1, "y": 1}))
+    finally:
+        secured.stop()
