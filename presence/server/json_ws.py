@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from presence.codecs import json as codec
 from presence.core.identity import InvalidToken
@@ -13,7 +13,7 @@ from presence.core.room import ROOM_NAME_RULE, RoomError, is_valid_room_name
 from presence.server.hub import Hub, Membership, RoomFull
 from presence.server.outbox import Outbox
 from presence.server.updates import RateLimitedUpdates
-from presence.server.websocket import socket_outbox, writing
+from presence.server.websocket import session, socket_outbox
 
 log = logging.getLogger("presence.ws")
 
@@ -56,14 +56,11 @@ async def json_room(websocket: WebSocket) -> None:
         ]
     )
     updates = RateLimitedUpdates(hub, room, membership.member.id)
-    async with writing(outbox):
+    async with session(hub, room, outbox):
         try:
             await _read(websocket, hub, membership, updates, outbox)
-        except WebSocketDisconnect:
-            pass
         finally:
             updates.cancel()
-            hub.disconnect(room, outbox)
 
 
 async def _read(

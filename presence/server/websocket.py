@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from presence.server.hub import Hub
 from presence.server.outbox import Encoder, Outbox
@@ -37,12 +37,15 @@ def socket_outbox(
 
 
 @contextlib.asynccontextmanager
-async def writing(outbox: Outbox[Any]) -> AsyncIterator[None]:
-    """Run the outbox's writer for the duration of the block."""
+async def session(hub: Hub, room: str, outbox: Outbox[Any]) -> AsyncIterator[None]:
+    """A connection's life in a room: its writer runs for the block; when the block ends,
+    however it ends (the client went away, a close), its members leave at once."""
     writer = asyncio.create_task(outbox.run())
     try:
-        yield
+        with contextlib.suppress(WebSocketDisconnect):
+            yield
     finally:
+        hub.disconnect(room, outbox)
         if not writer.done():
             writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from presence.codecs import yjs
 from presence.core.colors import parse_hex, pick_color
@@ -19,7 +19,7 @@ from presence.core.room import ROOM_NAME_RULE, Room, RoomError, is_valid_room_na
 from presence.server.hub import Hub, RoomFull
 from presence.server.outbox import Outbox
 from presence.server.updates import RateLimitedUpdates
-from presence.server.websocket import socket_outbox, writing
+from presence.server.websocket import session, socket_outbox
 
 log = logging.getLogger("presence.yjs")
 
@@ -144,14 +144,11 @@ async def yjs_room(websocket: WebSocket) -> None:
     # Stock clients never ask (query-awareness): push the room's states on join.
     outbox.push([view.full(view.snapshot(renew=False), outbox)])
     connection = YjsConnection(hub, room, outbox, identity)
-    async with writing(outbox):
+    async with session(hub, room_name, outbox):
         try:
             await _read(websocket, hub, view, connection)
-        except WebSocketDisconnect:
-            pass
         finally:
             connection.close()
-            hub.disconnect(room_name, outbox)
 
 
 async def _read(
