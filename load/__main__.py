@@ -7,6 +7,8 @@ Scenarios (docs/benchmarks.md has the results):
   d      memory per idle connection, 1,000 and 5,000 connections
   e      churn: 100 joins and leaves per second for a minute
   custom --replicas --rooms --members --hz
+  sweep  scenario (a) at 2, 5, 10, 20 and 30 Hz (the latency-against-load curve)
+  report the recorded results as load/results/report.md and latency.png
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ def main() -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("scenario", choices=["a", "b", "c", "d", "e", "custom"])
+    parser.add_argument("scenario", choices=["a", "b", "c", "d", "e", "custom", "sweep", "report"])
     parser.add_argument("--protocol", choices=["json", "yjs"], default="json")
     parser.add_argument("--duration", type=float, default=30)
     parser.add_argument("--warmup", type=float, default=5)
@@ -254,10 +256,22 @@ def main() -> None:
         help="extra flag for presence serve (repeatable)",
     )
     opts = parser.parse_args()
+    if opts.scenario == "report":
+        from load.report import write_report
+
+        out = opts.out or RESULTS
+        print(f"written to {write_report(RESULTS, out)}", file=sys.stderr)
+        return
     if opts.scenario == "d":
         result = run_idle(opts)
     elif opts.scenario == "e":
         result = run_churn(opts)
+    elif opts.scenario == "sweep":
+        runs = [
+            run_moving(f"sweep-{hz}hz", {**SCENARIOS["a"], "hz": hz}, opts)
+            for hz in (2, 5, 10, 20, 30)
+        ]
+        result = {"scenario": "sweep", "runs": runs}
     else:
         cfg = SCENARIOS.get(opts.scenario) or {
             "replicas": opts.replicas,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from load.hist import Histogram
+from load.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,3 +65,8 @@ def test_a_small_run_reports_every_update(tmp_path: Path, protocol: str) -> None
     assert result["updates_observed"] >= result["updates_sent"] * 2
     assert 0 < result["latency_ms"]["50"] < 1000
     assert result["server_cpu_us_per_delivered"] > 0
+    # The report turns recorded results into a table and a plot.
+    report = write_report(tmp_path, tmp_path / "report")
+    assert f"| custom | {protocol} |" in report.read_text()
+    png = (tmp_path / "report" / "latency.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
