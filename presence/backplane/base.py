@@ -39,6 +39,7 @@ class Backplane(ABC):
     def __init__(self, replica_id: str) -> None:
         self.replica_id = replica_id
         self.listener: Listener | None = None
+        self.dropped = 0  # messages not published because the backplane was unreachable
 
     async def start(self, listener: Listener) -> None:
         self.listener = listener

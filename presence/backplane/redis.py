@@ -97,7 +97,6 @@ class RedisBackplane(Backplane):
         self._hash_written: dict[str, float] = {}
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.dropped = 0  # messages not published because Redis was unreachable
 
     # -- names -------------------------------------------------------------------------
 

@@ -84,6 +84,10 @@ class Hub:
             lambda: sum(len(s) for s in self.outboxes.values()),
         )
         m.gauges["rooms"] = ("Rooms with members.", lambda: len(self.rooms))
+        m.counters["backplane_dropped_total"] = (
+            "Messages not published because the backplane was unreachable (re-synced later).",
+            lambda: self.backplane.dropped,
+        )
         m.gauges["tasks"] = (
             "asyncio tasks of this process (connections, timers).",
             lambda: len(asyncio.all_tasks()),

@@ -13,8 +13,9 @@ class Metrics:
     updates_coalesced: int = 0
     slow_client_disconnects: int = 0
     protocol_errors: dict[str, int] = field(default_factory=dict)
-    # Gauges read at scrape time, so they can never drift from the truth.
+    # Values read at scrape time from their owners, so they can never drift.
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
+    counters: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
 
     def error(self, code: str) -> None:
         self.protocol_errors[code] = self.protocol_errors.get(code, 0) + 1
@@ -29,6 +30,8 @@ class Metrics:
 
         for name, (help_, read) in self.gauges.items():
             metric(name, "gauge", help_, [("", read())])
+        for name, (help_, read) in self.counters.items():
+            metric(name, "counter", help_, [("", read())])
         metric(
             "messages_in_total",
             "counter",
