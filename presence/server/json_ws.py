@@ -13,7 +13,7 @@ from presence.core.room import ROOM_NAME_RULE, RoomError, is_valid_room_name
 from presence.server.hub import Hub, Membership, RoomFull
 from presence.server.outbox import Outbox
 from presence.server.updates import RateLimitedUpdates
-from presence.server.websocket import session, socket_outbox
+from presence.server.websocket import incoming, session, socket_outbox
 
 log = logging.getLogger("presence.ws")
 
@@ -72,16 +72,7 @@ async def _read(
 ) -> None:
     errors = 0
     max_depth = hub.settings.max_depth
-    while not outbox.closed:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        hub.metrics.messages_in += 1
-        text = message.get("text")
-        if text is None:
-            hub.metrics.error("binary_frame")
-            await websocket.close(1003, "binary frames are not supported here; send JSON text")
-            return
+    async for text in incoming(websocket, hub, outbox, "text"):
         try:
             command = codec.decode(text, max_depth=max_depth)
             if isinstance(command, codec.Update):

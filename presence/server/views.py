@@ -26,29 +26,28 @@ def _room_name(request: Request) -> str | None:
     return name if is_valid_room_name(name) else None
 
 
-def _bad_room() -> Response:
+def _error(status: int, code: str, message: str, **headers: str) -> Response:
     return JSONResponse(
-        {"error": "invalid_room", "message": f"room names are {ROOM_NAME_RULE}"}, status_code=400
+        {"error": code, "message": message}, status_code=status, headers=headers or None
     )
+
+
+def _bad_room() -> Response:
+    return _error(400, "invalid_room", f"room names are {ROOM_NAME_RULE}")
 
 
 async def list_rooms(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     expected = hub.settings.admin_token
     if not expected:
-        return JSONResponse(
-            {
-                "error": "disabled",
-                "message": "set --admin-token (PRESENCE_ADMIN_TOKEN) to list rooms",
-            },
-            status_code=403,
-        )
+        return _error(403, "disabled", "set --admin-token (PRESENCE_ADMIN_TOKEN) to list rooms")
     given = request.headers.get("authorization", "").removeprefix("Bearer ")
     if not hmac.compare_digest(given.encode(), expected.encode()):
-        return JSONResponse(
-            {"error": "unauthorized", "message": "send Authorization: Bearer <admin token>"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
+        return _error(
+            401,
+            "unauthorized",
+            "send Authorization: Bearer <admin token>",
+            **{"WWW-Authenticate": "Bearer"},
         )
     counts = await hub.room_counts()
     return JSONResponse(

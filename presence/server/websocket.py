@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -50,3 +50,26 @@ async def session(hub: Hub, room: str, outbox: Outbox[Any]) -> AsyncIterator[Non
             writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await writer
+
+
+async def incoming(
+    websocket: WebSocket, hub: Hub, outbox: Outbox[Any], kind: Literal["text", "bytes"]
+) -> AsyncIterator[Any]:
+    """The client's messages until it leaves or the connection is closed; a frame of the
+    other kind closes the connection with 1003."""
+    while not outbox.closed:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        hub.metrics.messages_in += 1
+        data = message.get(kind)
+        if data is None:
+            hub.metrics.error("binary_frame" if kind == "text" else "text_frame")
+            await websocket.close(
+                1003,
+                "binary frames are not supported here; send JSON text"
+                if kind == "text"
+                else "y-websocket messages are binary frames",
+            )
+            return
+        yield data

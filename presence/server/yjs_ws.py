@@ -19,7 +19,7 @@ from presence.core.room import ROOM_NAME_RULE, Room, RoomError, is_valid_room_na
 from presence.server.hub import Hub, RoomFull
 from presence.server.outbox import Outbox
 from presence.server.updates import RateLimitedUpdates
-from presence.server.websocket import session, socket_outbox
+from presence.server.websocket import incoming, session, socket_outbox
 
 log = logging.getLogger("presence.yjs")
 
@@ -155,16 +155,7 @@ async def _read(
     websocket: WebSocket, hub: Hub, view: yjs.YjsView, connection: YjsConnection
 ) -> None:
     outbox = connection.outbox
-    while not outbox.closed:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        hub.metrics.messages_in += 1
-        data = message.get("bytes")
-        if data is None:
-            hub.metrics.error("text_frame")
-            await websocket.close(1003, "y-websocket messages are binary frames")
-            return
+    async for data in incoming(websocket, hub, outbox, "bytes"):
         try:
             kind, reader = yjs.read_message(data)
             if kind == yjs.AWARENESS:
