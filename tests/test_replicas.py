@@ -23,6 +23,17 @@ def replicas(factory: ServerFactory, redis_url: str, n: int = 2, *extra: str) ->
     ]
 
 
+async def published(redis: RedisProcess, room: str = "doc", members: int = 1) -> None:
+    """Wait until ``members`` of the room are in Redis. A member who joined another replica
+    a moment ago may otherwise arrive as a ``join`` just after the welcome, not in it."""
+    with redis.client() as client:
+        for _ in range(100):
+            if client.hlen(f"presence:{{{room}}}:members") >= members:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{members} member(s) of {room!r} never reached Redis")
+
+
 def sees(client: Client, other: Client, **state: object) -> Callable[[dict[str, object]], bool]:
     """A predicate: ``client`` knows ``other`` with at least these state fields."""
 
@@ -38,6 +49,7 @@ async def test_members_on_different_replicas_see_each_other(
 ) -> None:
     r1, r2 = replicas(server_factory, redis_server.url)
     a = await join(r1)
+    await published(redis_server)
     b = await join(r2)
     # b's snapshot, taken on the other replica, includes a.
     assert [m["id"] for m in b.welcome["members"]] == [a.id]
@@ -227,6 +239,7 @@ async def test_redis_unavailable_at_start_up(server_factory: ServerFactory) -> N
                 await asyncio.sleep(0.1)
             assert (await http.get(r1.http + "/readyz")).status_code == 200
             r2 = server_factory(*FAST, "--redis-url", redis_later.url)
+            await published(redis_later)
             b = await join(r2)
             assert [m["id"] for m in b.welcome["members"]] == [a.id]
         finally:
@@ -236,6 +249,7 @@ async def test_redis_unavailable_at_start_up(server_factory: ServerFactory) -> N
 async def test_sharded_pubsub(server_factory: ServerFactory, redis_server: RedisProcess) -> None:
     r1, r2 = replicas(server_factory, redis_server.url, 2, "--redis-sharded")
     a = await join(r1)
+    await published(redis_server)
     b = await join(r2)
     assert [m["id"] for m in b.welcome["members"]] == [a.id]
     await b.update(cursor={"x": 3, "y": 4})
@@ -254,6 +268,7 @@ async def test_redis_password_in_the_url(server_factory: ServerFactory) -> None:
     try:
         r1, r2 = replicas(server_factory, secured.url)
         a = await join(r1)
+        await published(secured)
         b = await join(r2)
         assert [m["id"] for m in b.welcome["members"]] == [a.id]
         wrong = server_factory("--redis-url", f"redis://:wrong@127.0.0.1:{secured.port}")
@@ -335,6 +350,7 @@ async def test_redis_over_tls(server_factory: ServerFactory) -> None:
         assert secured.url.startswith("rediss://")
         r1, r2 = replicas(server_factory, secured.url)
         a = await join(r1)
+        await published(secured)
         b = await join(r2)
         assert [m["id"] for m in b.welcome["members"]] == [a.id]
         await a.update(cursor={"x": 1, "y": 1})

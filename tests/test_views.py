@@ -12,6 +12,7 @@ import orjson
 from load.procs import RedisProcess
 from tests.conftest import FAST, Server
 from tests.test_json_protocol import join
+from tests.test_replicas import published
 
 ServerFactory = Callable[..., Server]
 ADMIN = ("--admin-token", "let-me-in")
@@ -95,6 +96,7 @@ async def test_views_across_two_replicas(
     b = await join(r2, room="shared")
     c = await join(r1, room="only-r1")
     await a.until(lambda m: b.id in a.members)
+    await published(redis_server, "only-r1")
     async with httpx.AsyncClient(timeout=10) as http:
         # r2 has never seen room only-r1: it reads it from Redis.
         body = (await http.get(f"{r2.http}/rooms/only-r1")).json()
