@@ -259,7 +259,9 @@ class Server:
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20) -> Server:
+    def start(self, timeout: float = 20, *, ready: bool = True) -> Server:
+        """Start, and wait until ``/readyz`` says ready (connected to its backplane), or
+        with ``ready=False`` only until it answers at all."""
         self.logs.mkdir(exist_ok=True)
         log = open(self.logs / f"server-{self.port}.log", "ab")  # noqa: SIM115
         env = {**os.environ, "PRESENCE_SECRET": "test-secret", **self.env}
@@ -274,7 +276,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; see {log.name}")
             try:
-                if httpx.get(self.http + "/healthz", timeout=1).status_code == 200:
+                path = "/readyz" if ready else "/healthz"
+                if httpx.get(self.http + path, timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

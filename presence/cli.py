@@ -61,6 +61,7 @@ def serve(settings: Settings) -> None:
 
     from presence import logs
     from presence.server.app import create_app
+    from presence.server.connection import Connection
 
     logs.configure(settings.log_level, settings.log_format)
     options: dict[str, Any] = {}
@@ -79,11 +80,9 @@ def serve(settings: Settings) -> None:
         **options,
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
-        ws_max_size=settings.max_message_bytes,
-        ws_per_message_deflate=False,  # frames are tiny: deflate costs CPU and memory per socket
-        ws_ping_interval=settings.ping_interval,
-        ws_ping_timeout=settings.ping_interval,
+        # The WebSocket endpoints are served by presence's own protocol class (why: its
+        # docstring); it reads its limits and ping interval from the settings.
+        ws=Connection,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -22,8 +22,8 @@ __all__ = ["ARTIFACTS", "Server"]  # tests import these from here
 def server_factory() -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def make(*args: str, env: dict[str, str] | None = None) -> Server:
-        server = Server(list(args), env or {}).start()
+    def make(*args: str, env: dict[str, str] | None = None, ready: bool = True) -> Server:
+        server = Server(list(args), env or {}).start(ready=ready)
         servers.append(server)
         return server
 

@@ -373,7 +373,15 @@ async def test_invalid_room_name_is_closed_with_1008(server: Server, room: str) 
 async def test_room_path_with_a_slash_is_not_a_room(server: Server) -> None:
     with pytest.raises(websockets.InvalidStatus) as info:
         await websockets.connect(f"{server.ws}/rooms/a%2Fb")
-    assert info.value.response.status_code == 403
+    assert info.value.response.status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/", "/nowhere/x", "/rooms", "/rooms/", "/yjs"])
+async def test_no_websocket_endpoint_is_a_404(server: Server, path: str) -> None:
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await websockets.connect(f"{server.ws}{path}")
+    assert info.value.response.status_code == 404
+    await assert_room_still_works(server)
 
 
 @pytest.mark.parametrize(

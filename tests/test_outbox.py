@@ -1,6 +1,4 @@
-"""The send queue of one connection, with a send we control."""
-
-import asyncio
+"""The outgoing side of one connection, with a sink we control."""
 
 import orjson
 
@@ -11,16 +9,18 @@ from presence.server.outbox import Outbox
 
 
 class Peer:
-    def __init__(self) -> None:
+    """A socket whose send buffer is full while ``writable`` is false."""
+
+    def __init__(self, *, writable: bool = True) -> None:
         self.frames: list[str] = []
-        self.gate = asyncio.Event()
+        self.writable = writable
         self.closed: tuple[int, str] | None = None
 
-    async def send(self, frame: str) -> None:
-        await self.gate.wait()
-        self.frames.append(frame)
+    def send(self, frames: list[str]) -> None:
+        assert self.writable, "sent to a socket whose buffer is full"
+        self.frames.extend(frames)
 
-    async def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
 
 
@@ -31,36 +31,32 @@ def batch_of(**patches: dict[str, object]) -> Batch:
     return batch
 
 
-async def test_fast_connection_gets_the_shared_frames() -> None:
+def outbox_for(peer: Peer, metrics: Metrics, now: float = 0.0) -> Outbox[str]:
+    return Outbox(peer, ENCODER, max_backlog=4, clock=lambda: now, metrics=metrics)
+
+
+def test_fast_connection_gets_the_shared_frames_at_once() -> None:
     peer, metrics = Peer(), Metrics()
-    peer.gate.set()
-    outbox = Outbox(
-        peer.send, peer.close, ENCODER, max_backlog=4, clock=lambda: 0.0, metrics=metrics
-    )
-    task = asyncio.create_task(outbox.run())
+    outbox = outbox_for(peer, metrics)
     outbox.push_batch(batch_of(a={"x": 1}), ["shared-frame"])
-    await asyncio.sleep(0.01)
     assert peer.frames == ["shared-frame"]
     assert metrics.messages_out == 1
-    outbox.close()
-    await task
+    assert len(outbox) == 0 and outbox.blocked_since is None
 
 
-async def test_a_stalled_connection_coalesces_its_backlog() -> None:
-    peer, metrics = Peer(), Metrics()
-    outbox = Outbox(
-        peer.send, peer.close, ENCODER, max_backlog=4, clock=lambda: 0.0, metrics=metrics
-    )
-    task = asyncio.create_task(outbox.run())
+def test_a_stalled_connection_coalesces_its_backlog() -> None:
+    peer, metrics = Peer(writable=False), Metrics()
+    outbox = outbox_for(peer, metrics, now=7.0)
     outbox.push(["welcome"])
-    await asyncio.sleep(0)  # the writer is now stuck sending "welcome"
     for i in range(1000):
         batch = batch_of(a={"x": i}, b={"y": i} if i % 2 else {"z": i})
         outbox.push_batch(batch, encode_batch(batch))
         assert len(outbox) <= 5  # bounded, however long the stall
     assert metrics.updates_coalesced > 1900
-    peer.gate.set()
-    await asyncio.sleep(0.01)
+    assert outbox.blocked_since == 7.0
+    peer.writable = True
+    outbox.resume()
+    assert outbox.blocked_since is None
     assert peer.frames[0] == "welcome"
     # Latest state per member wins; every field that was touched is there.
     seen: dict[str, dict[str, object]] = {}
@@ -69,21 +65,34 @@ async def test_a_stalled_connection_coalesces_its_backlog() -> None:
             seen.setdefault(update["id"], {}).update(update["state"])
     assert seen == {"a": {"x": 999}, "b": {"y": 999, "z": 998}}
     assert len(peer.frames) < 10
-    outbox.close()
-    await task
 
 
-async def test_abort_stops_a_stalled_send_and_closes() -> None:
-    peer = Peer()
-    outbox = Outbox(
-        peer.send, peer.close, ENCODER, max_backlog=4, clock=lambda: 5.0, metrics=Metrics()
-    )
-    task = asyncio.create_task(outbox.run())
+def test_resume_stops_when_the_socket_fills_again() -> None:
+    class Small(Peer):
+        def send(self, frames: list[str]) -> None:
+            super().send(frames)
+            self.writable = False  # each write fills the buffer
+
+    peer = Small(writable=False)
+    outbox = outbox_for(peer, Metrics())
+    outbox.push(["one"])
+    outbox.push(["two"])
+    peer.writable = True
+    outbox.resume()
+    assert peer.frames == ["one"] and len(outbox) == 1 and outbox.blocked_since is not None
+    peer.writable = True
+    outbox.resume()
+    assert peer.frames == ["one", "two"] and outbox.blocked_since is None
+
+
+def test_abort_drops_what_waits_and_closes() -> None:
+    peer = Peer(writable=False)
+    outbox = outbox_for(peer, Metrics())
     outbox.push(["stuck"])
-    await asyncio.sleep(0)
-    assert outbox.sending_since == 5.0
     outbox.abort(1013, "too slow")
-    await asyncio.wait_for(task, 1)
     assert peer.closed == (1013, "too slow")
-    outbox.push(["ignored after close"])
     assert len(outbox) == 0
+    peer.writable = True
+    outbox.push(["ignored after close"])
+    outbox.resume()
+    assert peer.frames == []

@@ -225,7 +225,9 @@ async def test_redis_restart_everyone_sees_everyone_again(
 
 async def test_redis_unavailable_at_start_up(server_factory: ServerFactory) -> None:
     redis_later = RedisProcess()
-    r1 = server_factory(*FAST, "--redis-url", redis_later.url, "--replica-timeout", "2")
+    r1 = server_factory(
+        *FAST, "--redis-url", redis_later.url, "--replica-timeout", "2", ready=False
+    )
     async with httpx.AsyncClient() as http:
         ready = await http.get(r1.http + "/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False
@@ -271,7 +273,9 @@ async def test_redis_password_in_the_url(server_factory: ServerFactory) -> None:
         await published(secured)
         b = await join(r2)
         assert [m["id"] for m in b.welcome["members"]] == [a.id]
-        wrong = server_factory("--redis-url", f"redis://:wrong@127.0.0.1:{secured.port}")
+        wrong = server_factory(
+            "--redis-url", f"redis://:wrong@127.0.0.1:{secured.port}", ready=False
+        )
         assert httpx.get(wrong.http + "/readyz").status_code == 503
     finally:
         secured.stop()

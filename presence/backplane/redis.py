@@ -189,9 +189,14 @@ class RedisBackplane(Backplane):
         await self._teardown()
         await self.redis.ping()
         await self._subscribe(self.replicas_channel)
-        for room in list(self._rooms):
-            await self._subscribe(self.channel(room))
         await self._beat()
+        subscribed: set[str] = set()
+        # Rooms opened while this runs saw us disconnected and left subscribing to us;
+        # the loop ends with no await between it and the caller marking us connected.
+        while pending := self._rooms - subscribed:
+            for room in pending:
+                await self._subscribe(self.channel(room))
+            subscribed |= pending
         # Everyone gets a fresh grace period: we could not hear them while cut off.
         now = time.monotonic()
         for origin in self._last_seen:
@@ -366,6 +371,10 @@ class RedisBackplane(Backplane):
                         events.append(event)
             else:
                 asyncio.get_running_loop().call_soon(self._deliver, room, data)
+        # SUBSCRIBE returns before Redis has processed it, and the read above went over
+        # another connection: a message published in between reached neither. The other
+        # replicas' answers to this request close that gap (only differences are events).
+        self.request_sync(room)
         return events
 
     async def _read_members(self, room: str) -> dict[str, tuple[int, MemberInfo]]:

@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from presence.backplane.base import Backplane
@@ -21,9 +21,7 @@ from presence.backplane.memory import MemoryBackplane
 from presence.config import Settings
 from presence.core.identity import IdentityFactory, InvalidToken
 from presence.server.hub import Hub, new_replica_id
-from presence.server.json_ws import json_room
 from presence.server.views import list_rooms, room_events, room_members
-from presence.server.yjs_ws import yjs_room
 
 log = logging.getLogger("presence.app")
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -114,11 +112,12 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
     hub = hub or make_hub(settings)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Hub]]:
         await hub.start()
         log.info("presence ready", extra={"replica": hub.replica_id})
         try:
-            yield
+            # The state reaches the WebSocket connections (server/connection.py) too.
+            yield {"hub": hub}
         finally:
             await hub.stop()
             log.info("presence stopped", extra={"replica": hub.replica_id})
@@ -128,8 +127,6 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
         # WebSockets are not subject to CORS.
         middleware=[Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET"])],
         routes=[
-            WebSocketRoute("/rooms/{room}", json_room),
-            WebSocketRoute("/yjs/{room}", yjs_room),
             Route("/", index),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
             Route("/rooms", list_rooms),

@@ -338,11 +338,11 @@ class Hub:
             (name, outbox)
             for name, outboxes in self.outboxes.items()
             for outbox in outboxes
-            if outbox.sending_since is not None and now - outbox.sending_since > limit
+            if outbox.blocked_since is not None and now - outbox.blocked_since > limit
         ]
         for name, outbox in stalled:
             self.metrics.slow_client_disconnects += 1
-            outbox.abort(1013, f"client too slow: a send stalled for over {limit:g}s")
+            outbox.abort(1013, f"client too slow: it stopped reading for over {limit:g}s")
             self.disconnect(name, outbox)
 
     def _renew_yjs(self, now: float) -> None:

@@ -1,11 +1,8 @@
-"""The JSON WebSocket endpoint, ``/rooms/{room}``: one task per connection reads, an
-:class:`Outbox` writes."""
+"""The JSON WebSocket endpoint, ``/rooms/{room}``: one member per connection."""
 
 from __future__ import annotations
 
-import logging
-
-from starlette.websockets import WebSocket
+from typing import TYPE_CHECKING, ClassVar
 
 from presence.codecs import json as codec
 from presence.core.identity import InvalidToken
@@ -13,78 +10,84 @@ from presence.core.room import ROOM_NAME_RULE, RoomError, is_valid_room_name
 from presence.server.hub import Hub, Membership, RoomFull
 from presence.server.outbox import Outbox
 from presence.server.updates import RateLimitedUpdates
-from presence.server.websocket import incoming, session, socket_outbox
 
-log = logging.getLogger("presence.ws")
+if TYPE_CHECKING:
+    from presence.server.connection import Connection
 
 MAX_CONSECUTIVE_ERRORS = 10
 
 
-async def json_room(websocket: WebSocket) -> None:
-    hub: Hub = websocket.app.state.hub
-    room = websocket.path_params["room"]
-    await websocket.accept()
-    if not is_valid_room_name(room):
-        await websocket.close(1008, f"invalid room name: use {ROOM_NAME_RULE}")
-        return
+class JsonEndpoint:
+    text: ClassVar[bool] = True
 
-    outbox: Outbox[str] = socket_outbox(websocket, hub, codec.ENCODER, binary=False)
-    try:
-        membership = await hub.join(room, outbox, websocket.query_params.get("token"))
-    except InvalidToken as exc:
-        hub.metrics.error("invalid_token")
-        await websocket.send_text(codec.error("invalid_token", str(exc)))
-        await websocket.close(1008, "invalid identity token")
-        return
-    except RoomFull as exc:
-        await websocket.close(1013, str(exc))
-        return
-    # Queued before any batch can be: the snapshot and the events after it line up.
-    outbox.push(
-        [
-            codec.welcome(
-                membership.member,
-                membership.token,
-                room,
-                membership.others,
-                {
-                    "idle_after": hub.settings.idle_after,
-                    "expire_after": hub.settings.expire_after,
-                    "heartbeat_interval": hub.settings.heartbeat_interval,
-                },
-            )
-        ]
-    )
-    updates = RateLimitedUpdates(hub, room, membership.member.id)
-    async with session(hub, room, outbox):
+    def __init__(self, connection: Connection, hub: Hub, room: str) -> None:
+        self.connection = connection
+        self.hub = hub
+        self.room = room
+        self.outbox: Outbox[str] = Outbox(
+            connection,
+            codec.ENCODER,
+            max_backlog=hub.settings.send_backlog,
+            clock=hub.clock,
+            metrics=hub.metrics,
+        )
+        connection.outbox = self.outbox
+        self.membership: Membership | None = None
+        self.updates: RateLimitedUpdates | None = None
+        self.errors = 0
+
+    async def open(self) -> None:
+        hub, connection = self.hub, self.connection
+        if not is_valid_room_name(self.room):
+            connection.close(1008, f"invalid room name: use {ROOM_NAME_RULE}")
+            return
         try:
-            await _read(websocket, hub, membership, updates, outbox)
-        finally:
-            updates.cancel()
+            membership = await hub.join(self.room, self.outbox, connection.query.get("token"))
+        except InvalidToken as exc:
+            hub.metrics.error("invalid_token")
+            connection.send([codec.error("invalid_token", str(exc))])
+            connection.close(1008, "invalid identity token")
+            return
+        except RoomFull as exc:
+            connection.close(1013, str(exc))
+            return
+        self.membership = membership
+        self.updates = RateLimitedUpdates(hub, self.room, membership.member.id)
+        # Sent before any batch can be: the snapshot and the events after it line up.
+        self.outbox.push(
+            [
+                codec.welcome(
+                    membership.member,
+                    membership.token,
+                    self.room,
+                    membership.others,
+                    {
+                        "idle_after": hub.settings.idle_after,
+                        "expire_after": hub.settings.expire_after,
+                        "heartbeat_interval": hub.settings.heartbeat_interval,
+                    },
+                )
+            ]
+        )
 
-
-async def _read(
-    websocket: WebSocket,
-    hub: Hub,
-    membership: Membership,
-    updates: RateLimitedUpdates,
-    outbox: Outbox[str],
-) -> None:
-    errors = 0
-    max_depth = hub.settings.max_depth
-    async for text in incoming(websocket, hub, outbox, "text"):
+    def receive(self, text: str) -> None:
+        assert self.membership is not None and self.updates is not None
         try:
-            command = codec.decode(text, max_depth=max_depth)
+            command = codec.decode(text, max_depth=self.hub.settings.max_depth)
             if isinstance(command, codec.Update):
-                updates.submit(command.patch)
+                self.updates.submit(command.patch)
             else:
-                hub.heartbeat(membership.room, membership.member.id)
-            errors = 0
+                self.hub.heartbeat(self.room, self.membership.member.id)
+            self.errors = 0
         except (codec.ProtocolError, RoomError) as exc:
-            code = exc.code
-            hub.metrics.error(code)
-            errors += 1
-            if errors > MAX_CONSECUTIVE_ERRORS:
-                await websocket.close(1008, "too many invalid messages")
+            self.hub.metrics.error(exc.code)
+            self.errors += 1
+            if self.errors > MAX_CONSECUTIVE_ERRORS:
+                self.connection.close(1008, "too many invalid messages")
                 return
-            outbox.push([codec.error(code, str(exc))])
+            self.outbox.push([codec.error(exc.code, str(exc))])
+
+    def closed(self) -> None:
+        if self.updates is not None:
+            self.updates.cancel()
+        self.hub.disconnect(self.room, self.outbox)

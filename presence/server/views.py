@@ -7,7 +7,6 @@ it. Listing every room is for hub admins only, behind ``--admin-token``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 from collections.abc import AsyncIterator
 
@@ -19,6 +18,27 @@ from presence.codecs.json import member_json
 from presence.core.room import ROOM_NAME_RULE, is_valid_room_name
 from presence.server.hub import Hub
 from presence.server.outbox import Outbox
+
+
+class _StreamSink:
+    """An outbox's sink for an event stream: holds one round of chunks at a time."""
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+        self.ready = asyncio.Event()
+        self.closed = False
+
+    @property
+    def writable(self) -> bool:
+        return not self.chunks
+
+    def send(self, frames: list[str]) -> None:
+        self.chunks.extend(frames)
+        self.ready.set()
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = True
+        self.ready.set()
 
 
 def _room_name(request: Request) -> str | None:
@@ -74,11 +94,11 @@ async def room_events(request: Request) -> Response:
     if name is None:
         return _bad_room()
     # The stream is a connection with no member of its own: it gets the room's batches
-    # like any other, through a bounded queue (a slow dashboard coalesces, then is cut).
-    queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=1)
+    # like any other; while the dashboard is slow to read they wait in the outbox, which
+    # coalesces them (and the hub cuts a stream that stops reading).
+    sink = _StreamSink()
     outbox: Outbox[str] = Outbox(
-        queue.put,
-        lambda code, reason: queue.put(None),
+        sink,
         sse.ENCODER,
         max_backlog=hub.settings.send_backlog,
         clock=hub.clock,
@@ -87,24 +107,23 @@ async def room_events(request: Request) -> Response:
     room = await hub.open(name)
     hub.attach(room, outbox)
     outbox.push([sse.snapshot(name, room.snapshot())])
-    writer = asyncio.create_task(outbox.run())
 
     async def stream() -> AsyncIterator[str]:
         try:
-            while True:
+            while not sink.closed:
                 try:
-                    chunk = await asyncio.wait_for(queue.get(), 15)
+                    await asyncio.wait_for(sink.ready.wait(), 15)
                 except TimeoutError:
                     yield sse.KEEPALIVE
                     continue
-                if chunk is None:
-                    return
-                yield chunk
+                chunk = "".join(sink.chunks)
+                sink.chunks.clear()
+                sink.ready.clear()
+                if chunk:
+                    yield chunk  # returns once the response took it
+                outbox.resume()
         finally:
             hub.disconnect(name, outbox)
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
 
     return StreamingResponse(
         stream(),

@@ -8,9 +8,7 @@ connection closes, cleanly or not, its client IDs are removed for everyone at on
 from __future__ import annotations
 
 import logging
-from typing import Any
-
-from starlette.websockets import WebSocket
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from presence.codecs import yjs
 from presence.core.colors import parse_hex, pick_color
@@ -19,7 +17,9 @@ from presence.core.room import ROOM_NAME_RULE, Room, RoomError, is_valid_room_na
 from presence.server.hub import Hub, RoomFull
 from presence.server.outbox import Outbox
 from presence.server.updates import RateLimitedUpdates
-from presence.server.websocket import incoming, session, socket_outbox
+
+if TYPE_CHECKING:
+    from presence.server.connection import Connection
 
 log = logging.getLogger("presence.yjs")
 
@@ -28,7 +28,7 @@ log = logging.getLogger("presence.yjs")
 MAX_CLIENT_IDS = 8
 
 
-class YjsConnection:
+class YjsClient:
     """What one socket controls: its client IDs, their last clocks, their rate limits."""
 
     def __init__(
@@ -121,52 +121,59 @@ class YjsConnection:
             self._forget(member_id)
 
 
-async def yjs_room(websocket: WebSocket) -> None:
-    hub: Hub = websocket.app.state.hub
-    room_name = websocket.path_params["room"]
-    await websocket.accept()
-    if not is_valid_room_name(room_name):
-        await websocket.close(1008, f"invalid room name: use {ROOM_NAME_RULE}")
-        return
-    token = websocket.query_params.get("token")
-    try:
-        identity = hub.identities.verify(token) if token else None
-    except InvalidToken as exc:
-        hub.metrics.error("invalid_token")
-        await websocket.close(1008, f"invalid identity token: {exc}"[:120])
-        return
+class YjsEndpoint:
+    text: ClassVar[bool] = False
 
-    room = await hub.open(room_name)
-    view = hub.yjs_view(room)
-    outbox: Outbox[bytes] = socket_outbox(websocket, hub, view, binary=True)
-    outbox.close_on_expiry = False
-    hub.attach(room, outbox)
-    # Stock clients never ask (query-awareness): push the room's states on join.
-    outbox.push([view.full(view.snapshot(renew=False), outbox)])
-    connection = YjsConnection(hub, room, outbox, identity)
-    async with session(hub, room_name, outbox):
+    def __init__(self, connection: Connection, hub: Hub, room: str) -> None:
+        self.connection = connection
+        self.hub = hub
+        self.room = room
+        self.outbox: Outbox[bytes] | None = None
+        self.client: YjsClient | None = None
+        self.view: yjs.YjsView | None = None
+
+    async def open(self) -> None:
+        hub, connection = self.hub, self.connection
+        if not is_valid_room_name(self.room):
+            connection.close(1008, f"invalid room name: use {ROOM_NAME_RULE}")
+            return
+        token = connection.query.get("token")
         try:
-            await _read(websocket, hub, view, connection)
-        finally:
-            connection.close()
+            identity = hub.identities.verify(token) if token else None
+        except InvalidToken as exc:
+            hub.metrics.error("invalid_token")
+            connection.close(1008, f"invalid identity token: {exc}"[:120])
+            return
+        room = await hub.open(self.room)
+        view = self.view = hub.yjs_view(room)
+        outbox = self.outbox = Outbox(
+            connection,
+            view,
+            max_backlog=hub.settings.send_backlog,
+            clock=hub.clock,
+            metrics=hub.metrics,
+        )
+        connection.outbox = outbox
+        outbox.close_on_expiry = False
+        hub.attach(room, outbox)
+        # Stock clients never ask (query-awareness): push the room's states on join.
+        outbox.push([view.full(view.snapshot(renew=False), outbox)])
+        self.client = YjsClient(hub, room, outbox, identity)
 
-
-async def _read(
-    websocket: WebSocket, hub: Hub, view: yjs.YjsView, connection: YjsConnection
-) -> None:
-    outbox = connection.outbox
-    async for data in incoming(websocket, hub, outbox, "bytes"):
+    def receive(self, data: bytes) -> None:
+        assert self.outbox is not None and self.client is not None and self.view is not None
+        hub, outbox, view = self.hub, self.outbox, self.view
         try:
             kind, reader = yjs.read_message(data)
             if kind == yjs.AWARENESS:
                 for entry in yjs.read_awareness(reader):
                     try:
-                        connection.receive(entry)
+                        self.client.receive(entry)
                     except yjs.MalformedMessage as exc:
                         hub.metrics.error("invalid_state")  # one bad state: skip it
                         log.debug("ignored awareness entry: %s", exc)
                     except RoomFull as exc:
-                        await websocket.close(1013, str(exc))
+                        self.connection.close(1013, str(exc))
                         return
                     except RoomError as exc:
                         hub.metrics.error(exc.code)
@@ -178,9 +185,13 @@ async def _read(
                 outbox.push([view.full(view.snapshot(renew=False), outbox)])
             elif kind != yjs.AUTH:
                 hub.metrics.error("unknown_type")
-                await websocket.close(1003, f"unsupported y-websocket message type {kind}")
-                return
+                self.connection.close(1003, f"unsupported y-websocket message type {kind}")
         except yjs.MalformedMessage as exc:
             hub.metrics.error("malformed")
-            await websocket.close(1007, f"malformed message: {exc}")
-            return
+            self.connection.close(1007, f"malformed message: {exc}")
+
+    def closed(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.outbox is not None:
+            self.hub.disconnect(self.room, self.outbox)

@@ -1,0 +1,274 @@
+"""The WebSocket endpoints' transport: an asyncio protocol that uvicorn hands upgraded
+connections to (its ``ws`` protocol class), instead of running them through ASGI.
+
+Why not ASGI: an ASGI WebSocket is a task per connection awaiting ``receive`` through
+the middleware stack, and every frame sent is an ``await`` through the server's
+implementation. Measured with the load generator (docs/benchmarks.md), that cost
+25 KiB per idle connection before any presence state, and most of the CPU per
+delivered update. Here a connection is a few small objects driven by callbacks:
+frames are written synchronously in the flush that produced them, the bytes of a
+room's frame are built once per tick for all its sockets, and keepalive is one timer
+per connection. HTTP (views, metrics, static files) stays with Starlette.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, ClassVar, Protocol
+
+from presence.codecs import websocket as ws
+from presence.server.hub import Hub
+from presence.server.json_ws import JsonEndpoint
+from presence.server.outbox import Outbox
+from presence.server.yjs_ws import YjsEndpoint
+
+log = logging.getLogger("presence.ws")
+
+# How long a closing handshake may take before the socket is dropped.
+CLOSE_TIMEOUT = 10.0
+
+
+class Endpoint(Protocol):
+    """What speaks a wire protocol over one connection (JSON or y-websocket)."""
+
+    text: ClassVar[bool]  # messages are text frames (else binary)
+
+    async def open(self) -> None:
+        """Join the room; may close the connection instead."""
+
+    def receive(self, message: Any) -> None:
+        """One message from the client."""
+
+    def closed(self) -> None:
+        """The connection is gone, however it ended."""
+
+
+class Connection(asyncio.Protocol):
+    """One WebSocket connection: handshake, framing, keepalive, closing, flow control."""
+
+    routes: ClassVar[dict[str, Any]] = {"rooms": JsonEndpoint, "yjs": YjsEndpoint}
+    # The frames last written, and their bytes: a room's batch goes to all its sockets
+    # in a row, so this one entry saves framing it again for each of them.
+    _framed: ClassVar[tuple[object, bytes]] = (None, b"")
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.hub: Hub = app_state["hub"]
+        self.connections: set[Any] = server_state.connections
+        self.transport: asyncio.Transport | None = None
+        self.reader = ws.FrameReader(self.hub.settings.max_message_bytes)
+        self.endpoint: Endpoint | None = None
+        self.outbox: Outbox[Any] | None = None  # set by the endpoint
+        self.state = "connecting"  # -> opening -> open -> closing -> closed
+        self.writable = True
+        self.query: dict[str, str] = {}
+        self._opcode = ws.TEXT
+        self._timer: asyncio.TimerHandle | None = None  # keepalive, or the close timeout
+        self._heard = True  # a pong arrived since the last ping
+        self._opening: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == "connecting":
+            self._handshake(data)
+            return
+        self.reader.feed(data)
+        if self.state in ("open", "closing"):
+            self._process()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state, self.state = self.state, "closed"
+        self.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.outbox is not None:
+            self.outbox.close()
+        if self.endpoint is not None and state != "connecting":
+            self.endpoint.closed()
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        if self.outbox is not None:
+            self.outbox.resume()
+
+    def shutdown(self) -> None:
+        """uvicorn stops: tell the client, which may reconnect to another replica."""
+        self.close(1012, "server shutting down")
+        # No waiting for the client's reply: the server is going away.
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- the outbox's sink ----------------------------------------------------------------
+
+    def send(self, frames: list[Any]) -> None:
+        if self.state not in ("opening", "open"):
+            return
+        assert self.transport is not None
+        framed = Connection._framed
+        if framed[0] is frames:
+            data = framed[1]
+        else:
+            opcode = self._opcode
+            data = b"".join(
+                ws.frame(opcode, f.encode() if isinstance(f, str) else f) for f in frames
+            )
+            Connection._framed = (frames, data)
+        self.transport.write(data)
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; the socket is dropped if it does not finish."""
+        if self.state not in ("opening", "open"):
+            return
+        assert self.transport is not None
+        self.state = "closing"
+        if self.outbox is not None:
+            self.outbox.close()
+        self.transport.write(ws.close_frame(code, reason))
+        self.transport.resume_reading()  # to hear the client's close frame
+        self._set_timer(CLOSE_TIMEOUT, self._drop)
+
+    # -- inside ---------------------------------------------------------------------------
+
+    def _handshake(self, data: bytes) -> None:
+        assert self.transport is not None
+        try:
+            request = ws.parse_request(data)
+            endpoint_class = self._route(request.path)
+            response = ws.accept(request)
+        except ws.HandshakeError as exc:
+            self.transport.write(ws.reject(exc.status, str(exc)))
+            self._drop()
+            return
+        self.transport.write(response)
+        self.state = "opening"
+        self.query = request.query
+        self._opcode = ws.TEXT if endpoint_class.text else ws.BINARY
+        room = request.path.split("/", 2)[2]
+        self.endpoint = endpoint_class(self, self.hub, room)
+        # Messages wait in the socket until the member has joined.
+        self.transport.pause_reading()
+        self._opening = asyncio.get_running_loop().create_task(self._open())
+
+    def _route(self, path: str) -> Any:
+        parts = path.split("/")
+        if len(parts) == 3 and parts[0] == "" and parts[1] in self.routes and parts[2]:
+            return self.routes[parts[1]]
+        raise ws.HandshakeError(404, f"no WebSocket endpoint at {path[:100]}")
+
+    async def _open(self) -> None:
+        assert self.endpoint is not None and self.transport is not None
+        try:
+            await self.endpoint.open()
+        except Exception:
+            log.exception("could not open a connection")
+            self.close(1011, "internal error")
+        self._opening = None
+        if self.state != "opening":
+            if self.state == "closed":
+                self.endpoint.closed()  # it went away while joining
+            return
+        self.state = "open"
+        self.transport.resume_reading()
+        self._set_timer(self.hub.settings.ping_interval, self._keepalive)
+        self._process()
+
+    def _process(self) -> None:
+        assert self.endpoint is not None and self.transport is not None
+        metrics = self.hub.metrics
+        try:
+            for opcode, payload in self.reader.messages():
+                if opcode == ws.CLOSE:
+                    self._closed_by_client(payload)  # type: ignore[arg-type]
+                    return
+                if opcode == ws.PING:
+                    self.transport.write(ws.frame(ws.PONG, payload))  # type: ignore[arg-type]
+                    continue
+                if opcode == ws.PONG:
+                    self._heard = True  # it reads what we send: not half-open
+                    continue
+                if self.state != "open":
+                    continue
+                metrics.messages_in += 1
+                if (opcode == ws.TEXT) != self.endpoint.text:
+                    self._wrong_kind()
+                    return
+                self.endpoint.receive(payload)
+                if self.state != "open":
+                    return
+        except ws.ProtocolError as exc:
+            metrics.error("websocket")
+            self.close(exc.code, exc.reason)
+            self._drop_now_if_closing()
+        except Exception:
+            log.exception("message handling failed")
+            self.close(1011, "internal error")
+
+    def _wrong_kind(self) -> None:
+        assert self.endpoint is not None
+        if self.endpoint.text:
+            self.hub.metrics.error("binary_frame")
+            self.close(1003, "binary frames are not supported here; send JSON text")
+        else:
+            self.hub.metrics.error("text_frame")
+            self.close(1003, "y-websocket messages are binary frames")
+
+    def _closed_by_client(self, payload: bytes) -> None:
+        assert self.transport is not None
+        try:
+            code, _reason = ws.parse_close(payload)
+        except ws.ProtocolError as exc:
+            code = exc.code
+        if self.state == "open":
+            # Echo the code, as RFC 6455 asks; the client then closes the TCP connection.
+            reply = ws.close_frame(code, "") if code != 1005 else ws.frame(ws.CLOSE, b"")
+            self.transport.write(reply)
+        self.state = "closing"
+        if self.outbox is not None:
+            self.outbox.close()
+        self.transport.close()
+        self._set_timer(CLOSE_TIMEOUT, self._drop)  # close() waits for the buffer to drain
+
+    def _drop_now_if_closing(self) -> None:
+        # After a protocol violation the rest of the stream is garbage: do not wait.
+        if self.transport is not None and self.state == "closing":
+            self.transport.close()
+
+    def _keepalive(self) -> None:
+        if self.state != "open":
+            return
+        assert self.transport is not None
+        if not self._heard:
+            # No pong for a whole interval: the peer is gone (a closed laptop lid) and
+            # will not answer a closing handshake either. Its members leave now.
+            self.close(1011, "keepalive ping timeout")
+            self.transport.abort()
+            return
+        self._heard = False
+        self.transport.write(ws.frame(ws.PING, b""))
+        self._set_timer(self.hub.settings.ping_interval, self._keepalive)
+
+    def _set_timer(self, delay: float, callback: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _drop(self) -> None:
+        if self.transport is not None:
+            self.transport.abort() if self.state == "closing" else self.transport.close()
