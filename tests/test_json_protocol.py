@@ -57,6 +57,21 @@ async def test_two_members_see_each_others_cursors(server: Server) -> None:
     await b.close()
 
 
+async def test_fragmented_messages_pings_and_a_clean_close(server: Server) -> None:
+    a = await join(server)
+    b = await join(server)
+    # One update sent as three fragments, with the client's ping in between.
+    fragments = ['{"type": "update", ', '"state": {"cursor": ', '{"x": 5, "y": 6}}}']
+    await asyncio.gather(a.ws.send(iter(fragments)), a.ws.ping())
+    await b.until(lambda m: a.id in b.members and b.members[a.id]["state"].get("cursor"))
+    assert b.members[a.id]["state"]["cursor"] == {"x": 5, "y": 6}
+    latency = await asyncio.wait_for(await a.ws.ping(b"are you there"), 5)
+    assert latency >= 0
+    await a.ws.close(1000, "bye")
+    assert a.ws.close_code == 1000  # the server answered the closing handshake
+    await b.until(lambda m: a.id not in b.members)
+
+
 async def test_each_members_updates_arrive_in_order(server: Server) -> None:
     a = await join(server)
     b = await join(server)

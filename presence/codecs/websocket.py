@@ -228,7 +228,7 @@ class FrameReader:
             message_opcode, self._opcode = self._opcode, None
             if message_opcode == TEXT:
                 try:
-                    yield opcode, payload.decode()
+                    yield TEXT, payload.decode()
                 except UnicodeDecodeError:
                     raise ProtocolError(1007, "text message is not valid UTF-8") from None
             else:
