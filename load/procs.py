@@ -270,6 +270,7 @@ class Server:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: see stop()
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -285,13 +286,18 @@ class Server:
         raise RuntimeError(f"server did not start within {timeout}s; see {log.name}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        """Signal the server; SIGKILL takes its worker processes too (a crashed host),
+        where SIGTERM lets the server stop them gracefully."""
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait()
 
     def metrics(self) -> dict[str, float]:

@@ -11,6 +11,7 @@ import httpx
 import orjson
 
 from load.procs import RedisCluster, RedisProcess
+from presence.codecs.replica import open_envelope
 from tests.conftest import FAST, Client, Server
 from tests.test_json_protocol import closed_with, join
 
@@ -137,7 +138,8 @@ async def test_one_publish_per_room_per_tick(
         elapsed = time.monotonic() - started
         published = 0  # messages carrying a's updates (idle marks may come too)
         while (message := pubsub.get_message(timeout=0.3)) is not None:
-            data = orjson.loads(message["data"])
+            _sender, body = open_envelope(message["data"])
+            data = orjson.loads(body)
             published += any(e[0] == "u" for e in data.get("e", []))
         pubsub.close()
     # At most one message per tick (plus the first one, sent at once).

@@ -32,11 +32,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from presence.backplane.base import Backplane
+from presence.backplane.resp import RespConnection, pack
 from presence.codecs import replica as codec
 from presence.core.events import Event, Joined, Left, MemberInfo
 
@@ -74,6 +74,7 @@ class RedisBackplane(Backplane):
         prefix: str = "presence",
     ) -> None:
         super().__init__(replica_id)
+        self._me = replica_id.encode()
         self.url = url
         self.sharded = sharded or cluster
         self.cluster = cluster
@@ -83,9 +84,9 @@ class RedisBackplane(Backplane):
         self.redis: Redis | RedisCluster = (
             RedisCluster.from_url(url) if cluster else Redis.from_url(url)
         )
-        self._subscribers: dict[str, PubSub] = {}  # Redis node -> its pub/sub connection
-        self._node_clients: dict[str, Redis] = {}
-        self._readers: dict[int, asyncio.Task[None]] = {}
+        # Redis node -> its connections for subscribing and for the commands of each tick
+        self._subscribers: dict[str, RespConnection] = {}
+        self._links: dict[str, RespConnection] = {}
         self._connected = False
         self._lost = asyncio.Event()
         self._rooms: set[str] = set()
@@ -142,7 +143,7 @@ class RedisBackplane(Backplane):
         if self._connected:
             with contextlib.suppress(RedisError, OSError):
                 await self._send_publish(
-                    self.replicas_channel, codec.dumps({"k": "b", "o": self.replica_id})
+                    self.replicas_channel, codec.envelope(self.replica_id, {"k": "b"})
                 )
                 await self.redis.delete(self.replica_key(self.replica_id))
         for task in self._tasks:
@@ -203,69 +204,43 @@ class RedisBackplane(Backplane):
             self._last_seen[origin] = now
 
     async def _teardown(self) -> None:
-        for task in self._readers.values():
-            task.cancel()
-        self._readers.clear()
-        for pubsub in self._subscribers.values():
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        for conn in [*self._subscribers.values(), *self._links.values()]:
+            conn.close()
         self._subscribers.clear()
-        for client in self._node_clients.values():
-            with contextlib.suppress(Exception):
-                await client.aclose()
-        self._node_clients.clear()
+        self._links.clear()
 
-    def _subscriber(self, channel: str) -> PubSub:
-        """The pub/sub connection for a channel: one per Redis node, each with a reader."""
-        if isinstance(self.redis, RedisCluster):
-            # Sharded channels live on the node that owns their slot.
-            node = self.redis.get_node_from_key(channel)
-            if node is None:
-                raise RedisError(f"no cluster node serves {channel!r} yet")
-            name = node.name
-            if name not in self._node_clients:
-                self._node_clients[name] = Redis.from_url(
-                    _with_host(self.url, node.host, int(node.port))
-                )
-            client: Redis = self._node_clients[name]
-        else:
-            name, client = "", self.redis
-        pubsub = self._subscribers.get(name)
-        if pubsub is None:
-            pubsub = self._subscribers[name] = client.pubsub()
-        return pubsub
+    def _node(self, channel: str) -> tuple[str, str]:
+        """The name and URL of the Redis node that serves a channel (and its room's keys:
+        they share its hash slot)."""
+        if not isinstance(self.redis, RedisCluster):
+            return "", self.url
+        node = self.redis.get_node_from_key(channel)
+        if node is None:
+            raise RedisError(f"no cluster node serves {channel!r} yet")
+        return node.name, _with_host(self.url, node.host, int(node.port))
 
-    def _ensure_reader(self, pubsub: PubSub) -> None:
-        key = id(pubsub)
-        if key not in self._readers:
-            self._readers[key] = asyncio.create_task(self._read(pubsub), name="redis-reader")
+    async def _connection(self, channel: str, *, subscriber: bool) -> RespConnection:
+        name, url = self._node(channel)
+        pool = self._subscribers if subscriber else self._links
+        conn = pool.get(name)
+        if conn is None:
+            on_message = self._on_message if subscriber else None
+            conn = pool[name] = await RespConnection.open(url, self._connection_lost, on_message)
+        return conn
 
-    async def _read(self, pubsub: PubSub) -> None:
+    def _on_message(self, channel: bytes, data: bytes) -> None:
         try:
-            while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is not None:
-                    try:
-                        self._dispatch(message)
-                    except Exception:
-                        log.exception("bad backplane message ignored")
-        except (RedisError, OSError) as exc:
-            self._connection_lost(exc)
+            self._dispatch(channel, data)
+        except Exception:
+            log.exception("bad backplane message ignored")
 
     async def _subscribe(self, channel: str) -> None:
-        pubsub = self._subscriber(channel)
-        if self.sharded:
-            await pubsub.ssubscribe(channel)
-        else:
-            await pubsub.subscribe(channel)
-        self._ensure_reader(pubsub)
+        conn = await self._connection(channel, subscriber=True)
+        conn.send(pack("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", channel))
 
     async def _unsubscribe(self, channel: str) -> None:
-        pubsub = self._subscriber(channel)
-        if self.sharded:
-            await pubsub.sunsubscribe(channel)
-        else:
-            await pubsub.unsubscribe(channel)
+        conn = await self._connection(channel, subscriber=True)
+        conn.send(pack("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", channel))
 
     # -- heartbeats --------------------------------------------------------------------
 
@@ -273,9 +248,7 @@ class RedisBackplane(Backplane):
         await self.redis.set(
             self.replica_key(self.replica_id), "1", px=int(self.replica_timeout * 1000)
         )
-        await self._send_publish(
-            self.replicas_channel, codec.dumps({"k": "h", "o": self.replica_id})
-        )
+        await self._send_publish(self.replicas_channel, codec.envelope(self.replica_id, {"k": "h"}))
 
     async def _heartbeat_forever(self) -> None:
         while True:
@@ -314,12 +287,14 @@ class RedisBackplane(Backplane):
 
     # -- receiving ---------------------------------------------------------------------
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        channel = _text(message["channel"])
-        data = codec.loads(message["data"])
-        origin = data["o"]
-        if origin == self.replica_id or self.listener is None:
-            return
+    def _dispatch(self, raw_channel: bytes, raw: bytes) -> None:
+        sender, body = codec.open_envelope(raw)
+        if sender == self._me or self.listener is None:
+            return  # our own message, back from Redis
+        channel = _text(raw_channel)
+        origin = sender.decode()
+        data = codec.loads(body)
+        data["o"] = origin
         known = origin in self._last_seen
         self._last_seen[origin] = time.monotonic()
         if channel == self.replicas_channel:
@@ -431,8 +406,8 @@ class RedisBackplane(Backplane):
         self, room: str, events: Sequence[Event], current: Sequence[MemberInfo], gone: Sequence[str]
     ) -> None:
         self._seq += 1
-        message = codec.dumps(
-            {"k": "e", "o": self.replica_id, "s": self._seq, "e": codec.events_to_json(events)}
+        message = codec.envelope(
+            self.replica_id, {"k": "e", "s": self._seq, "e": codec.events_to_json(events)}
         )
         # The members hash only serves replicas that open the room later: it is written on
         # joins and leaves at once, and otherwise at most every HASH_INTERVAL, not on
@@ -462,18 +437,14 @@ class RedisBackplane(Backplane):
             f"{m.origin}/{m.id}": codec.dumps({"s": seq, "m": codec.member_to_json(m)})
             for m in members
         }
-        message = codec.dumps(
-            {
-                "k": "f",
-                "o": self.replica_id,
-                "s": seq,
-                "m": [codec.member_to_json(m) for m in members],
-            }
+        message = codec.envelope(
+            self.replica_id,
+            {"k": "f", "s": seq, "m": [codec.member_to_json(m) for m in members]},
         )
         self._queue("full", room, fields, message)
 
     def request_sync(self, room: str) -> None:
-        self._queue("request", room, codec.dumps({"k": "q", "o": self.replica_id}))
+        self._queue("request", room, codec.envelope(self.replica_id, {"k": "q"}))
 
     def _queue(self, kind: str, *args: Any) -> None:
         if not self._connected:
@@ -499,27 +470,29 @@ class RedisBackplane(Backplane):
             except (RedisError, OSError) as exc:
                 self.dropped += len(batch)
                 log.warning("publish failed: %s", exc)
+                self._connection_lost(exc)  # what was lost is re-synced on reconnection
 
-    def _write_hash(self, pipe: Any, key: str, due: dict[str, MemberInfo | None]) -> None:
+    def _write_hash(self, out: list[bytes], key: str, due: dict[str, MemberInfo | None]) -> None:
         # The state is encoded now, with the sequence number of the last message queued:
         # it reflects at least everything up to that message (later ones only repeat it).
         seq = self._seq
-        fields = {
-            field: codec.dumps({"s": seq, "m": codec.member_to_json(m)})
+        fields = [
+            x
             for field, m in due.items()
             if m is not None
-        }
+            for x in (field, codec.dumps({"s": seq, "m": codec.member_to_json(m)}))
+        ]
         gone = [field for field, m in due.items() if m is None]
         if fields:
-            pipe.hset(key, mapping=fields)
+            out.append(pack("HSET", key, *fields))
         if gone:
-            pipe.hdel(key, *gone)
-        pipe.pexpire(key, HASH_TTL_MS)
+            out.append(pack("HDEL", key, *gone))
+        out.append(pack("PEXPIRE", key, HASH_TTL_MS))
 
     async def _send(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """One round trip for everything queued since the last one."""
-        pipe = self.redis.pipeline(transaction=False)
+        """Everything queued since the last call, one write per Redis node."""
         publish = "SPUBLISH" if self.sharded else "PUBLISH"
+        commands: dict[RespConnection, list[bytes]] = {}
         for kind, args in batch:
             if kind == "unsubscribe":
                 (room,) = args
@@ -528,22 +501,24 @@ class RedisBackplane(Backplane):
                 continue
             room = args[0]
             key, channel = self.members_key(room), self.channel(room)
+            out = commands.setdefault(await self._connection(channel, subscriber=False), [])
             if kind == "events":
                 _, due, message = args
                 if due:
-                    self._write_hash(pipe, key, due)
+                    self._write_hash(out, key, due)
             elif kind == "hash":
                 _, due = args
-                self._write_hash(pipe, key, due)
+                self._write_hash(out, key, due)
                 continue
             elif kind == "full":
                 _, fields, message = args
                 flat = [x for pair in fields.items() for x in pair]
-                pipe.eval(FULL_STATE_SCRIPT, 1, key, self.replica_id + "/", *flat)
+                out.append(pack("EVAL", FULL_STATE_SCRIPT, 1, key, self.replica_id + "/", *flat))
             else:
                 _, message = args
-            pipe.execute_command(publish, channel, message)
-        await pipe.execute()
+            out.append(pack(publish, channel, message))
+        for conn, out in commands.items():
+            conn.send(*out)
 
 
 def _text(value: bytes | str) -> str:

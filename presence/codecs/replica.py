@@ -60,6 +60,20 @@ def dumps(message: dict[str, Any]) -> bytes:
     return orjson.dumps(message)
 
 
+def envelope(origin: str, message: dict[str, Any]) -> bytes:
+    """A message on a channel: its sender first, so that a replica skips its own messages
+    (pub/sub sends them back) without parsing them."""
+    return origin.encode() + b" " + orjson.dumps(message)
+
+
+def open_envelope(raw: bytes) -> tuple[bytes, bytes]:
+    """The sender and the JSON body of a channel message."""
+    origin, sep, body = raw.partition(b" ")
+    if not sep:
+        raise ValueError("backplane message without a sender")
+    return origin, body
+
+
 def loads(data: bytes | str) -> dict[str, Any]:
     message = orjson.loads(data)
     if not isinstance(message, dict):
