@@ -156,6 +156,8 @@ def summarize(
             p: round(latency.percentile_ms(float(p)), 2) for p in ("50", "90", "99", "99.9")
         }
         | {"max": latency.max_us / 1000},
+        # Scenario (c) asks that every member see the others' latest cursor within 200 ms.
+        "share_within_200ms": round(latency.share_within_ms(200), 6),
         "server_cpu_s": round(cpu, 2),
         "server_cpu_us_per_delivered": round(cpu / received * 1e6, 1) if received else None,
         "errors": errors,

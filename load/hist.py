@@ -39,6 +39,13 @@ class Histogram:
                 return min(_GROWTH ** (bucket + 1), self.max_us) / 1000
         return self.max_us / 1000
 
+    def share_within_ms(self, limit: float) -> float:
+        """The share of samples at or below ``limit`` milliseconds (to the bucket's 1%)."""
+        if not self.total:
+            return math.nan
+        within = sum(n for b, n in self.counts.items() if _GROWTH ** (b + 1) <= limit * 1000)
+        return within / self.total
+
     def to_json(self) -> dict[str, object]:
         return {
             "counts": {str(k): v for k, v in self.counts.items()},

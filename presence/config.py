@@ -175,10 +175,10 @@ class Settings:
         "SECONDS",
     )
     flush_interval: float = _opt(
-        0.01,
+        0.005,
         positive_float,
-        "Seconds between flushes of batched events to clients (the "
-        "first event after a quiet period goes out at once).",
+        "Shortest time between flushes of batched events to clients (the first "
+        "event after a quiet period goes out at once; busy replicas stretch it).",
         "SECONDS",
     )
     max_message_bytes: int = _opt(

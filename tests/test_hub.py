@@ -114,3 +114,20 @@ async def test_sweep_cuts_a_stalled_connection() -> None:
     assert hub.metrics.slow_client_disconnects == 1
     assert {"type": "leave", "ids": [ms.member.id]} in messages(fine)
     await hub.stop()
+
+
+async def test_the_tick_stretches_when_flushing_is_expensive() -> None:
+    class Slow(Clock):
+        def __call__(self) -> float:
+            self.now += 0.002  # every flush appears to take 2 ms
+            return self.now
+
+    fast, slow = make_hub("A", MemoryBus(), Clock()), make_hub("B", MemoryBus(), Slow())
+    base = fast.settings.flush_interval
+    for hub in (fast, slow):
+        for _ in range(50):
+            hub._flush()
+    assert fast.tick_interval == base
+    # Flushes may take an eighth of the time at most: 2 ms of flushing, a 16 ms tick.
+    assert 0.015 < slow.tick_interval <= 0.016
+    assert "presence_tick_seconds 0.005" in fast.metrics.render()

@@ -21,6 +21,7 @@ def test_histogram_percentiles_within_one_percent() -> None:
         h.record(ms / 1000)
     assert h.percentile_ms(50) == pytest.approx(500, rel=0.011)
     assert h.percentile_ms(99) == pytest.approx(990, rel=0.011)
+    assert h.share_within_ms(200) == pytest.approx(0.2, abs=0.003)
     other = Histogram()
     other.record(5.0)
     h.merge(Histogram.from_json(other.to_json()))

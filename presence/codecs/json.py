@@ -93,7 +93,9 @@ def decode(text: str, *, max_depth: int = 16) -> Command:
         raise ProtocolError("invalid_json", f"message is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("invalid_message", "a message must be a JSON object with a 'type'")
-    if _depth_exceeds(message, max_depth):
+    # Nesting deeper than max_depth needs more brackets than that: count them (in C) first.
+    brackets = text.count("{") + text.count("[")
+    if brackets > max_depth and _depth_exceeds(message, max_depth):
         raise ProtocolError("too_deep", f"message is nested deeper than {max_depth} levels")
     kind = message.get("type")
     if kind == "update":

@@ -35,6 +35,9 @@ def new_replica_id() -> str:
     return secrets.token_hex(8)
 
 
+# A tick lasts at least this many times what flushing takes (see Hub._flush).
+FLUSH_BUDGET = 8
+
 # Close code for a connection whose member expired (it sent nothing for expire_after).
 CLOSE_EXPIRED = 4001
 
@@ -75,6 +78,8 @@ class Hub:
         self._dirty: set[str] = set()
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush = -float("inf")
+        self._flush_cost = 0.0  # seconds, moving average
+        self.tick_interval = settings.flush_interval
         self._sweeper: asyncio.Task[None] | None = None
         self._opening: dict[str, asyncio.Future[None]] = {}
         self.started = False
@@ -91,6 +96,10 @@ class Hub:
         m.gauges["tasks"] = (
             "asyncio tasks of this process (connections, timers).",
             lambda: len(asyncio.all_tasks()),
+        )
+        m.gauges["tick_seconds"] = (
+            "Current time between flushes (stretched from --flush-interval under load).",
+            lambda: self.tick_interval,
         )
         m.gauges["members"] = (
             "Members in all rooms, on every replica.",
@@ -240,7 +249,7 @@ class Hub:
         room = self.rooms.get(room_name)
         if room is not None:
             room.apply(events)
-            self._mark(room_name)
+            self._mark(room_name, at_once=True)
 
     def on_full_state(self, room_name: str, origin: str, members: Sequence[MemberInfo]) -> None:
         room = self.rooms.get(room_name)
@@ -267,22 +276,39 @@ class Hub:
 
     # -- ticks -------------------------------------------------------------------------
 
-    def _mark(self, room_name: str) -> None:
+    def _mark(self, room_name: str, *, at_once: bool = False) -> None:
         self._dirty.add(room_name)
-        if self._flush_handle is None:
-            loop = asyncio.get_running_loop()
-            # The first event after a quiet period goes out on the next loop turn (which
-            # still batches whatever arrives in the same turn); later ones wait for the tick.
-            delay = self._last_flush + self.settings.flush_interval - loop.time()
-            if delay > 0:
-                self._flush_handle = loop.call_later(delay, self._flush)
-            else:
-                self._flush_handle = loop.call_soon(self._flush)
+        handle = self._flush_handle
+        if handle is not None and not (at_once and isinstance(handle, asyncio.TimerHandle)):
+            return
+        loop = asyncio.get_running_loop()
+        # The first event after a quiet period goes out on the next loop turn (which
+        # still batches whatever arrives in the same turn); later ones wait for the tick.
+        # Events from other replicas were batched by their tick already: waiting for ours
+        # too would add up to a tick of latency to every cross-replica update.
+        delay = 0.0 if at_once else self._last_flush + self.tick_interval - loop.time()
+        if handle is not None:
+            handle.cancel()
+        if delay > 0:
+            self._flush_handle = loop.call_later(delay, self._flush)
+        else:
+            self._flush_handle = loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
         with contextlib.suppress(RuntimeError):  # no running loop during interpreter exit
             self._last_flush = asyncio.get_running_loop().time()
+        started = self.clock()
+        try:
+            self._flush_rooms()
+        finally:
+            # The tick stretches when flushes get expensive (big, busy rooms): a loaded
+            # replica then batches more updates per frame instead of falling behind.
+            cost = self.clock() - started
+            self._flush_cost += (cost - self._flush_cost) * 0.1
+            self.tick_interval = max(self.settings.flush_interval, self._flush_cost * FLUSH_BUDGET)
+
+    def _flush_rooms(self) -> None:
         dirty, self._dirty = self._dirty, set()
         for name in dirty:
             room = self.rooms.get(name)

@@ -91,6 +91,13 @@ class Outbox(Generic[F]):
 
     def push_batch(self, batch: Batch, shared: Any) -> None:
         """Send a room batch with its shared encoding."""
+        if not self._queue and self.sink.writable and not self.closed:
+            # The common case, once per connection and tick: straight to the socket.
+            frames = self.encoder.frames(shared, self)
+            if frames:
+                self.sink.send(frames)
+                self._metrics.messages_out += len(frames)
+            return
         self._put(_Item(None, batch, shared))
 
     def _put(self, item: _Item) -> None:
