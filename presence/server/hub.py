@@ -35,8 +35,13 @@ def new_replica_id() -> str:
     return secrets.token_hex(8)
 
 
-# A tick lasts at least this many times what flushing takes (see Hub._flush).
-FLUSH_BUDGET = 8
+# When flush timers fire late (the process does not get the CPU it needs: its own load,
+# or other processes on the machine), ticks stretch by LAG_FACTOR times the average
+# lateness, up to MAX_STRETCH times --flush-interval: a replica that falls behind batches
+# more updates per frame, which costs less per update; an idle one keeps the shortest
+# latency.
+LAG_FACTOR = 4
+MAX_STRETCH = 4
 
 # Close code for a connection whose member expired (it sent nothing for expire_after).
 CLOSE_EXPIRED = 4001
@@ -78,8 +83,9 @@ class Hub:
         self._dirty: set[str] = set()
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush = -float("inf")
-        self._flush_cost = 0.0  # seconds, moving average
         self.tick_interval = settings.flush_interval
+        self.lag = 0.0  # how late flush timers fire, seconds, moving average
+        self._flush_due: float | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._opening: dict[str, asyncio.Future[None]] = {}
         self.started = False
@@ -98,7 +104,7 @@ class Hub:
             lambda: len(asyncio.all_tasks()),
         )
         m.gauges["tick_seconds"] = (
-            "Current time between flushes (stretched from --flush-interval under load).",
+            "Current time between flushes (--flush-interval, stretched when timers run late).",
             lambda: self.tick_interval,
         )
         m.gauges["members"] = (
@@ -291,24 +297,18 @@ class Hub:
             handle.cancel()
         if delay > 0:
             self._flush_handle = loop.call_later(delay, self._flush)
+            self._flush_due = loop.time() + delay
         else:
             self._flush_handle = loop.call_soon(self._flush)
+            self._flush_due = None
 
     def _flush(self) -> None:
         self._flush_handle = None
         with contextlib.suppress(RuntimeError):  # no running loop during interpreter exit
             self._last_flush = asyncio.get_running_loop().time()
-        started = self.clock()
-        try:
-            self._flush_rooms()
-        finally:
-            # The tick stretches when flushes get expensive (big, busy rooms): a loaded
-            # replica then batches more updates per frame instead of falling behind.
-            cost = self.clock() - started
-            self._flush_cost += (cost - self._flush_cost) * 0.1
-            self.tick_interval = max(self.settings.flush_interval, self._flush_cost * FLUSH_BUDGET)
-
-    def _flush_rooms(self) -> None:
+            if self._flush_due is not None:
+                self.observe_lag(max(0.0, self._last_flush - self._flush_due))
+                self._flush_due = None
         dirty, self._dirty = self._dirty, set()
         for name in dirty:
             room = self.rooms.get(name)
@@ -339,6 +339,12 @@ class Hub:
                 del self.outboxes[name]
                 self.yjs_views.pop(name, None)
                 self.backplane.close_room(name)
+
+    def observe_lag(self, late: float) -> None:
+        """A flush timer fired ``late`` seconds after its time: adjust the tick."""
+        self.lag += (late - self.lag) * 0.05
+        base = self.settings.flush_interval
+        self.tick_interval = min(MAX_STRETCH * base, base + LAG_FACTOR * self.lag)
 
     def sweep(self) -> None:
         """Idle and expiry for every room; close connections that stopped reading."""
