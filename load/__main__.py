@@ -8,7 +8,8 @@ Scenarios (docs/benchmarks.md has the results):
   e      churn: 100 joins and leaves per second for a minute
   custom --replicas --rooms --members --hz
   sweep  scenario (a) at 2, 5, 10, 20 and 30 Hz (the latency-against-load curve)
-  report the recorded results as load/results/report.md and latency.png
+  report the recorded results as load/results/report.md and latency.png, and the
+         tables of docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -260,9 +261,12 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.scenario == "report":
         from load.report import write_report
+        from load.tables import BENCHMARKS, load_results, update_doc
 
         out = opts.out or RESULTS
         print(f"written to {write_report(RESULTS, out)}", file=sys.stderr)
+        BENCHMARKS.write_text(update_doc(BENCHMARKS.read_text(), load_results(RESULTS)))
+        print(f"tables rewritten in {BENCHMARKS}", file=sys.stderr)
         return
     if opts.scenario == "d":
         result = run_idle(opts)

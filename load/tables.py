@@ -1,0 +1,267 @@
+"""The tables of docs/benchmarks.md, generated from ``load/results/*.json``.
+
+``python -m load report`` rewrites what lies between ``<!-- results:begin NAME -->`` and
+``<!-- results:end NAME -->`` in the doc; tests/test_docs.py checks the doc is up to date,
+so a hand edit or a new result that was not written into the doc fails the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "load" / "results"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
+# python -m load's defaults: a command shows --duration and --warmup only when they differ.
+DURATION, WARMUP, CHURN_DURATION = 30.0, 5.0, 60.0
+X = "\u00d7"  # the multiplication sign, spelt out for ruff (RUF001)
+NOTE = "_Generated from `load/results/*.json` by `python -m load report`: do not edit._"
+
+_BLOCK = re.compile(r"(<!-- results:begin (\S+) -->\n).*?(<!-- results:end \2 -->)", re.S)
+
+Result = dict[str, Any]
+
+
+def load_results(results_dir: Path = RESULTS) -> list[Result]:
+    return [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+
+
+def update_doc(text: str, loaded: list[Result]) -> str:
+    """``text`` with every marked block replaced by its table; each table must be marked."""
+    tables = render(loaded)
+    found = [m.group(2) for m in _BLOCK.finditer(text)]
+    if sorted(found) != sorted(tables):
+        raise ValueError(f"expected one marked block for each of {sorted(tables)}, found {found}")
+    return _BLOCK.sub(lambda m: f"{m.group(1)}\n{NOTE}\n\n{tables[m.group(2)]}\n{m.group(3)}", text)
+
+
+def render(loaded: list[Result]) -> dict[str, str]:
+    by = {(r["scenario"], r.get("protocol", "json")): r for r in loaded}
+    runs = sorted(
+        (r for r in loaded if "latency_ms" in r), key=lambda r: (r["scenario"], r["protocol"])
+    )
+    sweep: list[Result] = next((r["runs"] for r in loaded if r["scenario"] == "sweep"), [])
+    return {
+        "runs": _runs(runs, by.get(("c", "json"))),
+        "memory": _memory(by.get(("d", "json")), by.get(("e", "json"))),
+        "sweep": _sweep(sweep),
+        "targets": _targets(by),
+    }
+
+
+def _runs(runs: list[Result], c: Result | None) -> str:
+    dates = ", ".join(sorted({r["date"][:10] for r in runs}))
+    lines = [
+        f"Recorded {dates}; {_values(runs, 'warmup_s')} warm-up, "
+        f"{_values(runs, 'duration_s')} measured.",
+        "",
+        "| scenario | command | delivered or superseded | seen within 200 ms | p50 | p90 "
+        "| p99 | p99.9 | max | server CPU per delivered update | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in runs:
+        lat = r["latency_ms"]
+        cells = [
+            _scenario(r),
+            f"`{_command(r)}`",
+            _pct(r["delivered_or_superseded"]),
+            _pct(r["share_within_200ms"]),
+            *(_ms(lat[p]) for p in ("50", "90", "99", "99.9", "max")),
+            f"{r['server_cpu_us_per_delivered']} µs",
+            str(r["errors"]),
+        ]
+        lines.append(_row(cells))
+    if c is not None:
+        lines += [
+            "",
+            f"In (c) {c['joined']} of {c['clients']} clients joined, {c['disconnects']} were "
+            f"disconnected, {_pct(c['share_within_200ms'])} of the delivered updates were seen "
+            f"within 200 ms of being sent, and the replicas ended at "
+            f"{' and '.join(map(str, c['server_rss_mib']))} MiB RSS.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _memory(d: Result | None, e: Result | None) -> str:
+    lines = ["| scenario | command | result |", "| --- | --- | --- |"]
+    if d is not None:
+        idle = [
+            f"{i['connections']:,}: {i['kib_per_connection']:.1f} KiB RSS per connection "
+            f"({i['rss_before_mib']} → {i['rss_after_mib']} MiB"
+            + ("" if i["joined"] == i["connections"] else f", {i['joined']:,} joined")
+            + ")"
+            for i in d["idle"]
+        ]
+        lines.append(_row(["(d) idle connections", "`python -m load d`", "; ".join(idle)]))
+    if e is not None:
+        duration = "" if e["duration_s"] == CHURN_DURATION else f" --duration {e['duration_s']:g}"
+        churn = (
+            f"(e) churn, {e['rate_per_s']} joins and leaves per second for {e['duration_s']:g} s"
+        )
+        result = f"{e['visits']:,} visits, {e['errors']} errors; {_growth(e)}"
+        lines.append(_row([churn, f"`python -m load e{duration}`", result]))
+    return "\n".join(lines) + "\n"
+
+
+def _sweep(runs: list[Result]) -> str:
+    if not runs:
+        return "No sweep recorded.\n"
+    cfg = runs[0]["config"]
+    lines = [
+        f"The sweep (`{_command({**runs[0], 'scenario': 'sweep'})}`), {_replicas(cfg)}, "
+        f"{cfg['rooms']} rooms {X} {cfg['members']} members:",
+        "",
+        "| rate | offered peer deliveries/s | delivered or superseded | p50 | p99 | p99.9 "
+        "| CPU per delivered update |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(runs, key=lambda r: float(r["config"]["hz"])):
+        c, lat = r["config"], r["latency_ms"]
+        offered = c["rooms"] * c["members"] * c["hz"] * (c["members"] - 1)
+        cells = [f"{c['hz']:g} Hz", f"{offered:,.0f}", _pct(r["delivered_or_superseded"])]
+        cells += [_ms(lat["50"]), _ms(lat["99"]), _ms(lat["99.9"])]
+        lines.append(_row([*cells, f"{r['server_cpu_us_per_delivered']} µs"]))
+    return "\n".join(lines) + "\n"
+
+
+def _growth(e: Result) -> str:
+    before, after = e["baseline"], e["after"]
+    counts = [("rooms", "rooms"), ("connections", "connections"), ("asyncio tasks", "tasks")]
+    return f"RSS {before['rss_mib']} → {after['rss_mib']} MiB, " + ", ".join(
+        f"{label} {before[k]:g} → {after[k]:g}" for label, k in counts
+    )
+
+
+# (target, scenarios it is judged on, passes, what was measured); a check of
+# None means the target has no threshold to check: the figure is shown for the reader.
+TARGETS: list[tuple[str, str, Callable[[Result], bool] | None, Callable[[Result], str]]] = [
+    (
+        "(a), (b): ≥ 99.9% delivered or superseded, no error",
+        "ab",
+        lambda r: r["delivered_or_superseded"] >= 0.999 and r["errors"] == 0,
+        lambda r: f"{_pct(r['delivered_or_superseded'])}, {r['errors']} errors",
+    ),
+    ("(a), (b): p99 ≤ 20 ms", "ab", lambda r: r["latency_ms"]["99"] <= 20, lambda r: _p99(r)),
+    (
+        "(a), (b): ≤ 25 µs server CPU per delivered update",
+        "ab",
+        lambda r: r["server_cpu_us_per_delivered"] <= 25,
+        lambda r: f"{r['server_cpu_us_per_delivered']} µs",
+    ),
+    ("(c): p99 ≤ 100 ms", "c", lambda r: r["latency_ms"]["99"] <= 100, lambda r: _p99(r)),
+    (
+        "(c): latest cursor everywhere within 200 ms",
+        "c",
+        lambda r: r["share_within_200ms"] == 1.0,
+        lambda r: f"{_pct(r['share_within_200ms'])} of delivered updates seen within 200 ms",
+    ),
+    (
+        "(c): every client joins",
+        "c",
+        lambda r: r["joined"] == r["clients"] and r["disconnects"] == 0,
+        lambda r: f"{r['joined']}/{r['clients']} joined, {r['disconnects']} disconnected",
+    ),
+    (
+        "(c): memory bounded",
+        "c",
+        None,
+        lambda r: f"{' and '.join(map(str, r['server_rss_mib']))} MiB RSS per replica",
+    ),
+    (
+        "(d): ≤ 20 KiB per idle connection",
+        "d",
+        lambda r: all(i["kib_per_connection"] <= 20 for i in r["idle"]),
+        lambda r: ", ".join(f"{i['kib_per_connection']:.1f} KiB" for i in r["idle"]),
+    ),
+    (
+        "(e): no growth (rooms, connections and asyncio tasks back to where they were)",
+        "e",
+        lambda r: all(r["after"][k] == r["baseline"][k] for k in ("rooms", "connections", "tasks")),
+        _growth,
+    ),
+]
+
+
+def _targets(by: dict[tuple[str, str], Result]) -> str:
+    lines = ["| target | JSON protocol | Yjs endpoint |", "| --- | --- | --- |"]
+    for target, scenarios, passes, measured in TARGETS:
+        cells = [
+            _judge({s: by.get((s, protocol)) for s in scenarios}, passes, measured)
+            for protocol in ("json", "yjs")
+        ]
+        lines.append(_row([target, *cells]))
+    return "\n".join(lines) + "\n"
+
+
+def _judge(
+    runs: dict[str, Result | None],
+    passes: Callable[[Result], bool] | None,
+    measured: Callable[[Result], str],
+) -> str:
+    done = {s: r for s, r in runs.items() if r is not None}
+    if not done:
+        return "—"
+    shown = "; ".join((f"({s}) " if len(runs) > 1 else "") + measured(r) for s, r in done.items())
+    if len(done) < len(runs):
+        status = "partly measured"
+    elif passes is None:
+        status = "no threshold"
+    else:
+        status = "met" if all(passes(r) for r in done.values()) else "**not met**"
+    return f"{status}: {shown}"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _scenario(r: Result) -> str:
+    cfg = r["config"]
+    label = (
+        f"({r['scenario']}) {_replicas(cfg)}, {cfg['rooms']} rooms {X} {cfg['members']} members "
+        f"{X} {cfg['hz']:g} Hz"
+    )
+    return label + (", Yjs endpoint" if r["protocol"] == "yjs" else "")
+
+
+def _replicas(cfg: Result) -> str:
+    n = cfg["replicas"]
+    return "1 replica" if n == 1 else f"{n} replicas + Redis"
+
+
+def _command(r: Result) -> str:
+    """The ``python -m load`` command line that records ``r``."""
+    words = ["python -m load", r["scenario"]]
+    if r["scenario"] not in ("a", "b", "c", "sweep"):
+        cfg = r["config"]
+        words += [f"--{k} {cfg[k]:g}" for k in ("replicas", "rooms", "members", "hz")]
+    if r["protocol"] != "json":
+        words.append(f"--protocol {r['protocol']}")
+    if r["duration_s"] != DURATION:
+        words.append(f"--duration {r['duration_s']:g}")
+    if r["warmup_s"] != WARMUP:
+        words.append(f"--warmup {r['warmup_s']:g}")
+    return " ".join(words)
+
+
+def _values(runs: list[Result], key: str) -> str:
+    return " or ".join(f"{v:g} s" for v in sorted({float(r[key]) for r in runs}))
+
+
+def _pct(share: float) -> str:
+    # Rounded down, so that anything short of everything never reads as 100%.
+    percent = math.floor(share * 100_000 + 1e-6) / 1000
+    return f"{percent:.3f}".rstrip("0").rstrip(".") + "%"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms" if value < 100 else f"{value:.0f} ms"
+
+
+def _p99(r: Result) -> str:
+    return _ms(r["latency_ms"]["99"])
