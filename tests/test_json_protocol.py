@@ -171,14 +171,16 @@ async def test_reconnect_with_token_keeps_name_and_colour(server: Server) -> Non
     again = await join(server, token=token)
     assert again.user == user
     assert again.id != a.id
-    # The same identity twice at once: the name gets the smallest change.
+    # The same identity twice at once (two tabs): the name gets the smallest change, and
+    # the twin its own colour and initials, so that the two can be told apart.
     twin = await join(server, token=token)
     assert twin.user["name"] == user["name"] + " 2"
-    assert twin.user["color"] == user["color"] and twin.user["username"] == user["username"]
-    # When the first one leaves, the twin gets the name back (a join of its own id).
+    assert twin.user["username"] == user["username"]
+    assert twin.user["color"] != user["color"] and twin.user["initials"] != user["initials"]
+    # When the first one leaves, the twin gets it all back (a join of its own id).
     await again.close()
     await twin.until(lambda m: twin.user["name"] == user["name"])
-    assert twin.user["initials"] == user["initials"]
+    assert twin.user == user
     # The identity is room-independent, and replicas with the same secret accept it.
     elsewhere = await join(server, room="other", token=token)
     assert elsewhere.user == user

@@ -2,6 +2,7 @@
 
 import pytest
 
+from presence.core.colors import PALETTE
 from presence.core.events import (
     Active,
     Batch,
@@ -13,12 +14,13 @@ from presence.core.events import (
     Updated,
     apply_patch,
 )
-from presence.core.identity import Identity
+from presence.core.identity import DECLARED_PREFIX, Identity
 from presence.core.room import Room, StateTooLarge, Timing, UnknownMember, is_valid_room_name
 
 
-def ident(name: str, color: str = "#0072B2") -> Identity:
-    return Identity(name.lower(), name, name[:1], color)
+def ident(name: str, color: str | None = None) -> Identity:
+    # Different names, different colours: a shared one would be changed by the room.
+    return Identity(name.lower(), name, name[:1], color or PALETTE[sum(map(ord, name)) % 16])
 
 
 def events(room: Room) -> list[Event]:
@@ -279,3 +281,74 @@ def test_merged_batches_equal_sequential_delivery() -> None:
 )
 def test_room_names(name: str, ok: bool) -> None:
     assert is_valid_room_name(name) is ok
+
+
+def test_a_second_connection_of_one_identity_gets_its_own_colour_and_initials() -> None:
+    # Two tabs of one browser: one token, so one name and colour asked for twice.
+    room = new_room()
+    io = Identity("u1", "Anonymous Io", "AI", "#0072B2")
+    first = room.join("a", io, 0)
+    second = room.join("b", io, 0)
+    assert (first.name, first.initials, first.color) == ("Anonymous Io", "AI", "#0072B2")
+    assert second.name == "Anonymous Io 2" and second.username == "u1"
+    assert second.initials not in ("AI", "") and second.color != "#0072B2"
+    events(room)
+    # The first tab closes: the second gets the person's own name, initials and colour.
+    room.leave("a")
+    rejoined, _left = events(room)
+    assert isinstance(rejoined, Joined)
+    assert (rejoined.member.identity.name, rejoined.member.identity.initials) == (
+        "Anonymous Io",
+        "AI",
+    )
+    assert rejoined.member.identity.color == "#0072B2"
+
+
+def test_initials_are_unique_among_live_members() -> None:
+    room = new_room()
+    names = ["Anonymous Europa", "Anonymous Elara", "Anonymous Ersa", "Anonymous Io 2"]
+    shown = [
+        room.join(f"m{i}", Identity(f"u{i}", n, "", "#0072B2"), 0) for i, n in enumerate(names)
+    ]
+    assert [s.initials for s in shown] == ["AE", "EL", "ER", "AI"]
+    # More members than two letters of the name allow: still all different.
+    for i in range(200):
+        room.join(f"x{i:03}", Identity(f"v{i}", "Anonymous Europa", "", "#0072B2"), 0)
+    marks = [m.identity.initials for m in room.snapshot()]
+    assert len(set(marks)) == len(marks) == 204
+    assert all(2 <= len(m) <= 3 and m.isupper() for m in marks)  # "E12" for Europa 12
+
+
+def test_colours_stay_distinct_while_the_palette_lasts_then_repeat() -> None:
+    room = new_room()
+    same = Identity("u", "Ann", "A", "#0072B2")
+    for i in range(len(PALETTE)):
+        room.join(f"m{i:02}", same, 0)
+    assert sorted(room.colors()) == sorted(PALETTE)
+    room.join("m99", same, 0)  # no colour left: one repeats, nothing fails
+    assert len(set(room.colors())) == len(PALETTE)
+
+
+def test_a_clients_own_colour_is_kept() -> None:
+    room = new_room()
+    room.join("a", Identity("u1", "Ann", "A", "#0072B2"), 0)
+    declared = Identity(DECLARED_PREFIX + "7", "Bob", "B", "#0072B2")
+    assert room.join("y7", declared, 0).color == "#0072B2"
+
+
+def test_concurrent_joins_on_two_replicas_settle_on_distinct_colours_and_initials() -> None:
+    a = Room("r", replica="A")
+    b = Room("r", replica="B")
+    a.join("m1", Identity("u1", "Anonymous Europa", "AE", "#0072B2"), 0)
+    b.join("m2", Identity("u2", "Anonymous Elara", "AE", "#0072B2"), 0)
+    a_events, _ = a.take()
+    b_events, _ = b.take()
+    a.apply(b_events.events())
+    b.apply(a_events.events())
+    changed, _ = b.take()
+    a.apply(changed.events())
+    for room in (a, b):
+        m1, m2 = room.member("m1").identity, room.member("m2").identity
+        assert (m1.initials, m1.color) == ("AE", "#0072B2")  # the smaller id keeps them
+        assert m2.initials == "EL" and m2.color != "#0072B2"
+    assert a.take()[0].events() == []  # settled: nothing more to say

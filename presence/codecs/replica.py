@@ -13,13 +13,15 @@ from presence.core.identity import Identity, initials_of
 
 def member_to_json(m: MemberInfo) -> list[Any]:
     i = m.identity
-    return [m.id, i.username, i.name, i.color, m.state, m.idle, m.origin]
+    return [m.id, i.username, i.name, i.color, m.state, m.idle, m.origin, i.initials]
 
 
 def member_from_json(data: list[Any]) -> MemberInfo:
-    member_id, username, name, color, state, idle, origin = data
+    member_id, username, name, color, state, idle, origin, *rest = data
+    # The initials a room gave the member (they differ from the name's when taken).
+    initials = rest[0] if rest else initials_of(name)
     return MemberInfo(
-        member_id, Identity(username, name, initials_of(name), color), state, bool(idle), origin
+        member_id, Identity(username, name, initials, color), state, bool(idle), origin
     )
 
 

@@ -12,7 +12,8 @@ import base64
 import hashlib
 import hmac
 import random
-from collections.abc import Collection, Iterable
+import string
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -164,6 +165,11 @@ ANIMALS = (
 )
 
 
+# Usernames of identities a client declared itself (a Yjs client's own ``user``): the
+# room keeps their colour, which their Yjs peers see as the client set it.
+DECLARED_PREFIX = "yjs:"
+
+
 class InvalidToken(ValueError):
     """An identity token that was forged, altered, truncated or signed by another secret."""
 
@@ -175,8 +181,10 @@ class Identity:
     initials: str
     color: str
 
-    def renamed(self, name: str) -> Identity:
-        return Identity(self.username, name, initials_of(name), self.color)
+    @property
+    def declared(self) -> bool:
+        """Declared by the client, not made by this service."""
+        return self.username.startswith(DECLARED_PREFIX)
 
     def to_json(self) -> dict[str, Any]:
         """jupyter_server's ``/api/me`` identity, plus what an overlay needs to draw it."""
@@ -198,6 +206,35 @@ def initials_of(name: str) -> str:
     if not words:
         return name[:1].upper() or "?"
     return "".join(w[0] for w in words[:2]).upper()
+
+
+def initials_choices(name: str) -> Iterator[str]:
+    """Initials for ``name``, best first, for a room to take the first one free.
+
+    The usual initials; then, for a numbered name up to 99, its number ("Anonymous Io 2":
+    "I2"); then the first letter of the last word with each later letter of it
+    ("Anonymous Elara": "EL", "EA", "ER"), then with the first word's initial ("AL",
+    "AR"); finally every pair of letters, so that up to 676 members never share initials.
+    """
+    yield initials_of(name)
+    words = name.replace("-", " ").split()
+    alpha = [w.upper() for w in words if w[:1].isalpha()]
+    if alpha:
+        last = alpha[-1]
+        if words[-1].isdigit() and len(words[-1]) <= 2:
+            yield last[0] + words[-1]
+        for c in last[1:]:
+            if c.isalpha():
+                yield last[0] + c
+        for c in last[1:]:
+            if c.isalpha():
+                yield alpha[0][0] + c
+    first = alpha[0][0] if alpha and alpha[0][0] in string.ascii_uppercase else "A"
+    letters = string.ascii_uppercase
+    start = letters.index(first)
+    for a in letters[start:] + letters[:start]:
+        for b in letters:
+            yield a + b
 
 
 def unique_name(name: str, taken: Collection[str]) -> str:

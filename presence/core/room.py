@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 
+from presence.core.colors import PALETTE, pick_color
 from presence.core.events import (
     Active,
     Batch,
@@ -29,7 +30,7 @@ from presence.core.events import (
     Updated,
     apply_patch,
 )
-from presence.core.identity import Identity, unique_name
+from presence.core.identity import Identity, initials_choices, unique_name
 
 ROOM_NAME_RULE = "1 to 128 characters: letters, digits and - _ . : ~"
 _ROOM_NAME = re.compile(r"[A-Za-z0-9_.:~-]{1,128}")
@@ -87,7 +88,9 @@ class Room:
         self.replica = replica
         self.max_state_bytes = max_state_bytes
         self._members: dict[str, _Member] = {}
-        self._wanted: dict[str, str] = {}  # local members renamed away from their own name
+        # Local members' identities as they came (a token's name and colour); what they
+        # show may differ while another member holds the same name, initials or colour.
+        self._wanted: dict[str, Identity] = {}
         self._local = Batch()  # events decided here: fanned out and published
         self._remote = Batch()  # events applied from other replicas: fanned out only
 
@@ -125,17 +128,16 @@ class Room:
     # -- commands from local connections -----------------------------------------------
 
     def join(self, member_id: str, identity: Identity, now: float) -> Identity:
-        """Add a local member. Returns its identity, renamed if another member holds the name."""
+        """Add a local member. Returns the identity it shows in this room: its own, with
+        the name, initials or colour changed where another member holds them."""
         if member_id in self._members:
             raise RoomError(f"member {member_id!r} is already in room {self.name!r}")
-        wanted = identity.name
-        identity = identity.renamed(unique_name(wanted, self.names()))
-        if identity.name != wanted:
-            self._wanted[member_id] = wanted
-        info = MemberInfo(member_id, identity, {}, False, self.replica)
+        self._wanted[member_id] = identity
+        shown = _Distinct(self._members).settle(member_id, identity, None)
+        info = MemberInfo(member_id, shown, {}, False, self.replica)
         self._members[member_id] = _Member(info, now, now)
         self._emit(Joined(info))
-        return identity
+        return shown
 
     def update(self, member_id: str, patch: State, now: float) -> None:
         member = self._local_member(member_id)
@@ -159,7 +161,7 @@ class Room:
         if self._members.pop(member_id, None) is not None:
             self._emit(Left(member_id))
             self._wanted.pop(member_id, None)
-            self._settle_names()
+            self._settle()
 
     def tick(self, now: float) -> list[str]:
         """Mark local members idle, and remove the ones that stopped heartbeating.
@@ -205,7 +207,7 @@ class Room:
                 membership_changed = True
             self._remote.add(event)
         if membership_changed:
-            self._settle_names()
+            self._settle()
 
     def sync_origin(self, origin: str, members: Iterable[MemberInfo]) -> None:
         """Make this room's view of ``origin``'s members exactly ``members``.
@@ -226,7 +228,7 @@ class Room:
             if known is None or known.info != info:
                 self._members[member_id] = _Member(info.copy(), 0.0, 0.0)
                 self._remote.add(Joined(info))
-        self._settle_names()
+        self._settle()
 
     def local_members(self) -> list[MemberInfo]:
         return [m.info for m in self._members.values() if m.info.origin == self.replica]
@@ -236,39 +238,27 @@ class Room:
         for member_id in [m for m, v in self._members.items() if v.info.origin == replica]:
             del self._members[member_id]
             self._remote.add(Left(member_id))
-        self._settle_names()
+        self._settle()
 
-    def _settle_names(self) -> None:
-        """Keep names unique across replicas, and give names back when they free up.
+    def _settle(self) -> None:
+        """Keep names, initials and colours apart across replicas, and give a member its
+        own name and colour back when they free up.
 
-        Two replicas can hand out one name at the same moment; when they learn of each
-        other, the member with the smaller id keeps it and the other's replica renames its
-        own. A member renamed because its name was taken ("Io 2") gets its name back when
-        the holder leaves (typically: the old connection of a page that was reloaded).
-        A rename is announced as a ``join`` of the same id, which replaces the member.
+        Two replicas can hand out one name (or colour) at the same moment; when they learn
+        of each other, the member with the smaller id keeps it and the other's replica
+        changes its own. A member that showed "Io 2" because "Io" was taken (typically the
+        old connection of a reloaded page, or a second tab) gets "Io" back when the holder
+        leaves. A change is announced as a ``join`` of the same id, which replaces it.
         """
-        holders: dict[str, list[str]] = {}
-        for member_id, member in self._members.items():
-            holders.setdefault(member.info.identity.name, []).append(member_id)
+        distinct = _Distinct(self._members)
         for member_id, member in self._members.items():
             if member.info.origin != self.replica:
                 continue
-            name = member.info.identity.name
-            wanted = self._wanted.get(member_id, name)
-            if min(holders[name]) != member_id:
-                new = unique_name(wanted, holders)
-            elif wanted != name and wanted not in holders:
-                new = wanted
-            else:
-                continue
-            holders[name].remove(member_id)
-            holders.setdefault(new, []).append(member_id)
-            member.info.identity = member.info.identity.renamed(new)
-            if new == wanted:
-                self._wanted.pop(member_id, None)
-            else:
-                self._wanted[member_id] = wanted
-            self._emit(Joined(member.info))
+            current = member.info.identity
+            shown = distinct.settle(member_id, self._wanted.get(member_id, current), current)
+            if shown != current:
+                member.info.identity = shown
+                self._emit(Joined(member.info))
 
     # -- output ------------------------------------------------------------------------
 
@@ -290,3 +280,83 @@ class Room:
         if member is None or member.info.origin != self.replica:
             raise UnknownMember(f"no local member {member_id!r} in room {self.name!r}")
         return member
+
+
+class _Holders:
+    """Which members hold each value of one attribute (a name, initials, a colour)."""
+
+    def __init__(self) -> None:
+        self.by_value: dict[str, set[str]] = {}
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.by_value
+
+    def add(self, value: str, member_id: str) -> None:
+        self.by_value.setdefault(value, set()).add(member_id)
+
+    def remove(self, value: str, member_id: str) -> None:
+        holders = self.by_value.get(value)
+        if holders is not None:
+            holders.discard(member_id)
+            if not holders:
+                del self.by_value[value]
+
+    def yields(self, value: str, member_id: str) -> bool:
+        """Whether another holder of ``value`` goes first (it has the smaller id)."""
+        return any(other < member_id for other in self.by_value.get(value, ()))
+
+    def in_use(self) -> Iterable[str]:
+        return (value for value, ids in self.by_value.items() for _ in ids)
+
+
+class _Distinct:
+    """The names, initials and colours held in a room, to keep each member's apart.
+
+    One pass over the members, then O(1) per member settled: a room settles on every
+    membership change, and rooms can have hundreds of members.
+    """
+
+    def __init__(self, members: dict[str, _Member]) -> None:
+        self.names, self.initials, self.colors = _Holders(), _Holders(), _Holders()
+        for member_id, member in members.items():
+            self._hold(member.info.identity, member_id)
+
+    def _hold(self, identity: Identity, member_id: str) -> None:
+        self.names.add(identity.name, member_id)
+        self.initials.add(identity.initials, member_id)
+        self.colors.add(identity.color, member_id)
+
+    def settle(self, member_id: str, wanted: Identity, current: Identity | None) -> Identity:
+        """What ``member_id`` shows: ``current`` (None when joining) changed only where it
+        clashes with a member that goes first, or where ``wanted`` has become free."""
+        if current is not None:
+            self.names.remove(current.name, member_id)
+            self.initials.remove(current.initials, member_id)
+            self.colors.remove(current.color, member_id)
+        names, initials, colors = self.names, self.initials, self.colors
+        # Name: first come keeps it; a rename is the smallest change ("Io 2").
+        if current is None or names.yields(current.name, member_id):
+            name = unique_name(wanted.name, names.by_value)
+        elif wanted.name != current.name and wanted.name not in names:
+            name = wanted.name
+        else:
+            name = current.name
+        # Initials follow the name, first free choice; kept while nobody contests them.
+        if current is None or name != current.name or initials.yields(current.initials, member_id):
+            mark = next(c for c in initials_choices(name) if c not in initials)
+        else:
+            mark = current.initials
+        # Colour: a token's own unless another member shows it and a colour is free. A
+        # client's self-declared colour is what its Yjs peers see: it stays.
+        if current is None:
+            color, contested = wanted.color, wanted.color in colors
+        else:
+            color, contested = current.color, colors.yields(current.color, member_id)
+        if not wanted.declared:
+            if contested and any(c not in colors for c in PALETTE):
+                color = pick_color(colors.in_use())
+            elif color != wanted.color and wanted.color not in colors:
+                color = wanted.color
+        shown = replace(wanted, name=name, initials=mark, color=color)
+        self._hold(shown, member_id)
+        return shown

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from presence.codecs import yjs
 from presence.core.colors import parse_hex, pick_color
-from presence.core.identity import Identity, InvalidToken, initials_of
+from presence.core.identity import DECLARED_PREFIX, Identity, InvalidToken, initials_of
 from presence.core.room import ROOM_NAME_RULE, Room, RoomError, is_valid_room_name
 from presence.server.hub import Hub, RoomFull
 from presence.server.outbox import Outbox
@@ -109,7 +109,7 @@ class YjsClient:
         username = user.get("username")
         if not isinstance(username, str) or not username:
             username = str(client_id)
-        return Identity(f"yjs:{username[:100]}", name, initials_of(name), str(color))
+        return Identity(f"{DECLARED_PREFIX}{username[:100]}", name, initials_of(name), str(color))
 
     def _forget(self, member_id: str) -> None:
         limiter = self.updates.pop(member_id, None)
