@@ -1,14 +1,15 @@
 import { PresenceClient } from "./presence.js";
 import { CursorOverlay, SelectionOverlay, trackPointer, trackSelection } from "./overlay.js";
 
-// The room comes from the link; a new visitor gets a fresh, hard-to-guess room.
+// Everyone who opens the page meets in one room, so two windows see each other at once;
+// "New private room" makes a hard-to-guess room whose link only its visitors know.
+const DEFAULT_ROOM = "lobby";
 const params = new URLSearchParams(location.search);
-let room = params.get("room");
-if (!room) {
-  room = crypto.randomUUID().slice(0, 13);
-  params.set("room", room);
-  history.replaceState(null, "", `?${params}`);
-}
+const room = params.get("room") || DEFAULT_ROOM;
+document.querySelector("#room").textContent = room === DEFAULT_ROOM ? "the lobby (open to all)" : room;
+document.querySelector("#new-room").addEventListener("click", () => {
+  location.search = `?room=${crypto.randomUUID().slice(0, 13)}`;
+});
 
 const client = new PresenceClient(room);
 const board = document.querySelector("#board");

@@ -17,7 +17,7 @@ const STYLE = `
 .presence-layer { position: absolute; pointer-events: none; overflow: hidden; z-index: 10; }
 .presence-cursor { position: absolute; left: 0; top: 0; will-change: transform;
   transition: transform 60ms linear; }
-.presence-cursor svg { display: block; filter: drop-shadow(0 1px 1px rgba(0,0,0,.35)); }
+.presence-cursor svg { display: block; margin: -1px 0 0 -1px; filter: drop-shadow(0 1px 1px rgba(0,0,0,.3)); }
 .presence-label { position: absolute; white-space: nowrap; font: 600 12px/1.6 system-ui, sans-serif;
   padding: 0 6px; border-radius: 4px; box-shadow: 0 1px 2px rgba(0,0,0,.25);
   transition: opacity 300ms ease; opacity: 1; }
@@ -40,10 +40,16 @@ function addStyle() {
   document.head.append(style);
 }
 
+// The pointer has a dark outline inside a white halo: whatever the page behind it, one
+// of the two contrasts with it by >= 3:1 (WCAG's rule for graphics), even for the light
+// palette colours, whose fill alone nearly vanishes on white.
+const POINTER = "M1 1 L1 17 L5.5 13 L8.5 20.5 L11.5 19.2 L8.6 12 L15 12 Z";
 function pointerSvg(color) {
-  return `<svg width="18" height="22" viewBox="0 0 18 22" aria-hidden="true">
-    <path d="M1 1 L1 17 L5.5 13 L8.5 20.5 L11.5 19.2 L8.6 12 L15 12 Z"
-      fill="${color}" stroke="white" stroke-width="1.5" stroke-linejoin="round"/></svg>`;
+  return `<svg width="20" height="24" viewBox="-1 -1 20 24" aria-hidden="true">
+    <path class="presence-halo" d="${POINTER}" fill="none" stroke="#FFFFFF" stroke-width="4"
+      stroke-linejoin="round"/>
+    <path class="presence-fill" d="${POINTER}" fill="${color}" stroke="#1D2330"
+      stroke-width="1.25" stroke-linejoin="round"/></svg>`;
 }
 
 function label(member) {
@@ -150,7 +156,7 @@ export class CursorOverlay extends Layer {
         this.layer.append(node);
         this.nodes.set(member.id, node);
       }
-      node.querySelector("path").setAttribute("fill", member.user.color);
+      node.querySelector(".presence-fill").setAttribute("fill", member.user.color);
       node.classList.toggle("presence-idle", member.idle);
       const el = node.querySelector(".presence-label");
       paintLabel(el, member);
@@ -169,6 +175,39 @@ export class CursorOverlay extends Layer {
     this.prune(live);
     declutter(labels);
   }
+}
+
+/**
+ * Where a selection's name label goes, in the mirror's content coordinates: whole inside
+ * the visible part of the textarea, and off the selected text. Tried in order: above the
+ * caret's line, below it, then beside the caret on its line; the label slides sideways
+ * to stay inside the edges. ``away`` is the direction in which stacking moves it.
+ */
+function labelSpot(mirror, caret, mark, w, h) {
+  const box = mirror.getBoundingClientRect();
+  const ox = box.left + mirror.clientLeft;
+  const oy = box.top + mirror.clientTop - mirror.scrollTop;
+  const selected = [...mark.getClientRects()].map((r) => ({
+    x: r.left - ox, y: r.top - oy, w: r.width, h: r.height }));
+  const top = mirror.scrollTop;
+  const bottom = top + mirror.clientHeight;
+  const right = mirror.clientWidth - 2; // off the edge (and the resize handle)
+  const cx = caret.offsetLeft;
+  const cy = caret.offsetTop;
+  const line = caret.offsetHeight;
+  const clampX = (x) => Math.max(0, Math.min(x, right - w));
+  const candidates = [
+    { x: clampX(cx), y: cy - h - 1, away: -1 },
+    { x: clampX(cx), y: cy + line + 1, away: 1 },
+    { x: cx - w - 3, y: cy + (line - h) / 2, away: 1 },
+    { x: cx + 3, y: cy + (line - h) / 2, away: 1 },
+  ];
+  const inside = (c) => c.x >= 0 && c.x + w <= right && c.y >= top && c.y + h <= bottom;
+  const free = (c) => !selected.some((r) => c.x < r.x + r.w && r.x < c.x + w
+    && c.y < r.y + r.h && r.y < c.y + h);
+  return candidates.find((c) => inside(c) && free(c))
+    ?? candidates.find(inside)
+    ?? { ...candidates[0], y: Math.max(top, Math.min(candidates[0].y, bottom - h)) };
 }
 
 const MIRRORED = ["fontFamily", "fontSize", "fontWeight", "fontStyle", "letterSpacing", "lineHeight",
@@ -203,8 +242,12 @@ export class SelectionOverlay extends Layer {
         this.nodes.set(member.id, node);
       }
       for (const p of MIRRORED) node.style[p] = computed[p];
+      // The text wraps where the textarea's does: its scrollbar narrows the text too.
+      const scrollbar = this.surface.offsetWidth - this.surface.clientWidth
+        - parseFloat(computed.borderLeftWidth) - parseFloat(computed.borderRightWidth);
       Object.assign(node.style, { width: `${rect.width}px`, height: `${rect.height}px`, left: "0", top: "0",
-        borderStyle: "solid", borderColor: "transparent" });
+        borderStyle: "solid", borderColor: "transparent",
+        paddingRight: `${parseFloat(computed.paddingRight) + scrollbar}px` });
       const head = Math.min(Math.max(sel.head, 0), text.length);
       const anchor = Math.min(Math.max(sel.anchor, 0), text.length);
       const [from, to] = anchor < head ? [anchor, head] : [head, anchor];
@@ -224,14 +267,13 @@ export class SelectionOverlay extends Layer {
       node.append(el);
       node.classList.toggle("presence-idle", member.idle);
       // The label lives in the mirror, which scrolls with the text: content coordinates.
-      const x = caret.offsetLeft;
-      const y = caret.offsetTop;
-      el.style.left = `${x}px`;
-      el.style.top = `${y - 19}px`;
+      const spot = labelSpot(node, caret, mark, el.offsetWidth, el.offsetHeight);
+      el.style.left = `${spot.x}px`;
+      el.style.top = `${spot.y}px`;
       if (!member.idle) {
-        labels.push({ x, y: y - 19, width: el.offsetWidth, height: el.offsetHeight,
+        labels.push({ x: spot.x, y: spot.y, width: el.offsetWidth, height: el.offsetHeight,
           apply: (dy, compact) => {
-            el.style.top = `${y - 19 - dy}px`;
+            el.style.top = `${spot.y + spot.away * dy}px`;
             node.classList.toggle("presence-compact", compact);
           } });
       }
