@@ -3,10 +3,64 @@
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 
 from load.tables import BENCHMARKS, load_results, update_doc
+from presence.config import Settings
+from presence.core.room import ROOM_NAME_RULE
+from presence.server.json_ws import MAX_CONSECUTIVE_ERRORS
+from presence.server.yjs_ws import MAX_CLIENT_IDS
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = Settings()
+
+# (doc, phrase as written there, setting whose default the phrase's number is). The
+# README's configuration table is checked by tests/test_config.py.
+QUOTED = [
+    ("README.md", "goes *idle* after 3 s", "idle_after"),
+    ("README.md", "stops heartbeating (30 s)", "expire_after"),
+    ("README.md", '"idle_after": 3.0', "idle_after"),
+    ("README.md", '"expire_after": 30.0', "expire_after"),
+    ("README.md", '"heartbeat_interval": 10.0', "heartbeat_interval"),
+    ("docs/protocol.md", '"idle_after": 3.0', "idle_after"),
+    ("docs/protocol.md", '"expire_after": 30.0', "expire_after"),
+    ("docs/protocol.md", '"heartbeat_interval": 10.0', "heartbeat_interval"),
+    ("docs/protocol.md", "every `flush_interval` (5 ms)", "flush_interval"),
+    ("docs/protocol.md", "`rate_limit` per second (30)", "rate_limit"),
+    ("docs/protocol.md", "`max_depth` (16)", "max_depth"),
+    ("docs/protocol.md", "`max_state_bytes` (16 KiB)", "max_state_bytes"),
+    ("docs/protocol.md", "`max_message_bytes` (16 KiB)", "max_message_bytes"),
+    ("docs/protocol.md", "`slow_client_timeout` (10 s)", "slow_client_timeout"),
+    ("docs/protocol.md", "`ping_interval` (20 s)", "ping_interval"),
+    ("docs/protocol.md", "`expire_after` (30 s, as y-protocols)", "expire_after"),
+    ("docs/benchmarks.md", "defaults (5 ms flush interval", "flush_interval"),
+]
+# Numbers the docs quote from constants in the code rather than from settings.
+CONSTANTS = [
+    ("docs/protocol.md", "More than 10 invalid messages in a row", MAX_CONSECUTIVE_ERRORS),
+    ("docs/protocol.md", "more than 10 invalid messages in a row", MAX_CONSECUTIVE_ERRORS),
+    ("docs/protocol.md", "at most 8 client IDs", MAX_CLIENT_IDS),
+    ("README.md", "1 to 128 characters", ROOM_NAME_RULE),
+    ("docs/protocol.md", "1 to 128 characters", ROOM_NAME_RULE),
+]
+# Numbers next to a unit or a setting's name that quote neither, with why.
+UNRELATED = [
+    ("docs/protocol.md", "control frame over 125 bytes"),  # RFC 6455
+    ("docs/protocol.md", "0.5 s doubling to 10 s"),  # advice to clients
+    ("docs/protocol.md", "stays silent for 30 s"),  # y-websocket's reconnect timeout
+    ("docs/protocol.md", "for ~17 s"),  # y-protocols' clock handling
+    ("docs/protocol.md", "comment every 15 s"),  # a literal in presence/server/views.py
+    ("docs/protocol.md", "every `expire_after / 2`"),  # a literal in presence/server/hub.py
+    ("docs/protocol.md", "401 without it, 403"),  # HTTP statuses
+    ("docs/benchmarks.md", "flush interval 10 ms → 5 ms"),  # history of the default
+]
+# Sections another change is rewriting (the replica liveness bound, Redis outages):
+# their numbers are not checked here yet.
+SKIPPED_SECTIONS = ("## Several replicas on Redis", "## Operations")
+UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "KiB": 1024.0}
 
 
 def test_benchmark_tables_are_generated_from_the_results() -> None:
@@ -28,3 +82,62 @@ def test_every_table_needs_its_markers() -> None:
     text = BENCHMARKS.read_text().replace("<!-- results:begin sweep -->", "")
     with pytest.raises(ValueError, match="sweep"):
         update_doc(text, load_results())
+
+
+def doc_text(name: str) -> str:
+    """A doc with whitespace runs as single spaces (phrases may wrap), without what is
+    checked elsewhere: the README's configuration table, generated tables."""
+    text = (ROOT / name).read_text()
+    if name == "README.md":
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("| `--"))
+        for title in SKIPPED_SECTIONS:
+            text = re.sub(rf"{re.escape(title)}\n.*?(?=\n## |\Z)", "", text, flags=re.S)
+    text = re.sub(r"<!-- results:begin (\S+) -->.*?<!-- results:end \1 -->", "", text, flags=re.S)
+    return re.sub(r"\s+", " ", text)
+
+
+def quoted_number(phrase: str) -> float:
+    """The first number of a phrase, in seconds or bytes if a unit follows it."""
+    m = re.search(r"(\d+(?:\.\d+)?)(?: ?(ms|s|KiB)\b)?", phrase)
+    assert m, phrase
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+@pytest.mark.parametrize("doc,phrase,setting", QUOTED)
+def test_quoted_defaults_match_the_settings(doc: str, phrase: str, setting: str) -> None:
+    assert phrase in doc_text(doc), f"{doc} no longer says {phrase!r}: update QUOTED"
+    assert quoted_number(phrase) == pytest.approx(getattr(DEFAULTS, setting)), (
+        f"{doc} says {phrase!r}, but the default {setting} is {getattr(DEFAULTS, setting)}"
+    )
+
+
+@pytest.mark.parametrize("doc,phrase,value", CONSTANTS)
+def test_quoted_constants_match_the_code(doc: str, phrase: str, value: int | str) -> None:
+    assert phrase in doc_text(doc)
+    assert phrase in value if isinstance(value, str) else quoted_number(phrase) == value
+
+
+def test_every_number_next_to_a_unit_or_a_setting_is_checked() -> None:
+    """Numbers with a unit (README, protocol) or within a few words of a setting's name
+    must be in QUOTED, CONSTANTS or UNRELATED, so that no quoted default goes unchecked."""
+    names = [name for name, *_ in Settings.options()] + ["heartbeat_interval"]
+    forms = {f for n in names for f in (n, n.replace("_", " "), "--" + n.replace("_", "-"))}
+    name = re.compile("|".join(rf"(?<![\w-]){re.escape(f)}(?!\w)" for f in forms), re.I)
+    number = re.compile(r"(?<![\w.#-])(?<!close )\d+(?:\.\d+)?(?:,\d{3})*( ?(?:ms|s|KiB|bytes)\b)?")
+    unchecked = []
+    for doc in ("README.md", "docs/protocol.md", "docs/benchmarks.md"):
+        text = doc_text(doc)
+        phrases = [p for d, p, *_ in QUOTED + CONSTANTS + UNRELATED if d == doc]
+        unchecked += [f"{doc}: listed but gone: {p!r}" for p in phrases if p not in text]
+        covered = [
+            range(m.start(), m.end()) for p in phrases for m in re.finditer(re.escape(p), text)
+        ]
+        for m in number.finditer(text):
+            # A name shortly before the number in the same clause or cell, or right after it.
+            before = re.split(r"[|;]|\. ", text[max(0, m.start() - 40) : m.start()])[-1]
+            named = name.search(before) or name.match(text, m.end() + 1)
+            if not (named or (m.group(1) and doc != "docs/benchmarks.md")):
+                continue
+            if not any(m.start() in span for span in covered):
+                unchecked.append(f"{doc}: …{text[max(0, m.start() - 40) : m.end() + 25]}…")
+    assert not unchecked, "numbers that may quote a default:\n" + "\n".join(unchecked)
