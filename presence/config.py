@@ -124,7 +124,8 @@ class Settings:
     replica_timeout: float = _opt(
         5.0,
         positive_float,
-        "Seconds without a heartbeat before a replica counts as dead and its members are removed.",
+        "A replica that dies without a goodbye (SIGKILL, a lost host) has its members removed "
+        "everywhere within this many seconds (it heartbeats every fifth of it).",
         "SECONDS",
     )
     secret: str = _opt(

@@ -11,9 +11,12 @@ which keeps a room's traffic inside the shard that owns it.
   sequence number of the message that wrote it; read once by a replica that opens the
   room, so that its first member's snapshot includes every replica's members.
 - ``presence:replicas`` (``presence:{replicas}`` when sharded): heartbeats and goodbyes.
-  A replica not heard for ``replica_timeout`` is dead; its members are removed.
-- ``presence:replica:ID``: expires ``replica_timeout`` after the last heartbeat; lets a
-  snapshot skip the members of replicas that are gone.
+  A replica not heard for ``down_after`` is dead; its members are removed, at most
+  ``replica_timeout`` after it died (timings: ``RedisBackplane.__init__``).
+- ``presence:replica:ID``: expires ``down_after`` after the last heartbeat, when the other
+  replicas count it as dead too; lets a snapshot skip the members of replicas that are
+  gone, and its remaining time tells a replica that never heard this one when it last
+  beat.
 
 Pub/sub is at-most-once. After any connection loss the backplane resubscribes and asks
 the hub to re-announce its members and to request everybody else's (``on_reconnected``):
@@ -79,7 +82,15 @@ class RedisBackplane(Backplane):
         self.sharded = sharded or cluster
         self.cluster = cluster
         self.replica_timeout = replica_timeout
+        # A replica killed just after a heartbeat was last heard at the kill, and is
+        # declared down at the first check after down_after: at most down_after +
+        # check_interval (0.8 x replica_timeout) later; killed just before one, no sooner
+        # than down_after - heartbeat_interval (0.5 x). The heartbeat's worth left is
+        # slack for late timers and the flush to clients. A live replica is declared down
+        # only after missing three heartbeats in a row.
         self.heartbeat_interval = replica_timeout / 5
+        self.check_interval = replica_timeout / 10
+        self.down_after = replica_timeout - self.heartbeat_interval - self.check_interval
         self.prefix = prefix
         self.redis: Redis | RedisCluster = (
             RedisCluster.from_url(url) if cluster else Redis.from_url(url)
@@ -131,6 +142,7 @@ class RedisBackplane(Backplane):
         self._tasks = [
             asyncio.create_task(self._supervise(), name="redis-supervisor"),
             asyncio.create_task(self._heartbeat_forever(), name="redis-heartbeat"),
+            asyncio.create_task(self._watch_forever(), name="redis-watcher"),
             asyncio.create_task(self._publish_forever(), name="redis-publisher"),
         ]
 
@@ -245,9 +257,7 @@ class RedisBackplane(Backplane):
     # -- heartbeats --------------------------------------------------------------------
 
     async def _beat(self) -> None:
-        await self.redis.set(
-            self.replica_key(self.replica_id), "1", px=int(self.replica_timeout * 1000)
-        )
+        await self.redis.set(self.replica_key(self.replica_id), "1", px=int(self.down_after * 1000))
         await self._send_publish(self.replicas_channel, codec.envelope(self.replica_id, {"k": "h"}))
 
     async def _heartbeat_forever(self) -> None:
@@ -263,9 +273,16 @@ class RedisBackplane(Backplane):
             for room in [r for r in self._hash_pending if r in self._rooms]:
                 if now - self._hash_written.get(room, 0.0) >= HASH_INTERVAL:
                     self._queue("hash", room, self._take_hash(room, now))
+
+    async def _watch_forever(self) -> None:
+        """Declare down the replicas not heard for ``down_after``."""
+        while True:
+            await asyncio.sleep(self.check_interval)
+            if not self._connected:
+                continue  # we cannot tell who is alive while cut off
             now = time.monotonic()
             for origin, seen in list(self._last_seen.items()):
-                if now - seen > self.replica_timeout:
+                if now - seen > self.down_after:
                     log.info("replica down", extra={"replica": origin})
                     self._replica_down(origin)
                     await self._forget(origin)
@@ -365,10 +382,16 @@ class RedisBackplane(Backplane):
         return {f: (s, m) for f, (s, m) in snapshot.items() if m.origin in alive}
 
     async def _alive(self, origins: set[str]) -> set[str]:
-        alive = {o for o in origins if await self.redis.exists(self.replica_key(o))}
-        now = time.monotonic()
-        for origin in alive:
-            self._last_seen.setdefault(origin, now)
+        """The replicas whose liveness key exists. Its remaining time tells when each last
+        beat, which starts the clock of one we have not heard yet: no fresh grace period
+        for a replica that just died."""
+        alive = set()
+        for origin in origins:
+            ttl = await self.redis.pttl(self.replica_key(origin))
+            if ttl > 0:
+                alive.add(origin)
+                last_beat = time.monotonic() - self.down_after + ttl / 1000
+                self._last_seen.setdefault(origin, last_beat)
         return alive
 
     async def members(self, room: str) -> list[MemberInfo]:
