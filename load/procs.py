@@ -258,6 +258,7 @@ class Server:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     logs: Path = ARTIFACTS
+    log_start: int = 0  # where this run begins in its log file (a port's log is appended to)
 
     @property
     def http(self) -> str:
@@ -271,7 +272,8 @@ class Server:
         """Start, and wait until ``/readyz`` says ready (connected to its backplane), or
         with ``ready=False`` only until it answers at all."""
         self.logs.mkdir(exist_ok=True)
-        log = open(self.logs / f"server-{self.port}.log", "ab")  # noqa: SIM115
+        log = open(self.log_file, "ab")  # noqa: SIM115
+        self.log_start = log.seek(0, os.SEEK_END)
         env = {**os.environ, "PRESENCE_SECRET": "test-secret", **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "presence", "serve", "--port", str(self.port), *self.args],
@@ -293,6 +295,16 @@ class Server:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"server did not start within {timeout}s; see {log.name}")
+
+    @property
+    def log_file(self) -> Path:
+        return self.logs / f"server-{self.port}.log"
+
+    def output(self) -> str:
+        """What the process wrote (stdout and stderr) since it started."""
+        with open(self.log_file, "rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         """Signal the server; SIGKILL takes its worker processes too (a crashed host),

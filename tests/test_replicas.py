@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import orjson
@@ -33,6 +34,13 @@ async def published(redis: RedisProcess, room: str = "doc", members: int = 1) ->
                 return
             await asyncio.sleep(0.05)
     raise AssertionError(f"{members} member(s) of {room!r} never reached Redis")
+
+
+def logged(server: Server, prefix: str = "") -> list[dict[str, Any]]:
+    """The server's JSON log entries whose message starts with ``prefix``."""
+    lines = server.output().splitlines()
+    entries = [orjson.loads(line) for line in lines if line.startswith("{")]
+    return [e for e in entries if e["msg"].startswith(prefix)]
 
 
 def sees(client: Client, other: Client, **state: object) -> Callable[[dict[str, object]], bool]:
@@ -223,9 +231,12 @@ async def test_redis_restart_everyone_sees_everyone_again(
             if (await http.get(r1.http + "/readyz")).status_code == 503:
                 break
             await asyncio.sleep(0.1)
-        assert (await http.get(r1.http + "/readyz")).status_code == 503
+        ready = await http.get(r1.http + "/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["redis"]["state"] == "down" and ready.json()["redis"]["error"]
+        assert r1.metrics()["presence_backplane_up"] == 0
         restarted = time.monotonic()
-        RedisProcess(port=redis_server.port).start()
+        redis_again = RedisProcess(port=redis_server.port).start()
         # Recovery: after the restart, b sees the update a made during the outage and the
         # member that joined meanwhile; and a sees b's new moves.
         await b.until(sees(b, a, cursor={"x": 5, "y": 5}), timeout=15)
@@ -235,11 +246,54 @@ async def test_redis_restart_everyone_sees_everyone_again(
         await a.until(sees(a, b, cursor={"x": 9, "y": 9}), timeout=5)
         print(f"\nrecovered {recovered:.2f}s after Redis came back")
         for r in (r1, r2):
-            assert (await http.get(r.http + "/readyz")).status_code == 200
+            ready = await http.get(r.http + "/readyz")
+            assert ready.status_code == 200 and ready.json()["redis"]["state"] == "up"
+            metrics = r.metrics()
+            assert metrics["presence_backplane_up"] == 1
+            assert metrics["presence_backplane_reconnects_total"] == 1
+            # One line when it went down, one when it came back; none per retry.
+            changes = [e for e in logged(r, "redis") if not e["msg"].startswith("redis still")]
+            assert [(e["level"], e["msg"].split(" (")[0]) for e in changes] == [
+                ("info", "redis connected"),
+                ("warning", "redis connection lost"),
+                ("info", "redis reconnected"),
+            ]
+            assert changes[1]["url"] == redis_server.url and changes[1]["error"]
         # What could not be published while Redis was away is counted (then re-synced).
         assert r1.metrics()["presence_backplane_dropped_total"] >= 1
     late = await join(r2)
     assert {m["id"] for m in late.welcome["members"]} == {a.id, b.id, local.id}
+    redis_again.stop()
+
+
+async def test_unreachable_redis_is_logged_at_once_and_shown(
+    server_factory: ServerFactory,
+) -> None:
+    # Nothing listens on port 1.
+    server = server_factory("--redis-url", "redis://:s3cret@127.0.0.1:1/0", ready=False)
+    masked = "redis://***@127.0.0.1:1/0"
+    started = time.monotonic()
+    while not logged(server, "redis unavailable") and time.monotonic() - started < 5:
+        await asyncio.sleep(0.05)
+    [warning] = logged(server, "redis unavailable")
+    assert warning["level"] == "warning" and warning["url"] == masked
+    assert warning["error"].startswith("ConnectionError")
+    assert masked in warning["msg"] and warning["error"] in warning["msg"]  # text logs too
+    ready = httpx.get(server.http + "/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["ready"] is False
+    redis = ready.json()["redis"]
+    assert (redis["state"], redis["url"], redis["error"]) == ("down", masked, warning["error"])
+    assert redis["since"] >= 0
+    assert server.metrics()["presence_backplane_up"] == 0
+    # Retries are not logged one by one: the outage is reported again once the fast
+    # retries are over (the backoff reaches 5 s after 0.1 + 0.2 + ... + 3.2 s).
+    while not logged(server, "redis still unavailable") and time.monotonic() - started < 15:
+        await asyncio.sleep(0.1)
+    assert len(logged(server, "redis still unavailable")) == 1
+    assert len(logged(server, "redis unavailable")) == 1
+    assert server.metrics()["presence_backplane_connect_failures_total"] >= 6
+    assert "s3cret" not in server.output()
 
 
 async def test_redis_unavailable_at_start_up(server_factory: ServerFactory) -> None:

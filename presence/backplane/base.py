@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from presence.core.events import Event, MemberInfo
 
@@ -40,6 +40,8 @@ class Backplane(ABC):
         self.replica_id = replica_id
         self.listener: Listener | None = None
         self.dropped = 0  # messages not published because the backplane was unreachable
+        self.connect_failures = 0  # attempts to reach the other replicas that failed
+        self.reconnects = 0  # times the connection came back after an outage
 
     async def start(self, listener: Listener) -> None:
         self.listener = listener
@@ -51,6 +53,10 @@ class Backplane(ABC):
     def ready(self) -> bool:
         """Whether what is published now reaches the other replicas."""
         return True
+
+    def status(self) -> dict[str, Any] | None:
+        """The connection's state for /readyz; None when there is nothing to connect to."""
+        return None
 
     @abstractmethod
     async def open_room(self, room: str) -> list[Event]:

@@ -47,6 +47,7 @@ log = logging.getLogger("presence.redis")
 
 HASH_TTL_MS = 24 * 3600 * 1000  # backstop for hashes left by replicas that all died
 MAX_BACKOFF = 5.0
+MAX_REPORT_INTERVAL = 600.0  # seconds between "still unavailable" logs of a long outage
 HASH_INTERVAL = 1.0  # seconds between writes of a moving member's state to the hash
 
 # Replace this replica's fields of a room's members hash with the given ones, atomically.
@@ -100,6 +101,12 @@ class RedisBackplane(Backplane):
         self._links: dict[str, RespConnection] = {}
         self._connected = False
         self._lost = asyncio.Event()
+        # The connection as /readyz, /metrics and the logs show it: "connecting" until
+        # the first attempt ends, then "up" or "down", since _since (monotonic).
+        self.state = "connecting"
+        self.error: str | None = None
+        self._since = time.monotonic()
+        self._next_report = 0.0  # when a continuing outage is logged again
         self._rooms: set[str] = set()
         self._opening: dict[str, list[dict[str, Any]]] = {}
         self._seq = 0
@@ -136,6 +143,14 @@ class RedisBackplane(Backplane):
     @property
     def ready(self) -> bool:
         return self._connected
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "url": _safe(self.url),
+            "error": self.error,
+            "since": round(time.monotonic() - self._since, 1),  # seconds in this state
+        }
 
     async def start(self, listener: Any) -> None:
         await super().start(listener)
@@ -181,22 +196,56 @@ class RedisBackplane(Backplane):
             try:
                 await self._connect()
             except (RedisError, OSError) as exc:
-                log.debug("redis unavailable: %s", exc)
+                self.connect_failures += 1
+                self._down(exc)
                 await self._teardown()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             backoff = 0.1
             self._connected = True
-            log.info("redis connected", extra={"url": _safe(self.url)})
+            self._up()
             if self.listener is not None:
                 self.listener.on_reconnected()
 
     def _connection_lost(self, exc: BaseException) -> None:
         if self._connected:
-            log.warning("redis connection lost: %s", exc)
-        self._connected = False
+            self._connected = False
+            self._down(exc, lost=True)
         self._lost.set()
+
+    def _down(self, exc: BaseException, *, lost: bool = False) -> None:
+        """Record a failure. An outage is logged when it starts, then at doubling
+        intervals from MAX_BACKOFF on: a line per attempt would flood the logs."""
+        now = time.monotonic()
+        url, self.error = _safe(self.url), f"{type(exc).__name__}: {exc}"
+        extra: dict[str, Any] = {"url": url, "error": self.error}  # fields of JSON logs
+        if self.state != "down":
+            self.state, self._since, self._next_report = "down", now, now + MAX_BACKOFF
+            what = "redis connection lost" if lost else "redis unavailable"
+            log.warning(f"{what} ({url}), retrying with backoff: {self.error}", extra=extra)
+        elif now >= self._next_report:
+            down_for = now - self._since
+            self._next_report = now + min(down_for, MAX_REPORT_INTERVAL)
+            log.warning(
+                f"redis still unavailable ({url}) after {down_for:.0f} s, retrying every "
+                f"{MAX_BACKOFF:g} s: {self.error}",
+                extra={**extra, "down_for": round(down_for, 1)},
+            )
+
+    def _up(self) -> None:
+        now = time.monotonic()
+        url = _safe(self.url)
+        if self.state == "down":
+            self.reconnects += 1
+            down_for = round(now - self._since, 1)
+            log.info(
+                f"redis reconnected ({url}) after {down_for:g} s",
+                extra={"url": url, "down_for": down_for},
+            )
+        else:
+            log.info("redis connected", extra={"url": url})
+        self.state, self._since, self.error = "up", now, None
 
     async def _connect(self) -> None:
         await self._teardown()

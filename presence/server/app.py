@@ -7,6 +7,7 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -71,10 +72,10 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     ready = hub.started and hub.backplane.ready
-    return JSONResponse(
-        {"ready": ready, "backplane": type(hub.backplane).__name__},
-        status_code=200 if ready else 503,
-    )
+    body: dict[str, Any] = {"ready": ready, "backplane": type(hub.backplane).__name__}
+    if (status := hub.backplane.status()) is not None:
+        body["redis"] = status
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:

@@ -95,6 +95,18 @@ class Hub:
             lambda: sum(len(s) for s in self.outboxes.values()),
         )
         m.gauges["rooms"] = ("Rooms with members.", lambda: len(self.rooms))
+        m.gauges["backplane_up"] = (
+            "1 while the backplane reaches the other replicas (Redis connected), else 0.",
+            lambda: float(self.backplane.ready),
+        )
+        m.counters["backplane_connect_failures_total"] = (
+            "Attempts to connect to Redis that failed.",
+            lambda: self.backplane.connect_failures,
+        )
+        m.counters["backplane_reconnects_total"] = (
+            "Times the connection to Redis came back after an outage.",
+            lambda: self.backplane.reconnects,
+        )
         m.counters["backplane_dropped_total"] = (
             "Messages not published because the backplane was unreachable (re-synced later).",
             lambda: self.backplane.dropped,
