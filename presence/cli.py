@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -60,16 +59,16 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from presence import logs
-    from presence.server.app import create_app
+    from presence.server.app import create_app, random_secret
     from presence.server.connection import Connection
 
     logs.configure(settings.log_level, settings.log_format)
     options: dict[str, Any] = {}
     if settings.workers > 1:
         # Workers are separate processes: they read the settings from the environment,
-        # with one secret for all (a random one is made here if none was given).
+        # with one secret for all (a random one is made, and warned about, here once).
         if not settings.secret:
-            settings = replace(settings, secret=secrets.token_urlsafe(32))
+            settings = replace(settings, secret=random_secret())
         os.environ.update(settings.to_env())
         app: Any = "presence.server.app:app_from_env"
         options = {"factory": True, "workers": settings.workers}

@@ -368,6 +368,20 @@ def test_several_workers_need_redis() -> None:
     assert "--redis-url" in result.stderr and "Traceback" not in result.stderr
 
 
+async def test_workers_without_a_secret_warn_once(
+    server_factory: ServerFactory, redis_server: RedisProcess
+) -> None:
+    server = server_factory(
+        "--redis-url", redis_server.url, "--workers", "2", env={"PRESENCE_SECRET": ""}
+    )
+    with redis_server.client() as client:  # both workers are up once both heartbeat
+        for _ in range(100):
+            if len(client.keys("presence:replica:*")) == 2:
+                break
+            await asyncio.sleep(0.1)
+    assert len(logged(server, "PRESENCE_SECRET is not set")) == 1
+
+
 async def test_workers_share_presence_through_redis(
     server_factory: ServerFactory, redis_server: RedisProcess
 ) -> None:

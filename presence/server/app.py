@@ -43,14 +43,17 @@ def make_backplane(settings: Settings) -> Backplane:
     )
 
 
+def random_secret() -> str:
+    """A secret for a server started without one, and the warning that goes with it."""
+    log.warning(
+        "PRESENCE_SECRET is not set: using a random secret. Identity tokens will "
+        "not survive a restart, and replicas must share one secret."
+    )
+    return secrets.token_urlsafe(32)
+
+
 def make_hub(settings: Settings) -> Hub:
-    secret = settings.secret
-    if not secret:
-        secret = secrets.token_urlsafe(32)
-        log.warning(
-            "PRESENCE_SECRET is not set: using a random secret. Identity tokens will "
-            "not survive a restart, and replicas must share one secret."
-        )
+    secret = settings.secret or random_secret()
     identities = IdentityFactory(
         secret.encode(),
         style=settings.name_style,  # type: ignore[arg-type]
