@@ -12,8 +12,9 @@ ENV PRESENCE_HOST=0.0.0.0 \
     PRESENCE_PORT=8000 \
     PYTHONUNBUFFERED=1
 EXPOSE 8000
+# The port the service listens on, wherever PRESENCE_PORT moves it (503 raises: unhealthy).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
+  CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('PRESENCE_PORT', '8000'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=2).status != 200)"]
 # SIGTERM: clients are closed with 1012 and the members leave everywhere at once.
 STOPSIGNAL SIGTERM
 CMD ["presence", "serve"]

@@ -4,8 +4,12 @@ topology (Redis, three replicas, a load balancer) runs here as local processes."
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from load.procs import RedisProcess
+from load.procs import RedisProcess, free_port
 from presence.cli import build_parser
 from presence.config import Settings
 from presence.server.app import create_app
@@ -72,9 +76,41 @@ def test_dockerfile_runs_as_non_root_with_a_real_healthcheck() -> None:
     port = re.search(r"^EXPOSE (\d+)", dockerfile, re.M)
     assert port and f"PRESENCE_PORT={port.group(1)}" in dockerfile
     paths = {getattr(r, "path", None) for r in create_app(Settings()).routes}
-    checked = re.search(r"127\.0\.0\.1:\d+(/\w+)", dockerfile)
+    checked = re.search(r"127\.0\.0\.1:[^/]+(/\w+)", dockerfile)
     assert checked and checked.group(1) in paths
     assert 'CMD ["presence", "serve"]' in dockerfile
+
+
+def healthcheck() -> list[str]:
+    """The Dockerfile's HEALTHCHECK command, as the container would run it here."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    found = re.search(r"^HEALTHCHECK .*\\\n\s*CMD (\[.*\])$", dockerfile, re.M)
+    assert found, "no HEALTHCHECK ... CMD [...] in the Dockerfile"
+    return [sys.executable if arg == "python" else arg for arg in json.loads(found.group(1))]
+
+
+def test_healthcheck_follows_presence_port(server_factory: Callable[..., Server]) -> None:
+    def healthy(port: int) -> bool:
+        """The check's verdict in a container whose PRESENCE_PORT is ``port``."""
+        env = {**os.environ, "PRESENCE_PORT": str(port)}
+        result = subprocess.run(healthcheck(), env=env, capture_output=True, timeout=10)
+        return result.returncode == 0
+
+    server = server_factory()
+    assert server.port != 8000
+    assert healthy(server.port)
+    assert not healthy(free_port())  # nothing listens there
+    unready = server_factory("--redis-url", "redis://127.0.0.1:1/0", ready=False)
+    assert not healthy(unready.port)  # answers /readyz with 503
+
+
+def test_compose_keeps_its_secret_in_an_untracked_env_file() -> None:
+    # A secret made on every `up` would invalidate every identity token at each restart.
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    for name in ("docker-compose.yml", "README.md"):
+        text = (ROOT / name).read_text()
+        assert "> .env" in text, name
+        assert "PRESENCE_SECRET=$(openssl rand -hex 32) docker compose" not in text, name
 
 
 class RoundRobinProxy:
