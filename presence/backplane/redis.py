@@ -195,6 +195,10 @@ class RedisBackplane(Backplane):
             self._lost.clear()
             try:
                 await self._connect()
+                if self._lost.is_set():
+                    # A connection opened just now died before we were marked connected:
+                    # waiting on the set event below would spin without yielding.
+                    raise ConnectionError("a Redis connection was lost while connecting")
             except (RedisError, OSError) as exc:
                 self.connect_failures += 1
                 self._down(exc)
