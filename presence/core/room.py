@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import orjson
 
-from presence.core.colors import PALETTE, pick_color
+from presence.core.distinct import Distinct
 from presence.core.events import (
     Active,
     Batch,
@@ -30,7 +30,7 @@ from presence.core.events import (
     Updated,
     apply_patch,
 )
-from presence.core.identity import Identity, initials_choices, unique_name
+from presence.core.identity import Identity
 
 ROOM_NAME_RULE = "1 to 128 characters: letters, digits and - _ . : ~"
 _ROOM_NAME = re.compile(r"[A-Za-z0-9_.:~-]{1,128}")
@@ -133,7 +133,7 @@ class Room:
         if member_id in self._members:
             raise RoomError(f"member {member_id!r} is already in room {self.name!r}")
         self._wanted[member_id] = identity
-        shown = _Distinct(self._members).settle(member_id, identity, None)
+        shown = _distinct(self._members).settle(member_id, identity, None)
         info = MemberInfo(member_id, shown, {}, False, self.replica)
         self._members[member_id] = _Member(info, now, now)
         self._emit(Joined(info))
@@ -250,7 +250,7 @@ class Room:
         old connection of a reloaded page, or a second tab) gets "Io" back when the holder
         leaves. A change is announced as a ``join`` of the same id, which replaces it.
         """
-        distinct = _Distinct(self._members)
+        distinct = _distinct(self._members)
         for member_id, member in self._members.items():
             if member.info.origin != self.replica:
                 continue
@@ -282,81 +282,6 @@ class Room:
         return member
 
 
-class _Holders:
-    """Which members hold each value of one attribute (a name, initials, a colour)."""
-
-    def __init__(self) -> None:
-        self.by_value: dict[str, set[str]] = {}
-
-    def __contains__(self, value: object) -> bool:
-        return value in self.by_value
-
-    def add(self, value: str, member_id: str) -> None:
-        self.by_value.setdefault(value, set()).add(member_id)
-
-    def remove(self, value: str, member_id: str) -> None:
-        holders = self.by_value.get(value)
-        if holders is not None:
-            holders.discard(member_id)
-            if not holders:
-                del self.by_value[value]
-
-    def yields(self, value: str, member_id: str) -> bool:
-        """Whether another holder of ``value`` goes first (it has the smaller id)."""
-        return any(other < member_id for other in self.by_value.get(value, ()))
-
-    def in_use(self) -> Iterable[str]:
-        return (value for value, ids in self.by_value.items() for _ in ids)
-
-
-class _Distinct:
-    """The names, initials and colours held in a room, to keep each member's apart.
-
-    One pass over the members, then O(1) per member settled: a room settles on every
-    membership change, and rooms can have hundreds of members.
-    """
-
-    def __init__(self, members: dict[str, _Member]) -> None:
-        self.names, self.initials, self.colors = _Holders(), _Holders(), _Holders()
-        for member_id, member in members.items():
-            self._hold(member.info.identity, member_id)
-
-    def _hold(self, identity: Identity, member_id: str) -> None:
-        self.names.add(identity.name, member_id)
-        self.initials.add(identity.initials, member_id)
-        self.colors.add(identity.color, member_id)
-
-    def settle(self, member_id: str, wanted: Identity, current: Identity | None) -> Identity:
-        """What ``member_id`` shows: ``current`` (None when joining) changed only where it
-        clashes with a member that goes first, or where ``wanted`` has become free."""
-        if current is not None:
-            self.names.remove(current.name, member_id)
-            self.initials.remove(current.initials, member_id)
-            self.colors.remove(current.color, member_id)
-        names, initials, colors = self.names, self.initials, self.colors
-        # Name: first come keeps it; a rename is the smallest change ("Io 2").
-        if current is None or names.yields(current.name, member_id):
-            name = unique_name(wanted.name, names.by_value)
-        elif wanted.name != current.name and wanted.name not in names:
-            name = wanted.name
-        else:
-            name = current.name
-        # Initials follow the name, first free choice; kept while nobody contests them.
-        if current is None or name != current.name or initials.yields(current.initials, member_id):
-            mark = next(c for c in initials_choices(name) if c not in initials)
-        else:
-            mark = current.initials
-        # Colour: a token's own unless another member shows it and a colour is free. A
-        # client's self-declared colour is what its Yjs peers see: it stays.
-        if current is None:
-            color, contested = wanted.color, wanted.color in colors
-        else:
-            color, contested = current.color, colors.yields(current.color, member_id)
-        if not wanted.declared:
-            if contested and any(c not in colors for c in PALETTE):
-                color = pick_color(colors.in_use())
-            elif color != wanted.color and wanted.color not in colors:
-                color = wanted.color
-        shown = replace(wanted, name=name, initials=mark, color=color)
-        self._hold(shown, member_id)
-        return shown
+def _distinct(members: dict[str, _Member]) -> Distinct:
+    """The names, initials and colours the room's members show, to keep each apart."""
+    return Distinct((member_id, m.info.identity) for member_id, m in members.items())

@@ -1,0 +1,187 @@
+"""Keeping names, initials and colours apart: among the members of a room, and among the
+live identities of a *scope* (the anonymous users of one Jupyter server, say).
+
+A room settles its members with :class:`Distinct` on every membership change. A scope
+holds each username's identity until it expires (:class:`LiveIdentities`); a new or
+returning user gets, with :func:`choose`, the identity it wants changed only where a live
+one holds its name, initials or colour, and claims it only if nobody took any of them
+meanwhile (:func:`clashes`): the check the backplanes make atomically, in memory or in
+a Redis script.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+from presence.core.colors import PALETTE, pick_color
+from presence.core.identity import Identity, IdentityFactory, initials_choices, unique_name
+
+
+class Holders:
+    """Which ids hold each value of one attribute (a name, initials, a colour)."""
+
+    def __init__(self) -> None:
+        self.by_value: dict[str, set[str]] = {}
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.by_value
+
+    def add(self, value: str, holder: str) -> None:
+        self.by_value.setdefault(value, set()).add(holder)
+
+    def remove(self, value: str, holder: str) -> None:
+        holders = self.by_value.get(value)
+        if holders is not None:
+            holders.discard(holder)
+            if not holders:
+                del self.by_value[value]
+
+    def yields(self, value: str, holder: str) -> bool:
+        """Whether another holder of ``value`` goes first (it has the smaller id)."""
+        return any(other < holder for other in self.by_value.get(value, ()))
+
+    def in_use(self) -> Iterable[str]:
+        return (value for value, ids in self.by_value.items() for _ in ids)
+
+
+class Distinct:
+    """The names, initials and colours held by a set of identities, to keep each apart.
+
+    One pass over the identities, then O(1) per identity settled: a room settles on every
+    membership change, and rooms can have hundreds of members.
+    """
+
+    def __init__(self, held: Iterable[tuple[str, Identity]]) -> None:
+        self.names, self.initials, self.colors = Holders(), Holders(), Holders()
+        for holder, identity in held:
+            self._hold(identity, holder)
+
+    def _hold(self, identity: Identity, holder: str) -> None:
+        self.names.add(identity.name, holder)
+        self.initials.add(identity.initials, holder)
+        self.colors.add(identity.color, holder)
+
+    def has_free_color(self) -> bool:
+        """Whether a palette colour is shown by nobody (then no two may share one)."""
+        return any(c not in self.colors for c in PALETTE)
+
+    def settle(self, holder: str, wanted: Identity, current: Identity | None) -> Identity:
+        """What ``holder`` shows: ``current`` (None when joining) changed only where it
+        clashes with a holder that goes first, or where ``wanted`` has become free."""
+        if current is not None:
+            self.names.remove(current.name, holder)
+            self.initials.remove(current.initials, holder)
+            self.colors.remove(current.color, holder)
+        names, initials, colors = self.names, self.initials, self.colors
+        # Name: first come keeps it; a rename is the smallest change ("Io 2").
+        if current is None or names.yields(current.name, holder):
+            name = unique_name(wanted.name, names.by_value)
+        elif wanted.name != current.name and wanted.name not in names:
+            name = wanted.name
+        else:
+            name = current.name
+        # Initials follow the name, first free choice; kept while nobody contests them.
+        if current is None or name != current.name or initials.yields(current.initials, holder):
+            mark = next(c for c in initials_choices(name) if c not in initials)
+        else:
+            mark = current.initials
+        # Colour: a token's own unless another holder shows it and a colour is free. A
+        # client's self-declared colour is what its Yjs peers see: it stays.
+        if current is None:
+            color, contested = wanted.color, wanted.color in colors
+        else:
+            color, contested = current.color, colors.yields(current.color, holder)
+        if not wanted.declared:
+            if contested and self.has_free_color():
+                color = pick_color(colors.in_use())
+            elif color != wanted.color and wanted.color not in colors:
+                color = wanted.color
+        shown = replace(wanted, name=name, initials=mark, color=color)
+        self._hold(shown, holder)
+        return shown
+
+
+# -- scopes of live identities ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An identity to hold in a scope, as chosen from a snapshot of the scope."""
+
+    identity: Identity
+    # The colour must not be shown by another live identity: it was chosen while a
+    # palette colour was free. Once all are taken, colours repeat (least used first).
+    exclusive_color: bool
+
+
+def choose(held: Mapping[str, Identity], wanted: Identity) -> Claim:
+    """What ``wanted.username`` shows among the live identities ``held`` (by username; its
+    own entry, if any, is ignored): ``wanted`` itself where nobody else holds its name,
+    initials or colour, else the smallest change (as when joining a room)."""
+    distinct = Distinct((u, i) for u, i in held.items() if u != wanted.username)
+    exclusive = distinct.has_free_color()
+    return Claim(distinct.settle(wanted.username, wanted, None), exclusive)
+
+
+def create(held: Mapping[str, Identity], factory: IdentityFactory) -> Identity:
+    """A new identity whose name and colour are as far as can be from those ``held``."""
+    return factory.create({i.name for i in held.values()}, [i.color for i in held.values()])
+
+
+def clashes(held: Mapping[str, Identity], claim: Claim) -> bool:
+    """Whether another live identity holds the claim's name or initials (or its colour,
+    if exclusive). Redis makes the same check in a script (backplane/redis.py)."""
+    mine = claim.identity
+    return any(
+        other.name == mine.name
+        or other.initials == mine.initials
+        or (claim.exclusive_color and other.color == mine.color)
+        for username, other in held.items()
+        if username != mine.username
+    )
+
+
+class LiveIdentities:
+    """The identities live in one scope, each held until its expiry (sans-I/O: callers
+    pass the time). The memory backplane keeps one per scope; so does the Jupyter identity
+    provider for the users of its server."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[Identity, float]] = {}  # username -> (shown, expires)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def held(self, now: float) -> dict[str, Identity]:
+        """The live identities by username; forgets the expired ones."""
+        for username in [u for u, (_, expires) in self._held.items() if expires <= now]:
+            del self._held[username]
+        return {u: identity for u, (identity, _) in self._held.items()}
+
+    def get(self, username: str, now: float) -> Identity | None:
+        entry = self._held.get(username)
+        return entry[0] if entry is not None and entry[1] > now else None
+
+    def claim(self, claim: Claim, now: float, ttl: float) -> dict[str, Identity] | None:
+        """Hold ``claim.identity`` for ``ttl`` seconds unless it clashes with another live
+        identity. None when held; else the live identities, to choose again from."""
+        held = self.held(now)
+        if clashes(held, claim):
+            return held
+        self.put(claim.identity, now, ttl)
+        return None
+
+    def put(self, identity: Identity, now: float, ttl: float) -> None:
+        """Hold ``identity`` as it is (another authority, the service, chose it)."""
+        self._held[identity.username] = (identity, now + ttl)
+
+    def touch(self, username: str, now: float, ttl: float) -> Identity | None:
+        """Keep a live identity for ``ttl`` more seconds; None if it is not live."""
+        shown = self.get(username, now)
+        if shown is not None:
+            self._held[username] = (shown, now + ttl)
+        return shown
+
+    def release(self, username: str) -> None:
+        self._held.pop(username, None)

@@ -1,0 +1,71 @@
+"""Live identities of a scope: distinct names, initials and colours, expiry, claims."""
+
+from __future__ import annotations
+
+from presence.core.colors import PALETTE
+from presence.core.distinct import Claim, LiveIdentities, choose, clashes, create
+from presence.core.identity import Identity, IdentityFactory
+
+
+def factory() -> IdentityFactory:
+    return IdentityFactory(b"secret", seed=7)
+
+
+def test_new_identities_of_a_scope_are_distinct_and_spread_over_the_palette() -> None:
+    live, make = LiveIdentities(), factory()
+    shown = []
+    for _ in range(40):
+        held = live.held(0.0)
+        claim = choose(held, create(held, make))
+        assert live.claim(claim, 0.0, 60) is None
+        shown.append(claim.identity)
+    assert len({i.name for i in shown}) == 40
+    assert len({i.initials for i in shown}) == 40
+    assert {i.color for i in shown[:16]} == set(PALETTE)
+
+
+def test_a_returning_identity_keeps_what_is_free_and_yields_what_is_held() -> None:
+    live = LiveIdentities()
+    io = Identity("a", "Anonymous Io", "AI", PALETTE[0])
+    assert live.claim(choose({}, io), 0.0, 60) is None
+    # Another browser's token also says "Anonymous Io", in the same colour.
+    twin = Identity("b", "Anonymous Io", "AI", PALETTE[0])
+    claim = choose(live.held(1.0), twin)
+    assert claim.identity.name == "Anonymous Io 2"
+    assert claim.identity.initials == "I2"
+    assert claim.identity.color != PALETTE[0] and claim.exclusive_color
+    assert live.claim(claim, 1.0, 60) is None
+    # Renewing the first one changes nothing.
+    assert choose(live.held(2.0), io).identity == io
+    # Once "a" expires, "b" gets its own name and colour back.
+    assert live.held(60.5).keys() == {"b"}
+    assert choose(live.held(60.5), twin).identity == twin
+
+
+def test_a_claim_made_from_an_old_snapshot_is_refused_with_the_current_one() -> None:
+    live = LiveIdentities()
+    a = choose({}, Identity("a", "Anonymous Io", "AI", PALETTE[0]))
+    b = choose({}, Identity("b", "Anonymous Io", "AI", PALETTE[1]))  # chosen concurrently
+    assert live.claim(a, 0.0, 60) is None
+    again = live.claim(b, 0.0, 60)
+    assert again is not None and set(again) == {"a"}
+    assert clashes(again, b)
+    assert live.claim(choose(again, b.identity), 0.0, 60) is None
+
+
+def test_colours_repeat_only_when_the_palette_is_used_up() -> None:
+    held = {f"u{i}": Identity(f"u{i}", f"N{i}", f"X{i}", c) for i, c in enumerate(PALETTE)}
+    claim = choose(held, Identity("z", "Zed", "ZE", PALETTE[3]))
+    assert claim.identity.color == PALETTE[3] and not claim.exclusive_color
+    assert not clashes(held, claim)
+    assert clashes(held, Claim(claim.identity, exclusive_color=True))
+
+
+def test_touch_keeps_a_live_identity_and_not_an_expired_one() -> None:
+    live = LiveIdentities()
+    io = Identity("a", "Anonymous Io", "AI", PALETTE[0])
+    live.put(io, 0.0, 10)
+    assert live.touch("a", 9.0, 10) == io
+    assert live.get("a", 18.0) == io
+    assert live.touch("a", 19.5, 10) is None
+    assert live.held(19.5) == {}
