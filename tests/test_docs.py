@@ -11,6 +11,7 @@ import pytest
 from load.tables import BENCHMARKS, load_results, update_doc
 from presence.config import Settings
 from presence.core.room import ROOM_NAME_RULE
+from presence.server.identities import DEFAULT_TTL, MAX_TTL
 from presence.server.json_ws import MAX_CONSECUTIVE_ERRORS
 from presence.server.yjs_ws import MAX_CLIENT_IDS
 
@@ -45,6 +46,8 @@ CONSTANTS = [
     ("docs/protocol.md", "at most 8 client IDs", MAX_CLIENT_IDS),
     ("README.md", "1 to 128 characters", ROOM_NAME_RULE),
     ("docs/protocol.md", "1 to 128 characters", ROOM_NAME_RULE),
+    ("docs/protocol.md", "(default 3600 s", DEFAULT_TTL),
+    ("docs/protocol.md", "at most 604800 s", MAX_TTL),
 ]
 # Numbers next to a unit or a setting's name that quote neither, with why.
 UNRELATED = [

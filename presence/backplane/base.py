@@ -6,7 +6,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from presence.core.distinct import Claim
 from presence.core.events import Event, MemberInfo
+from presence.core.identity import Identity
+
+
+class Unavailable(Exception):
+    """The store shared by the replicas cannot be reached now (identity scopes)."""
 
 
 class Listener(Protocol):
@@ -89,3 +95,22 @@ class Backplane(ABC):
     @abstractmethod
     def request_sync(self, room: str) -> None:
         """Ask the other replicas to announce their members in ``room``."""
+
+    # -- identity scopes ---------------------------------------------------------------
+    # A scope (the anonymous users of one Jupyter server, say) holds each username's
+    # identity while it is live: no two live identities of a scope show one name or one
+    # pair of initials, nor one colour while a palette colour is free, on any replica.
+
+    @abstractmethod
+    async def scope_identities(self, scope: str) -> dict[str, Identity]:
+        """The live identities of ``scope`` by username (expired ones are forgotten).
+        Raises :class:`Unavailable`."""
+
+    @abstractmethod
+    async def claim_identity(
+        self, scope: str, claim: Claim, ttl: float
+    ) -> dict[str, Identity] | None:
+        """Atomically: unless another live identity of ``scope`` clashes with the claim
+        (:func:`presence.core.distinct.clashes`), hold ``claim.identity`` for ``ttl``
+        seconds and return None; otherwise return the scope's live identities, to choose
+        again from. Raises :class:`Unavailable`."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 
 from presence.backplane.base import Backplane
+from presence.core.distinct import Claim, LiveIdentities
 from presence.core.events import Event, Joined, MemberInfo
+from presence.core.identity import Identity
 
 
 class MemoryBus:
@@ -15,12 +18,19 @@ class MemoryBus:
     def __init__(self) -> None:
         self.subscribers: dict[str, set[MemoryBackplane]] = {}
         self.members: dict[str, dict[str, MemberInfo]] = {}
+        self.scopes: dict[str, LiveIdentities] = {}
 
 
 class MemoryBackplane(Backplane):
-    def __init__(self, replica_id: str, bus: MemoryBus | None = None) -> None:
+    def __init__(
+        self,
+        replica_id: str,
+        bus: MemoryBus | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(replica_id)
         self.bus = bus or MemoryBus()
+        self.clock = clock
 
     async def open_room(self, room: str) -> list[Event]:
         self.bus.subscribers.setdefault(room, set()).add(self)
@@ -68,3 +78,16 @@ class MemoryBackplane(Backplane):
 
     def request_sync(self, room: str) -> None:
         self._deliver(room, lambda peer: peer.listener.on_sync_request(room))  # type: ignore[union-attr]
+
+    async def scope_identities(self, scope: str) -> dict[str, Identity]:
+        live = self.bus.scopes.get(scope)
+        held = live.held(self.clock()) if live is not None else {}
+        if not held:
+            self.bus.scopes.pop(scope, None)  # nobody left: the scope goes, as in Redis
+        return held
+
+    async def claim_identity(
+        self, scope: str, claim: Claim, ttl: float
+    ) -> dict[str, Identity] | None:
+        live = self.bus.scopes.setdefault(scope, LiveIdentities())
+        return live.claim(claim, self.clock(), ttl)

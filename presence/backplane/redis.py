@@ -13,6 +13,10 @@ which keeps a room's traffic inside the shard that owns it.
 - ``presence:replicas`` (``presence:{replicas}`` when sharded): heartbeats and goodbyes.
   A replica not heard for ``down_after`` is dead; its members are removed, at most
   ``replica_timeout`` after it died (timings: ``RedisBackplane.__init__``).
+- ``presence:scope:{scope}:live`` and ``:expiry``: the live identities of an identity
+  scope (hash username -> identity) and when each expires (sorted set, Redis's clock in
+  ms). Claims are checked and made in one script (``SCOPE_SCRIPT``); both keys expire
+  with the scope's longest-lived identity.
 - ``presence:replica:ID``: expires ``down_after`` after the last heartbeat, when the other
   replicas count it as dead too; lets a snapshot skip the members of replicas that are
   gone, and its remaining time tells a replica that never heard this one when it last
@@ -38,10 +42,12 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from presence.backplane.base import Backplane
+from presence.backplane.base import Backplane, Unavailable
 from presence.backplane.resp import RespConnection, pack
 from presence.codecs import replica as codec
+from presence.core.distinct import Claim
 from presence.core.events import Event, Joined, Left, MemberInfo
+from presence.core.identity import Identity
 
 log = logging.getLogger("presence.redis")
 
@@ -64,6 +70,40 @@ if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
 redis.call('PEXPIRE', KEYS[1], TTL)
 return 1
 """.replace("TTL", str(HASH_TTL_MS))
+
+# An identity scope: forget the expired identities, then, given a claim (ARGV: username,
+# identity as JSON, ttl in ms, exclusive colour "1"/"0"), hold it unless another live
+# identity shows its name or initials (or its colour, if exclusive): the check of
+# presence.core.distinct.clashes, atomic across replicas. Returns {1} when held, else
+# {0, the live identities as HGETALL gives them}. TIME is Redis's clock, the same for all
+# replicas; replicate_commands lets a script write after reading it on Redis < 7.
+SCOPE_SCRIPT = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, username in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('HDEL', KEYS[1], username)
+  redis.call('ZREM', KEYS[2], username)
+end
+local held = redis.call('HGETALL', KEYS[1])
+if #ARGV == 0 then return {0, held} end
+local me, ttl, exclusive = ARGV[1], tonumber(ARGV[3]), ARGV[4] == '1'
+local mine = cjson.decode(ARGV[2])
+for i = 1, #held, 2 do
+  if held[i] ~= me then
+    local other = cjson.decode(held[i + 1])
+    if other.n == mine.n or other.i == mine.i or (exclusive and other.c == mine.c) then
+      return {0, held}
+    end
+  end
+end
+redis.call('HSET', KEYS[1], me, ARGV[2])
+redis.call('ZADD', KEYS[2], now + ttl, me)
+for _, key in ipairs(KEYS) do
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+return {1}
+"""
 
 
 class RedisBackplane(Backplane):
@@ -96,6 +136,7 @@ class RedisBackplane(Backplane):
         self.redis: Redis | RedisCluster = (
             RedisCluster.from_url(url) if cluster else Redis.from_url(url)
         )
+        self._scope_script = self.redis.register_script(SCOPE_SCRIPT)
         # Redis node -> its connections for subscribing and for the commands of each tick
         self._subscribers: dict[str, RespConnection] = {}
         self._links: dict[str, RespConnection] = {}
@@ -131,6 +172,11 @@ class RedisBackplane(Backplane):
 
     def replica_key(self, replica: str) -> str:
         return f"{self.prefix}:replica:{replica}"
+
+    def scope_keys(self, scope: str) -> list[str]:
+        """The keys of an identity scope; the ``{scope}`` hash tag keeps them in one slot."""
+        base = f"{self.prefix}:scope:{{{scope}}}"
+        return [base + ":live", base + ":expiry"]
 
     def _room_of(self, channel: str) -> str | None:
         start = len(self.prefix) + 2
@@ -595,6 +641,36 @@ class RedisBackplane(Backplane):
             out.append(pack(publish, channel, message))
         for conn, out in commands.items():
             conn.send(*out)
+
+    # -- identity scopes ---------------------------------------------------------------
+
+    async def scope_identities(self, scope: str) -> dict[str, Identity]:
+        _, held = await self._run_scope(scope)
+        return held
+
+    async def claim_identity(
+        self, scope: str, claim: Claim, ttl: float
+    ) -> dict[str, Identity] | None:
+        i = claim.identity
+        record = codec.dumps({"u": i.username, "n": i.name, "i": i.initials, "c": i.color})
+        exclusive = "1" if claim.exclusive_color else "0"
+        ttl_ms = max(1, round(ttl * 1000))
+        done, held = await self._run_scope(scope, i.username, record, ttl_ms, exclusive)
+        return None if done else held
+
+    async def _run_scope(self, scope: str, *args: Any) -> tuple[bool, dict[str, Identity]]:
+        try:
+            reply = await self._scope_script(keys=self.scope_keys(scope), args=list(args))
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis unavailable ({_safe(self.url)}): {exc}") from exc
+        if reply[0] == 1:
+            return True, {}
+        flat = reply[1]
+        held = {}
+        for field, value in zip(flat[::2], flat[1::2], strict=True):
+            d = codec.loads(value)
+            held[_text(field)] = Identity(d["u"], d["n"], d["i"], d["c"])
+        return False, held
 
 
 def _text(value: bytes | str) -> str:

@@ -22,6 +22,7 @@ from presence.backplane.memory import MemoryBackplane
 from presence.config import Settings
 from presence.core.identity import IdentityFactory, InvalidToken
 from presence.server.hub import Hub, new_replica_id
+from presence.server.identities import post_identities
 from presence.server.views import list_rooms, room_events, room_members
 
 log = logging.getLogger("presence.app")
@@ -137,6 +138,7 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
             Route("/rooms/{room}", room_members),
             Route("/rooms/{room}/events", room_events),
             Route("/identity", identity),
+            Route("/identities", post_identities, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),

@@ -1,0 +1,130 @@
+"""``POST /identities``: anonymous identities unique within a named scope, on every replica.
+
+A scope is a set of people who should be told apart: the anonymous collaborators of one
+Jupyter server (presence.jupyter.identity asks here for each new one, and renews the live
+ones). No two live identities of a scope show one name or one pair of initials, nor one
+colour while the palette has a free one; the backplane makes each claim atomically
+(in Redis, for all replicas), and a claim that lost a race is chosen again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from presence.backplane.base import Unavailable
+from presence.core.distinct import choose, create
+from presence.core.identity import Identity, InvalidToken
+from presence.core.room import ROOM_NAME_RULE, is_valid_room_name
+from presence.server.hub import Hub
+
+DEFAULT_TTL = 3600.0  # seconds an identity stays live without a renewal
+MAX_TTL = 7 * 24 * 3600.0
+# A replica makes one claim of a scope at a time; an attempt loses only to a claim that
+# another replica made meanwhile, and then retries with the scope as it is now, after a
+# random pause: claims made at once choose alike (the farthest colour is the same for
+# all), and would otherwise lose in lockstep.
+ATTEMPTS = 16
+PAUSE = 0.002  # seconds, times the attempt number, at most
+
+
+class Contended(Exception):
+    """Claims kept losing races to other claims of the scope."""
+
+
+_queues: dict[str, tuple[asyncio.Lock, int]] = {}  # scope -> (its lock, requests using it)
+
+
+@asynccontextmanager
+async def _one_at_a_time(scope: str) -> AsyncIterator[None]:
+    lock, users = _queues.get(scope, (asyncio.Lock(), 0))
+    _queues[scope] = (lock, users + 1)
+    try:
+        async with lock:
+            yield
+    finally:
+        lock, users = _queues[scope]
+        if users == 1:
+            del _queues[scope]
+        else:
+            _queues[scope] = (lock, users - 1)
+
+
+async def assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> Identity:
+    """The identity that ``wanted`` (a new one when None) shows in ``scope``, now held
+    there for ``ttl`` seconds."""
+    async with _one_at_a_time(scope):
+        return await _assign(hub, scope, wanted, ttl)
+
+
+async def _assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> Identity:
+    backplane = hub.backplane
+    # A renewal usually holds what it wants already: claim it without reading the scope
+    # first; a clash returns the scope's identities, to choose from.
+    held = {} if wanted is not None else await backplane.scope_identities(scope)
+    for attempt in range(ATTEMPTS):
+        claim = choose(held, wanted or create(held, hub.identities))
+        again = await backplane.claim_identity(scope, claim, ttl)
+        if again is None:
+            return claim.identity
+        await asyncio.sleep(random.uniform(0, PAUSE * (attempt + 1)))
+        held = again
+    raise Contended(f"scope {scope!r} is busy: {ATTEMPTS} claims in a row lost a race")
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+def _ttl(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    ttl = float(value)
+    return ttl if math.isfinite(ttl) and 1 <= ttl <= MAX_TTL else None
+
+
+async def post_identities(request: Request) -> Response:
+    """``{"scope", ["token"], ["ttl"]}`` -> ``{"identity", "token", "scope", "ttl"}``."""
+    hub: Hub = request.app.state.hub
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(400, "invalid_json", "the body must be a JSON object")
+    if not isinstance(body, dict):
+        return _error(400, "invalid_request", "the body must be a JSON object")
+    scope = body.get("scope")
+    if not isinstance(scope, str) or not is_valid_room_name(scope):
+        return _error(400, "invalid_scope", f"scope names are {ROOM_NAME_RULE}; got {scope!r}")
+    ttl = _ttl(body.get("ttl", DEFAULT_TTL))
+    if ttl is None:
+        return _error(400, "invalid_ttl", f"ttl is a number of seconds from 1 to {MAX_TTL:g}")
+    token = body.get("token")
+    if token is not None and not isinstance(token, str):
+        return _error(400, "invalid_token", "token must be a string")
+    try:
+        # The token keeps what the person wants (their name and colour, from the token);
+        # what they show in the scope can differ while another live identity holds it.
+        wanted = hub.identities.verify(token) if token else None
+    except InvalidToken as exc:
+        return _error(400, "invalid_token", str(exc))
+    try:
+        shown = await assign(hub, scope, wanted, ttl)
+    except (Unavailable, Contended) as exc:
+        return _error(503, "unavailable", str(exc))
+    kept = wanted or shown
+    return JSONResponse(
+        {
+            "identity": shown.to_json(),
+            "token": token or hub.identities.token(kept),
+            "scope": scope,
+            "ttl": ttl,
+        },
+        headers={"Cache-Control": "no-store"},
+    )
