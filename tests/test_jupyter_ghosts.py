@@ -134,6 +134,30 @@ async def test_a_client_reconnecting_with_its_old_clock_is_shown_at_once(
     await b.ws.close()
 
 
+async def test_a_client_back_before_its_old_socket_closed_stays_shown(jupyter: Jupyter) -> None:
+    """The new socket's state (old clock) is ignored while the old socket owns the ID; the
+    old socket's removal then reaches the client itself, which re-announces itself with a
+    newer clock (y-protocols never lets a peer remove its own state)."""
+    url, (a, b) = await room_of(jupyter, "Ada", "Bob")
+    again = await joined(url, client_id=a.id)
+    again.awareness.meta[a.id] = dict(a.awareness.meta[a.id])
+    again.awareness.states[a.id] = dict(a.awareness.states[a.id])
+    await again.send_update([a.id])
+    await asyncio.sleep(0.3)
+    clock = b.awareness.meta[a.id]["clock"]
+    closed = time.monotonic()
+    a.abort()
+    # Removed with the old socket (same clock), then back with a newer clock.
+    await b.until(lambda: a.id in b.states and b.awareness.meta[a.id]["clock"] > clock, 2)
+    took = time.monotonic() - closed
+    print(f"\nextension: a client on its new socket was shown again after {took * 1000:.1f} ms")
+    assert took < 1.0
+    closed = time.monotonic()
+    await again.ws.close()
+    assert await gone_after(b, a.id, closed) < 1.0
+    await b.ws.close()
+
+
 async def test_a_socket_dying_right_after_a_burst_leaves_no_ghost(jupyter: Jupyter) -> None:
     """Send and die: whether the room applies the last messages before or after the
     socket's on_close (the hook removes what they bring back), no ghost stays."""
