@@ -1,15 +1,61 @@
-"""The ``presence.jupyter`` server extension: no ghost cursors."""
+"""The ``presence.jupyter`` server extension: no ghost cursors, and the presence mirror.
+
+Configuration (``jupyter_server_config.py`` or ``--PresenceJupyter.url=…``)::
+
+    c.PresenceJupyter.url = "https://presence.example.org"  # unset: no mirror
+    c.PresenceJupyter.scope = "team-a"  # default: the hub user (and server), or host-port
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
+from traitlets import Float, Unicode
+from traitlets.config import Configurable
+
 from presence.jupyter import awareness
+from presence.jupyter.mirror import RENEW_EVERY, Mirror, sanitize, yjs_url
 
 # Without pings, a peer that vanished without a FIN (a laptop lid, a dropped network) is
 # only noticed by the kernel's TCP timeouts, minutes later: its cursor stays until then.
 # jupyter_server sends none on collaboration sockets by default.
 PING_INTERVAL = 10  # seconds; tornado closes a socket whose pong is missing after as long
+SCOPE_MAX = 64  # leaves room for the room id in presence's 128 characters
+
+
+class PresenceJupyter(Configurable):
+    url = Unicode(
+        "",
+        config=True,
+        help="""Base URL of a presence service (http(s):// or ws(s)://) to mirror each
+        collaboration room's awareness into, as the presence room <scope>:<room id>.
+        Empty: no mirror.""",
+    )
+    scope = Unicode(
+        "",
+        config=True,
+        help="""Prefix of the mirrored presence rooms, which keeps servers apart. Empty:
+        the hub user (user~server for a named server) on JupyterHub, else host-port of
+        this server. Characters outside [A-Za-z0-9_.:~-] become '_'.""",
+    )
+    renew_interval = Float(
+        RENEW_EVERY,
+        config=True,
+        help="""Seconds between renewals of unchanged states in presence: less than half
+        of presence's --expire-after (30 s by default).""",
+    )
+
+
+def default_scope(serverapp: Any) -> str:
+    user = os.environ.get("JUPYTERHUB_USER")
+    if user:
+        server = os.environ.get("JUPYTERHUB_SERVER_NAME")
+        scope = f"{user}~{server}" if server else user
+    else:
+        scope = f"{socket.gethostname()}-{serverapp.port}"
+    return sanitize(scope)[:SCOPE_MAX]
 
 
 def _ensure_pings(serverapp: Any, log: Any) -> None:
@@ -32,6 +78,7 @@ def _ensure_pings(serverapp: Any, log: Any) -> None:
 
 def load(serverapp: Any) -> None:
     log = serverapp.log
+    config = PresenceJupyter(parent=serverapp)
     if awareness.handler_class() is None:
         log.info("presence.jupyter: jupyter-collaboration is not installed; nothing to do")
         return
@@ -40,3 +87,20 @@ def load(serverapp: Any) -> None:
         return  # the error is logged: collaboration runs as it would without us
     log.info("presence.jupyter: a collaboration socket's awareness states now leave with it")
     _ensure_pings(serverapp, log)
+    if not config.url:
+        return
+    try:
+        yjs_url(config.url, "check")
+    except ValueError as exc:
+        log.error("presence.jupyter: PresenceJupyter.url: %s; no mirror", exc)
+        return
+    scope = sanitize(config.scope)[:SCOPE_MAX]
+    mirror = Mirror(
+        config.url,
+        (lambda: scope) if scope else (lambda: default_scope(serverapp)),
+        hook,
+        log,
+        renew_every=max(0.1, config.renew_interval),
+    )
+    hook.listeners.append(mirror)
+    log.info("presence.jupyter: mirroring collaboration awareness to presence at %s", config.url)
