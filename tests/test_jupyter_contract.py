@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from typing import Any
 
 import pytest
@@ -149,3 +150,31 @@ def test_awareness_clock_rules() -> None:
     peer.apply_awareness_update(update(7, 3, b'{"x":3}'), "test")
     peer.apply_awareness_update(server.encode_awareness_update([7]), "test")
     assert 7 not in peer.states
+
+
+def test_changed_internals_are_logged_once_and_nothing_is_patched(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cls = handler()
+    before = (cls.__anext__, cls.on_close)
+    monkeypatch.setattr(awareness, "problems", lambda: ["YRoom.clients is not declared"])
+    log = logging.getLogger("contract")
+    with caplog.at_level(logging.ERROR, "contract"):
+        assert awareness.install(log) is None
+    assert (cls.__anext__, cls.on_close) == before
+    [record] = caplog.records
+    assert "YRoom.clients is not declared" in record.getMessage()
+    assert awareness.SUPPORTED in record.getMessage()
+
+
+def test_install_wraps_once_and_uninstall_restores() -> None:
+    cls = handler()
+    before = (cls.__anext__, cls.on_close)
+    log = logging.getLogger("contract")
+    try:
+        hook = awareness.install(log)
+        assert hook is not None and awareness.install(log) is hook
+        assert cls.__anext__.__wrapped__ is before[0] and cls.on_close.__wrapped__ is before[1]
+    finally:
+        awareness.uninstall()
+    assert (cls.__anext__, cls.on_close) == before
