@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
+from traitlets import TraitError
+from traitlets.config import Config, Configurable
 
 from load.procs import ARTIFACTS, Server, _die_with_parent, free_port
 from presence.core.colors import PALETTE
@@ -141,6 +143,29 @@ def presence_token(cookie: str) -> str:
     """The value inside a tornado signed cookie (``2|1:0|10:ts|len:name|len:b64|sig``)."""
     b64 = cookie.strip('"').split("|")[4].split(":", 1)[1]
     return base64.b64decode(b64).decode()
+
+
+def test_the_scope_is_the_mirror_scope_unless_set_and_must_be_a_valid_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from presence.jupyter.identity import PresenceIdentityProvider
+
+    monkeypatch.delenv("JUPYTERHUB_USER", raising=False)
+
+    class App(Configurable):
+        port = 8888
+
+    assert PresenceIdentityProvider(parent=App()).scope == f"{socket.gethostname()}-8888"
+    monkeypatch.setenv("JUPYTERHUB_USER", "ada@example.org")
+    monkeypatch.setenv("JUPYTERHUB_SERVER_NAME", "gpu")
+    assert PresenceIdentityProvider(parent=App()).scope == "ada_example.org~gpu"
+    config = Config()
+    config.PresenceJupyter.scope = "team-a"
+    assert PresenceIdentityProvider(config=config).scope == "team-a"
+    config.PresenceIdentityProvider.scope = "team-b"
+    assert PresenceIdentityProvider(config=config).scope == "team-b"
+    with pytest.raises(TraitError, match="letters, digits"):
+        PresenceIdentityProvider(scope="team b")
 
 
 def test_every_anonymous_user_gets_a_distinct_identity_stable_with_its_cookie(

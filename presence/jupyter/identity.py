@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import inspect
 import os
-import re
 import secrets
 import socket
 import time
@@ -63,11 +62,6 @@ class _Person:
     stale_cookie: bool = False  # the cookie does not hold ``token`` yet (jupyter's JSON)
 
 
-def scope_name(text: str) -> str:
-    """``text`` made a valid scope name (the rules of room names)."""
-    return re.sub(r"[^A-Za-z0-9_.:~-]", "-", text)[:128] or "jupyter"
-
-
 class PresenceIdentityProvider(PasswordIdentityProvider):
     name_style = Enum(
         list(NAME_STYLES),
@@ -92,9 +86,9 @@ class PresenceIdentityProvider(PasswordIdentityProvider):
     )
     scope = Unicode(
         config=True,
-        help="Who must be told apart from each other, as a presence scope name. Default: "
-        "'jupyterhub:USER[:SERVER]' from $JUPYTERHUB_USER and $JUPYTERHUB_SERVER_NAME, else "
-        "'jupyter:HOSTNAME:PORT' of this server.",
+        help="The presence scope whose live identities are kept distinct: this server's "
+        "users. Default: PresenceJupyter.scope if set, else as the mirror derives it: the "
+        "hub user (USER~SERVER for a named server) on JupyterHub, else HOSTNAME-PORT.",
     )
     live_seconds = Float(
         3600.0,
@@ -145,12 +139,17 @@ class PresenceIdentityProvider(PasswordIdentityProvider):
 
     @default("scope")
     def _default_scope(self) -> str:
-        user = os.environ.get("JUPYTERHUB_USER")
-        if user:
-            parts = ["jupyterhub", user, os.environ.get("JUPYTERHUB_SERVER_NAME", "")]
-        else:  # read at the first request: the port is the one bound by then
-            parts = ["jupyter", socket.gethostname(), str(getattr(self.parent, "port", ""))]
-        return scope_name(":".join(p for p in parts if p))
+        # The mirror's scope (presence.jupyter.extension), so that one name stands for this
+        # server in presence. Read at the first request: the port is bound by then.
+        from presence.jupyter.extension import SCOPE_MAX, default_scope
+        from presence.jupyter.mirror import sanitize
+
+        chosen = (self.config.get("PresenceJupyter") or {}).get("scope")
+        if chosen:
+            return sanitize(str(chosen))[:SCOPE_MAX]
+        if self.parent is not None and hasattr(self.parent, "port"):
+            return default_scope(self.parent)
+        return sanitize(socket.gethostname())[:SCOPE_MAX]
 
     @validate("scope")
     def _validate_scope(self, proposal: dict[str, Any]) -> str:
