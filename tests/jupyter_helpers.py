@@ -46,6 +46,10 @@ class Jupyter:
         """A new notebook's collaboration room id and its WebSocket URL."""
         path = f"{uuid.uuid4().hex[:8]}.ipynb"
         self._api("PUT", f"/api/contents/{path}", {"type": "notebook", "content": NOTEBOOK})
+        return self.session(path)
+
+    def session(self, path: str) -> tuple[str, str]:
+        """The collaboration room id of a notebook, and its WebSocket URL."""
         session = self._api(
             "PUT", f"/api/collaboration/session/{path}", {"format": "json", "type": "notebook"}
         )
@@ -72,13 +76,14 @@ class Jupyter:
 NOTEBOOK = {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
 
 
-def start_jupyter(root: Path, *args: str) -> Jupyter:
-    """``jupyter server`` in ``root``, with none of the user's Jupyter configuration."""
+def start_jupyter(root: Path, *args: str, app: str = "jupyter_server") -> Jupyter:
+    """``jupyter server`` (or another app: ``jupyterlab``) in ``root``, with none of the
+    user's Jupyter configuration."""
     for sub in ("work", "config", "data", "runtime"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / f"jupyter-server-{port}.log"
+    log = ARTIFACTS / f"{app}-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")}
     env.update(
         JUPYTER_CONFIG_DIR=str(root / "config"),
@@ -89,7 +94,7 @@ def start_jupyter(root: Path, *args: str) -> Jupyter:
         [
             sys.executable,
             "-m",
-            "jupyter_server",
+            app,
             "--allow-root",
             "--no-browser",
             "--ip=127.0.0.1",
@@ -109,7 +114,7 @@ def start_jupyter(root: Path, *args: str) -> Jupyter:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"jupyter server exited with {proc.returncode}; see {log}")
+            raise RuntimeError(f"{app} exited with {proc.returncode}; see {log}")
         try:
             status = httpx.get(f"{jupyter.http}/api/status?token={TOKEN}", timeout=1)
             if status.status_code == 200:
@@ -118,7 +123,7 @@ def start_jupyter(root: Path, *args: str) -> Jupyter:
             pass
         time.sleep(0.1)
     jupyter.stop()
-    raise RuntimeError(f"jupyter server did not start within 60 s; see {log}")
+    raise RuntimeError(f"{app} did not start within 60 s; see {log}")
 
 
 def lab_state(name: str, *, selection: bool = False) -> dict[str, Any]:
