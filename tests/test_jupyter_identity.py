@@ -145,6 +145,22 @@ def presence_token(cookie: str) -> str:
     return base64.b64decode(b64).decode()
 
 
+@pytest.fixture(scope="module")
+def service() -> Iterator[Server]:
+    """A presence service whose names are animals: Jupyter's own are moons."""
+    server = Server(["--name-style", "animal"]).start()  # PRESENCE_SECRET=test-secret
+    yield server
+    server.stop()
+
+
+def claim(service: Server, scope: str, wanted: Identity) -> dict[str, Any]:
+    token = IdentityFactory(b"test-secret").token(wanted)
+    response = httpx.post(f"{service.http}/identities", json={"scope": scope, "token": token})
+    assert response.status_code == 200, response.text
+    identity: dict[str, Any] = response.json()["identity"]
+    return identity
+
+
 def test_the_scope_is_the_mirror_scope_unless_set_and_must_be_a_valid_name(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -262,17 +278,42 @@ def test_when_allowed_users_choose_a_name_and_colour_and_still_look_distinct(
     assert bad.status_code == 400 and "#1A2B3C" in bad.text
 
 
-def test_without_the_service_users_log_in_with_identities_made_here(
+def test_without_the_service_users_log_in_and_once_it_is_back_their_identities_join_it(
     jupyters: list[Jupyter], tmp_path: Path
 ) -> None:
-    closed = free_port()  # nothing listens there
-    j = jupyter(jupyters, tmp_path, f"--PresenceIdentityProvider.url=http://127.0.0.1:{closed}")
-    identities = [me(browser(j), token=True) for _ in range(5)]
+    closed = free_port()  # nothing listens there, yet
+    j = jupyter(
+        jupyters,
+        tmp_path,
+        f"--PresenceIdentityProvider.url=http://127.0.0.1:{closed}",
+        "--PresenceIdentityProvider.scope=lab:outage",
+        "--PresenceIdentityProvider.retry_after=1",
+        PRESENCE_SECRET="test-secret",  # the service's (load.procs.Server)
+    )
+    clients = [browser(j) for _ in range(5)]
+    identities = [me(c, token=True) for c in clients]
     assert len({i["name"] for i in identities}) == 5
     assert len({i["color"] for i in identities}) == 5
+    assert all(i["name"].startswith("Anonymous ") for i in identities)  # made here
     warnings = [line for line in j.output().splitlines() if "presence service" in line]
     assert len(warnings) == 1, warnings  # once per outage, not once per user
     assert "[W" in warnings[0] and "ConnectError" in warnings[0]
+    # The service starts; a second later new users get its identities (animal names).
+    service = Server(["--name-style", "animal"], port=closed).start()
+    try:
+        time.sleep(1.2)
+        assert not me(browser(j), token=True)["name"].startswith("Anonymous ")
+        back = [line for line in j.output().splitlines() if "presence service" in line]
+        assert len(back) == 2 and "is back" in back[1], back
+        # The users who logged in meanwhile keep their identities; their next request
+        # renews them with the service, in the background: now they are held in the scope.
+        a = identities[0]
+        assert me(clients[0]) == a
+        time.sleep(0.5)
+        twin = Identity("someone-else", a["name"], a["initials"], a["color"])
+        assert claim(service, "lab:outage", twin)["name"] == a["name"] + " 2"
+    finally:
+        service.stop()
 
 
 def test_a_service_that_does_not_answer_is_not_asked_again_for_a_while(
@@ -297,22 +338,6 @@ def test_a_service_that_does_not_answer_is_not_asked_again_for_a_while(
         assert len({i["name"] for i in [first, *more]}) == 6
         warnings = [line for line in j.output().splitlines() if "presence service" in line]
         assert len(warnings) == 1 and "Timeout" in warnings[0], warnings
-
-
-@pytest.fixture(scope="module")
-def service() -> Iterator[Server]:
-    """A presence service whose names are animals: Jupyter's own are moons."""
-    server = Server(["--name-style", "animal"]).start()  # PRESENCE_SECRET=test-secret
-    yield server
-    server.stop()
-
-
-def claim(service: Server, scope: str, wanted: Identity) -> dict[str, Any]:
-    token = IdentityFactory(b"test-secret").token(wanted)
-    response = httpx.post(f"{service.http}/identities", json={"scope": scope, "token": token})
-    assert response.status_code == 200, response.text
-    identity: dict[str, Any] = response.json()["identity"]
-    return identity
 
 
 def test_identities_come_from_the_service_and_stay_live_there_while_used(
