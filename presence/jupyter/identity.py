@@ -117,10 +117,11 @@ class PresenceIdentityProvider(PasswordIdentityProvider):
     )
 
     # Why "live" means "seen within live_seconds": a server does not learn when a browser
-    # tab closes, but an open JupyterLab polls the server every few seconds (minutes when
-    # the tab is hidden). An hour keeps a name for whoever steps away for lunch, and frees
-    # it an hour after its holder left; a returning user whose name was taken meanwhile
-    # shows "... 2" until it is free again (their cookie still wants the plain name).
+    # tab closes, but a visible JupyterLab tab polls it every few seconds (hidden tabs
+    # pause most polling; a WebSocket counts when it opens). An hour keeps a name through
+    # a tab left in the background or a lunch break, and frees it an hour after its holder
+    # left; a returning user whose name was taken meanwhile shows "... 2" until it is free
+    # again (their cookie still wants the plain name).
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
