@@ -65,6 +65,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, presence_service: Server) -> I
         "--ServerApp.jpserver_extensions=presence.jupyter=True",
         "--ServerApp.identity_provider_class=presence.jupyter.PresenceIdentityProvider",
         f"--PresenceIdentityProvider.url={presence_service.http}",
+        "--PresenceIdentityProvider.secret=test-secret",  # the service's (load.procs)
         f"--PresenceJupyter.url={presence_service.http}",
         f"--PresenceJupyter.scope={SCOPE}",
     )
@@ -148,6 +149,8 @@ async def test_cursor_flag_shows_presence_identity_and_leaves_with_the_tab(
     )
     assert rgb(caret) == rgb_of_hex(a_me["color"])
     await b.screenshot(path=str(ARTIFACTS / "jupyterlab-remote-cursor.png"))
+    # The identities came from the presence service, not from the fallback.
+    assert "identities made by this server" not in lab.output()
     # Both are in the mirrored presence room.
     room, _ = lab.session("shared.ipynb")
     await until(lambda: _has(presence_service, room, {a_me["name"], b_me["name"]}))
