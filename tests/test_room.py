@@ -352,3 +352,24 @@ def test_concurrent_joins_on_two_replicas_settle_on_distinct_colours_and_initial
         assert (m1.initials, m1.color) == ("AE", "#0072B2")  # the smaller id keeps them
         assert m2.initials == "EL" and m2.color != "#0072B2"
     assert a.take()[0].events() == []  # settled: nothing more to say
+
+
+def test_a_member_announced_again_then_gone_in_one_batch_still_leaves() -> None:
+    # Two tabs of one token: when the first closes, the second is renamed (a join of a
+    # member everyone knows); when it closes in the same tick, peers must hear its leave.
+    room = new_room()
+    io = Identity("u1", "Anonymous Io", "AI", "#0072B2")
+    room.join("a", io, 0)
+    room.join("b", io, 0)
+    events(room)
+    room.leave("a")
+    room.leave("b")
+    assert events(room) == [Left("a"), Left("b")]
+    # The same for a replica that relays another's members to its own clients.
+    other = Room("r", replica="B")
+    other.apply([Joined(MemberInfo("m", io, {}, False, "A"))])
+    other.take()
+    renamed = Identity("u1", "Anonymous Io 2", "I2", "#E69F00")
+    other.apply([Joined(MemberInfo("m", renamed, {}, False, "A"))])
+    other.apply([Left("m")])
+    assert [type(e) for e in events(other)] == [Left]

@@ -42,6 +42,9 @@ class MemberInfo:
 @dataclass(frozen=True, slots=True)
 class Joined:
     member: MemberInfo
+    # A member peers already know, announced again (renamed, recoloured, re-synced): a
+    # ``leave`` later in the same batch must still reach them.
+    again: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ class _Entry:
     """The net change to one member within a batch."""
 
     joined: MemberInfo | None = None  # joined within the batch: carries the latest state
+    known: bool = False  # peers knew the member before the batch
     patch: State | None = None
     idle: bool | None = None  # last idle/active transition, if any
     left: bool = False
@@ -98,8 +102,11 @@ class Batch:
 
     def add(self, event: Event) -> None:
         if isinstance(event, Joined):
-            self._entries.pop(event.member.id, None)
-            self._entries[event.member.id] = _Entry(joined=event.member.copy())
+            before = self._entries.pop(event.member.id, None)
+            known = event.again or (
+                before is not None and (before.known or before.joined is None)
+            )
+            self._entries[event.member.id] = _Entry(joined=event.member.copy(), known=known)
             return
         entry = self._entries.get(event.id)
         if entry is None:
@@ -119,7 +126,7 @@ class Batch:
             else:
                 entry.idle = idle
         elif isinstance(event, Left):
-            if entry.joined is not None:
+            if entry.joined is not None and not entry.known:
                 # Peers never saw this member: nothing to tell them.
                 del self._entries[event.id]
             else:
@@ -140,7 +147,7 @@ class Batch:
                 leaves.append(Left(member_id))
                 continue
             if entry.joined is not None:
-                joins.append(Joined(entry.joined))
+                joins.append(Joined(entry.joined, again=entry.known))
                 continue
             if entry.patch is not None:
                 updates.append(Updated(member_id, entry.patch))

@@ -191,8 +191,9 @@ class Room:
             if isinstance(event, Joined):
                 if event.member.origin == self.replica:
                     continue  # only we speak for our members
+                known = event.member.id in self._members
                 self._members[event.member.id] = _Member(event.member.copy(), 0.0, 0.0)
-                self._remote.add(event)
+                self._remote.add(Joined(event.member, again=known))
                 membership_changed = True
                 continue
             member = self._members.get(event.id)
@@ -227,7 +228,7 @@ class Room:
             known = self._members.get(member_id)
             if known is None or known.info != info:
                 self._members[member_id] = _Member(info.copy(), 0.0, 0.0)
-                self._remote.add(Joined(info))
+                self._remote.add(Joined(info, again=known is not None))
         self._settle()
 
     def local_members(self) -> list[MemberInfo]:
@@ -258,7 +259,7 @@ class Room:
             shown = distinct.settle(member_id, self._wanted.get(member_id, current), current)
             if shown != current:
                 member.info.identity = shown
-                self._emit(Joined(member.info))
+                self._emit(Joined(member.info, again=True))
 
     # -- output ------------------------------------------------------------------------
 
