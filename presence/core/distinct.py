@@ -15,7 +15,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from presence.core.colors import PALETTE, pick_color
-from presence.core.identity import Identity, IdentityFactory, initials_choices, unique_name
+from presence.core.identity import (
+    Identity,
+    IdentityFactory,
+    initials_choices,
+    initials_of,
+    unique_name,
+)
 
 
 class Holders:
@@ -54,6 +60,7 @@ class Distinct:
 
     def __init__(self, held: Iterable[tuple[str, Identity]]) -> None:
         self.names, self.initials, self.colors = Holders(), Holders(), Holders()
+        self._free = set(PALETTE)  # palette colours nobody shows
         for holder, identity in held:
             self._hold(identity, holder)
 
@@ -61,18 +68,36 @@ class Distinct:
         self.names.add(identity.name, holder)
         self.initials.add(identity.initials, holder)
         self.colors.add(identity.color, holder)
+        self._free.discard(identity.color)
+
+    def _release(self, identity: Identity, holder: str) -> None:
+        self.names.remove(identity.name, holder)
+        self.initials.remove(identity.initials, holder)
+        self.colors.remove(identity.color, holder)
+        if identity.color in PALETTE and identity.color not in self.colors:
+            self._free.add(identity.color)
 
     def has_free_color(self) -> bool:
         """Whether a palette colour is shown by nobody (then no two may share one)."""
-        return any(c not in self.colors for c in PALETTE)
+        return bool(self._free)
+
+    def at_rest(self, holder: str, wanted: Identity, current: Identity) -> bool:
+        """Whether :meth:`settle` would keep ``current`` as it is: it shows what it wants
+        and nobody that goes first contests it. Cheap, so that a room settles only the
+        few members a change concerns."""
+        return (
+            wanted.name == current.name
+            and (wanted.color == current.color or wanted.declared)
+            and not self.names.yields(current.name, holder)
+            and not self.initials.yields(current.initials, holder)
+            and not (self._free and self.colors.yields(current.color, holder))
+        )
 
     def settle(self, holder: str, wanted: Identity, current: Identity | None) -> Identity:
         """What ``holder`` shows: ``current`` (None when joining) changed only where it
         clashes with a holder that goes first, or where ``wanted`` has become free."""
         if current is not None:
-            self.names.remove(current.name, holder)
-            self.initials.remove(current.initials, holder)
-            self.colors.remove(current.color, holder)
+            self._release(current, holder)
         names, initials, colors = self.names, self.initials, self.colors
         # Name: first come keeps it; a rename is the smallest change ("Io 2").
         if current is None or names.yields(current.name, holder):
@@ -83,7 +108,9 @@ class Distinct:
             name = current.name
         # Initials follow the name, first free choice; kept while nobody contests them.
         if current is None or name != current.name or initials.yields(current.initials, holder):
-            mark = next(c for c in initials_choices(name) if c not in initials)
+            # Past 676 holders every pair is taken: then initials repeat.
+            choices = (c for c in initials_choices(name) if c not in initials)
+            mark = next(choices, initials_of(name))
         else:
             mark = current.initials
         # Colour: a token's own unless another holder shows it and a colour is free. A

@@ -256,7 +256,10 @@ class Room:
             if member.info.origin != self.replica:
                 continue
             current = member.info.identity
-            shown = distinct.settle(member_id, self._wanted.get(member_id, current), current)
+            wanted = self._wanted.get(member_id, current)
+            if distinct.at_rest(member_id, wanted, current):
+                continue
+            shown = distinct.settle(member_id, wanted, current)
             if shown != current:
                 member.info.identity = shown
                 self._emit(Joined(member.info, again=True))
