@@ -69,3 +69,16 @@ def test_touch_keeps_a_live_identity_and_not_an_expired_one() -> None:
     assert live.get("a", 18.0) == io
     assert live.touch("a", 19.5, 10) is None
     assert live.held(19.5) == {}
+
+
+def test_a_renewal_keeps_what_a_live_user_shows() -> None:
+    # u2 wants the blue that u1 shows, so it shows another colour; renewing (claiming
+    # again with its token's identity) must not move it to yet another colour.
+    u1 = Identity("u1", "Anonymous Io", "AI", "#0072B2")
+    wanted = Identity("u2", "Anonymous Europa", "AE", "#0072B2")
+    first = choose({"u1": u1}, wanted).identity
+    assert first.color != "#0072B2"
+    held = {"u1": u1, "u2": first}
+    for other in ("#CC3311", "#F0E442", "#66CCEE"):  # the scope fills up meanwhile
+        held[f"x{other}"] = Identity(f"x{other}", f"Anonymous {other}", other[1:3], other)
+        assert choose(held, wanted).identity == first

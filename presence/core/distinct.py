@@ -143,12 +143,14 @@ class Claim:
 
 
 def choose(held: Mapping[str, Identity], wanted: Identity) -> Claim:
-    """What ``wanted.username`` shows among the live identities ``held`` (by username; its
-    own entry, if any, is ignored): ``wanted`` itself where nobody else holds its name,
-    initials or colour, else the smallest change (as when joining a room)."""
+    """What ``wanted.username`` shows among the live identities ``held`` (by username):
+    ``wanted`` itself where nobody else holds its name, initials or colour, else what it
+    shows now (its own entry in ``held``: a renewal keeps a live user's look), else the
+    smallest change (as when joining a room)."""
     distinct = Distinct((u, i) for u, i in held.items() if u != wanted.username)
     exclusive = distinct.has_free_color()
-    return Claim(distinct.settle(wanted.username, wanted, None), exclusive)
+    current = held.get(wanted.username)
+    return Claim(distinct.settle(wanted.username, wanted, current), exclusive)
 
 
 def create(held: Mapping[str, Identity], factory: IdentityFactory) -> Identity:
