@@ -12,7 +12,7 @@ from load.tables import BENCHMARKS, load_results, update_doc
 from presence.backplane.redis import MAX_BACKOFF
 from presence.config import Settings
 from presence.core.room import ROOM_NAME_RULE
-from presence.server.identities import DEFAULT_TTL, MAX_TTL
+from presence.server.identities import DEFAULT_TTL, MAX_BODY, MAX_TTL
 from presence.server.json_ws import MAX_CONSECUTIVE_ERRORS
 from presence.server.yjs_ws import MAX_CLIENT_IDS
 
@@ -51,6 +51,7 @@ CONSTANTS = [
     ("docs/protocol.md", "1 to 128 characters", ROOM_NAME_RULE),
     ("docs/protocol.md", "(default 3600 s", DEFAULT_TTL),
     ("docs/protocol.md", "at most 604800 s", MAX_TTL),
+    ("docs/protocol.md", "at most 4096 bytes", MAX_BODY),
 ]
 # Numbers next to a unit or a setting's name that quote neither, with why.
 UNRELATED = [

@@ -93,8 +93,16 @@ async def test_bad_requests_get_a_400_that_says_why(server: Server) -> None:
             assert response.json()["error"] == code, body
         invalid_scope = (await http.post(url, json={"scope": "a/b"})).json()["message"]
         assert "letters, digits" in invalid_scope
-        response = await http.post(url, content=b"{nope")
+        json_type = {"content-type": "application/json"}
+        response = await http.post(url, content=b"{nope", headers=json_type)
         assert response.status_code == 400 and response.json()["error"] == "invalid_json"
+        # What a cross-origin page can send without a preflight is refused.
+        plain = {"content-type": "text/plain"}
+        response = await http.post(url, content=b'{"scope": "ok"}', headers=plain)
+        assert response.status_code == 415
+        big = b'{"scope": "ok", "pad": "' + b"x" * 5000 + b'"}'
+        response = await http.post(url, content=big, headers=json_type)
+        assert response.status_code == 413 and response.json()["error"] == "too_large"
         assert (await http.get(url)).status_code == 405
 
 

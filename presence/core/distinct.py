@@ -150,7 +150,16 @@ def choose(held: Mapping[str, Identity], wanted: Identity) -> Claim:
     distinct = Distinct((u, i) for u, i in held.items() if u != wanted.username)
     exclusive = distinct.has_free_color()
     current = held.get(wanted.username)
+    if current is not None and not _shown_for(current, wanted):
+        current = None  # the wish changed (a new name): choose as for a newcomer
     return Claim(distinct.settle(wanted.username, wanted, current), exclusive)
+
+
+def _shown_for(shown: Identity, wanted: Identity) -> bool:
+    """Whether ``shown`` is what a room or scope made of ``wanted``: its name, or that
+    name numbered ("Io 2")."""
+    rest = shown.name.removeprefix(wanted.name)
+    return rest == "" or (rest[:1] == " " and rest[1:].isdigit())
 
 
 def create(held: Mapping[str, Identity], factory: IdentityFactory) -> Identity:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -27,6 +28,7 @@ from presence.server.hub import Hub
 
 DEFAULT_TTL = 3600.0  # seconds an identity stays live without a renewal
 MAX_TTL = 7 * 24 * 3600.0
+MAX_BODY = 4096  # bytes: a scope, a token and a ttl
 # A replica makes one claim of a scope at a time; an attempt loses only to a claim that
 # another replica made meanwhile, and then retries with the scope as it is now, after a
 # random pause: claims made at once choose alike (the farthest colour is the same for
@@ -79,6 +81,17 @@ async def _assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> 
     raise Contended(f"scope {scope!r} is busy: {ATTEMPTS} claims in a row lost a race")
 
 
+async def _body(request: Request) -> bytes | None:
+    """The request body, or None past MAX_BODY (not read further)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _error(status: int, code: str, message: str) -> Response:
     return JSONResponse({"error": code, "message": message}, status_code=status)
 
@@ -93,8 +106,14 @@ def _ttl(value: Any) -> float | None:
 async def post_identities(request: Request) -> Response:
     """``{"scope", ["token"], ["ttl"]}`` -> ``{"identity", "token", "scope", "ttl"}``."""
     hub: Hub = request.app.state.hub
+    # Only JSON: a cross-origin page can POST text/plain without asking (no preflight).
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        return _error(415, "unsupported_media_type", "send the body as application/json")
+    raw = await _body(request)
+    if raw is None:
+        return _error(413, "too_large", f"the body must be at most {MAX_BODY} bytes")
     try:
-        body = await request.json()
+        body = orjson.loads(raw)
     except ValueError:
         return _error(400, "invalid_json", "the body must be a JSON object")
     if not isinstance(body, dict):
