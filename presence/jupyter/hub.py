@@ -25,8 +25,7 @@ def hub_identity(username: str, display_name: str | None = None) -> dict[str, st
     """Initials and a palette colour for a hub user, the same at every login.
 
     The colour comes from a hash of the username: a hub has more users than the palette
-    has colours, so two users can share one; presence rooms still tell their members
-    apart (each room gives way on clashes).
+    has colours, so two users can share one; their names and initials tell them apart.
     """
     digest = hashlib.sha256(username.encode()).digest()
     return {

@@ -111,12 +111,19 @@ class ServiceClient:
             return None
         if self._sync is None:
             self._sync = httpx.Client(timeout=self.timeout)
+        started = time.monotonic()
         try:
             response = self._sync.post(self.endpoint, json={"scope": self.scope, "ttl": ttl})
-            return self._answer(response, None)
-        except (httpx.HTTPError, ServiceError) as exc:
+            assigned = self._answer(response, None)
+        except Exception as exc:  # whatever it is, the user logs in with a local identity
             self.breaker.failure(_reason(exc))
             return None
+        took = time.monotonic() - started
+        if took > self.timeout:
+            # This call blocks the Jupyter server: a slow service counts as a failing one
+            # (the answer is still used), so that the next logins do not wait for it.
+            self.breaker.failure(f"answered after {took:.1f} s, over the {self.timeout:g} s")
+        return assigned
 
     async def renew(self, token: str, ttl: float) -> Assigned | None:
         """The identity ``token`` shows in the scope now, live for ``ttl`` more seconds;
@@ -128,7 +135,7 @@ class ServiceClient:
         body = {"scope": self.scope, "token": token, "ttl": ttl}
         try:
             return self._answer(await self._async.post(self.endpoint, json=body), token)
-        except (httpx.HTTPError, ServiceError) as exc:
+        except Exception as exc:  # never leave the breaker half-open
             self.breaker.failure(_reason(exc))
             return None
 
