@@ -121,8 +121,9 @@ async def members(service: Server, room: str) -> list[str]:
     return [m["user"]["name"] for m in body["members"]]
 
 
-async def until(predicate, timeout: float = 10) -> float:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
+async def until(predicate, timeout: float = 10, since: float | None = None) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until ``predicate`` holds, counted from ``since`` (default: now)."""
+    started = time.monotonic() if since is None else since
     while not await predicate():
         if time.monotonic() - started > timeout:
             raise AssertionError(f"not true within {timeout} s")
@@ -157,8 +158,11 @@ async def test_cursor_flag_shows_presence_identity_and_leaves_with_the_tab(
     # A closes the tab: gone from B's screen and from presence at once.
     closed = time.monotonic()
     await a.context.close()
-    on_screen = await cursor_gone(b, closed)
-    in_presence = await until(lambda: _lacks(presence_service, room, a_me["name"]), timeout=30)
+    # Both measured from the same moment, side by side.
+    on_screen, in_presence = await asyncio.gather(
+        cursor_gone(b, closed),
+        until(lambda: _lacks(presence_service, room, a_me["name"]), 30, since=closed),
+    )
     print(
         f"\ntab closed: cursor gone from the other screen after {on_screen:.2f} s, "
         f"from presence after {in_presence:.2f} s"
@@ -208,8 +212,11 @@ async def test_killed_browser_leaves_no_ghost(
     await until(lambda: _has(presence_service, room, {a_me["name"]}))
     killed = time.monotonic()
     kill_browser(tag)
-    on_screen = await cursor_gone(b, killed)
-    in_presence = await until(lambda: _lacks(presence_service, room, a_me["name"]), timeout=30)
+    # Both measured from the same moment, side by side.
+    on_screen, in_presence = await asyncio.gather(
+        cursor_gone(b, killed),
+        until(lambda: _lacks(presence_service, room, a_me["name"]), 30, since=killed),
+    )
     print(
         f"\nbrowser killed: cursor gone from the other screen after {on_screen:.2f} s, "
         f"from presence after {in_presence:.2f} s"
