@@ -149,7 +149,7 @@ def pick_color(in_use: Iterable[str], palette: Sequence[str] = PALETTE) -> str:
         return palette[0]
     fewest = min(counts.get(c, 0) for c in palette)
     candidates = [c for c in palette if counts.get(c, 0) == fewest]
-    used = [c for c in counts if c in palette or _is_hex(c)]
+    used = [c for c in counts if c in palette or is_hex(c)]
 
     def score(c: str) -> float:
         return min((distance(c, u) for u in used if u != c), default=math.inf)
@@ -157,7 +157,8 @@ def pick_color(in_use: Iterable[str], palette: Sequence[str] = PALETTE) -> str:
     return max(candidates, key=score)  # max() keeps the first of equals
 
 
-def _is_hex(c: str) -> bool:
+def is_hex(c: str) -> bool:
+    """Whether ``c`` is a colour like #1A2B3C."""
     try:
         parse_hex(c)
     except ValueError:

@@ -30,7 +30,7 @@ from tornado import web
 from traitlets import Enum, Float, List, TraitError, Unicode, default, validate
 
 from presence import config
-from presence.core.colors import parse_hex, pick_color
+from presence.core.colors import is_hex, parse_hex, pick_color
 from presence.core.distinct import LiveIdentities, choose, create
 from presence.core.identity import (
     NAME_STYLES,
@@ -360,19 +360,11 @@ class PresenceIdentityProvider(PasswordIdentityProvider):
 
     def _wanted_from(self, user: User, fallback: str | None) -> Identity:
         """An identity to want from a jupyter User (jupyter's cookie, or a PATCH)."""
-        color = next((c for c in (user.color, fallback) if c and _is_hex(c)), None)
+        color = next((c for c in (user.color, fallback) if c and is_hex(c)), None)
         if color is None:  # jupyter leaves it null: the one farthest from the live ones
             color = pick_color(i.color for i in self._live.held(time.monotonic()).values())
         name = user.name or user.username
         return Identity(user.username, name, initials_of(name), color)
-
-
-def _is_hex(color: str) -> bool:
-    try:
-        parse_hex(color)
-    except ValueError:
-        return False
-    return True
 
 
 def _user(identity: Identity) -> User:
