@@ -301,15 +301,17 @@ def test_without_the_service_users_log_in_and_once_it_is_back_their_identities_j
     # The service starts; a second later new users get its identities (animal names).
     service = Server(["--name-style", "animal"], port=closed).start()
     try:
-        time.sleep(1.2)
-        assert not me(browser(j), token=True)["name"].startswith("Anonymous ")
+        deadline = time.monotonic() + 15  # retry_after is 1 s: generous on a busy machine
+        while me(browser(j), token=True)["name"].startswith("Anonymous "):
+            assert time.monotonic() < deadline, "new users never got the service's identities"
+            time.sleep(0.2)
         back = [line for line in j.output().splitlines() if "presence service" in line]
         assert len(back) == 2 and "is back" in back[1], back
         # The users who logged in meanwhile keep their identities; their next request
         # renews them with the service, in the background: now they are held in the scope.
         a = identities[0]
         assert me(clients[0]) == a
-        time.sleep(0.5)
+        time.sleep(2)  # the renewal runs in the background
         twin = Identity("someone-else", a["name"], a["initials"], a["color"])
         assert claim(service, "lab:outage", twin)["name"] == a["name"] + " 2"
     finally:
@@ -334,7 +336,7 @@ def test_a_service_that_does_not_answer_is_not_asked_again_for_a_while(
         assert time.monotonic() - started >= 0.9  # waited for the service once
         started = time.monotonic()
         more = [me(browser(j), token=True) for _ in range(5)]
-        assert time.monotonic() - started < 2  # the breaker is open: nobody waits
+        assert time.monotonic() - started < 4  # the breaker is open: nobody waits 1 s
         assert len({i["name"] for i in [first, *more]}) == 6
         warnings = [line for line in j.output().splitlines() if "presence service" in line]
         assert len(warnings) == 1 and "Timeout" in warnings[0], warnings
@@ -369,8 +371,9 @@ def test_identities_come_from_the_service_and_stay_live_there_while_used(
     assert other["name"] == a["name"] + " 2" and other["color"] != a["color"]
     # Another scope is not this server's.
     assert claim(service, "lab:elsewhere", twin)["name"] == a["name"]
-    # Once the browser stops, the identity expires from the scope: its name is free.
-    time.sleep(3.5)
+    # Once the browser stops, the identity expires from the scope: its name is free
+    # (3 s after its last renewal, made at most 1 s before the browser stopped).
+    time.sleep(5)
     assert claim(service, "lab:team", twin)["name"] == a["name"]
 
 
