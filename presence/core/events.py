@@ -103,9 +103,7 @@ class Batch:
     def add(self, event: Event) -> None:
         if isinstance(event, Joined):
             before = self._entries.pop(event.member.id, None)
-            known = event.again or (
-                before is not None and (before.known or before.joined is None)
-            )
+            known = event.again or (before is not None and (before.known or before.joined is None))
             self._entries[event.member.id] = _Entry(joined=event.member.copy(), known=known)
             return
         entry = self._entries.get(event.id)
