@@ -158,18 +158,25 @@ async def test_cursor_flag_shows_presence_identity_and_leaves_with_the_tab(
     # A closes the tab: gone from B's screen and from presence at once.
     closed = time.monotonic()
     await a.context.close()
-    # Both measured from the same moment, side by side.
+    await gone_everywhere("tab closed", b, presence_service, room, a_me["name"], closed)
+    await browser.close()
+
+
+async def gone_everywhere(
+    what: str, watcher: Page, service: Server, room: str, name: str, since: float
+) -> None:
+    """The collaborator left the watcher's screen and the presence room within 1 s of
+    ``since``; both measured from that moment, side by side."""
     on_screen, in_presence = await asyncio.gather(
-        cursor_gone(b, closed),
-        until(lambda: _lacks(presence_service, room, a_me["name"]), 30, since=closed),
+        cursor_gone(watcher, since),
+        until(lambda: _lacks(service, room, name), 30, since=since),
     )
     print(
-        f"\ntab closed: cursor gone from the other screen after {on_screen:.2f} s, "
+        f"\n{what}: cursor gone from the other screen after {on_screen:.2f} s, "
         f"from presence after {in_presence:.2f} s"
     )
     assert on_screen < 1.0
     assert in_presence < 1.0
-    await browser.close()
 
 
 async def _has(service: Server, room: str, names: set[str]) -> bool:
@@ -212,17 +219,7 @@ async def test_killed_browser_leaves_no_ghost(
     await until(lambda: _has(presence_service, room, {a_me["name"]}))
     killed = time.monotonic()
     kill_browser(tag)
-    # Both measured from the same moment, side by side.
-    on_screen, in_presence = await asyncio.gather(
-        cursor_gone(b, killed),
-        until(lambda: _lacks(presence_service, room, a_me["name"]), 30, since=killed),
-    )
-    print(
-        f"\nbrowser killed: cursor gone from the other screen after {on_screen:.2f} s, "
-        f"from presence after {in_presence:.2f} s"
-    )
-    assert on_screen < 1.0
-    assert in_presence < 1.0
+    await gone_everywhere("browser killed", b, presence_service, room, a_me["name"], killed)
     await watcher.close()
 
 
