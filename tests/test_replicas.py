@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -197,6 +198,28 @@ async def test_sigkill_leave_arrives_within_replica_timeout(
     # Heartbeat period and checks included (0.5 to 0.8 x the timeout, backplane/redis.py);
     # never so early that a live replica's late heartbeat could be taken for its death.
     assert 0.3 * timeout < after <= timeout
+
+
+async def test_a_stalled_replica_is_given_up_on_then_comes_back_whole(
+    server_factory: ServerFactory, redis_server: RedisProcess
+) -> None:
+    r1, r2 = replicas(server_factory, redis_server.url)
+    a = await join(r1)
+    b = await join(r2)
+    await a.until(sees(a, b))
+    assert r2.proc is not None
+    os.kill(r2.proc.pid, signal.SIGSTOP)  # a stall longer than --replica-timeout (2 s)
+    try:
+        await a.until(lambda m: b.id not in a.members, timeout=5)
+        await asyncio.sleep(3)  # r2's view of r1 goes stale as well
+    finally:
+        os.kill(r2.proc.pid, signal.SIGCONT)
+    # The stalled replica gave up on r1 too while it was stopped; whoever speaks first
+    # once it resumes, each asks the other for its state: both sides are whole again.
+    await a.until(lambda m: b.id in a.members, timeout=10)
+    await b.until(lambda m: a.id in b.members, timeout=10)
+    await b.update(cursor={"x": 1})
+    await a.until(lambda m: a.members[b.id]["state"].get("cursor") == {"x": 1})
 
 
 async def test_sigterm_members_leave_everywhere_at_once(

@@ -413,13 +413,16 @@ class RedisBackplane(Backplane):
         data["o"] = origin
         known = origin in self._last_seen
         self._last_seen[origin] = time.monotonic()
+        goodbye = channel == self.replicas_channel and data["k"] == "b"
+        if not known and not goodbye:
+            # A replica we had given up on (a stall longer than the timeout), or never
+            # heard, speaks: ask for its state. Whatever it sends first (a heartbeat, or a
+            # room message when it was the one that came back) counts.
+            for name in self._rooms:
+                self.request_sync(name)
         if channel == self.replicas_channel:
-            if data["k"] == "b":
+            if goodbye:
                 self._replica_down(origin)
-            elif not known:
-                # A replica we had given up on (or never heard) is back: ask for its state.
-                for name in self._rooms:
-                    self.request_sync(name)
             return
         room = self._room_of(channel)
         if room is None or room not in self._rooms:
