@@ -15,6 +15,7 @@ import pytest
 from pycrdt import Awareness, Doc, create_awareness_message, write_var_uint
 from pycrdt.websocket import YRoom
 
+from presence.codecs import yjs
 from presence.jupyter import awareness
 
 UPGRADE = f"presence.jupyter.awareness was written for {awareness.SUPPORTED}"
@@ -28,7 +29,7 @@ def handler() -> type[Any]:
 
 def update(client_id: int, clock: int, state: bytes) -> bytes:
     """An awareness update (the payload of an awareness message)."""
-    return write_var_uint(1) + awareness._entry(client_id, clock, state)
+    return write_var_uint(1) + yjs.entry(client_id, clock, state)
 
 
 def test_the_hook_finds_everything_it_needs() -> None:

@@ -160,7 +160,8 @@ def yjs_state(member: MemberInfo) -> dict[str, Any]:
 Line = tuple[int, bytes]  # (clock, encoded entry) of one client in an awareness update
 
 
-def _entry(client_id: int, clock: int, state: bytes) -> bytes:
+def entry(client_id: int, clock: int, state: bytes) -> bytes:
+    """One client's line of an awareness update (its state JSON-encoded, or ``null``)."""
     return write_var_uint(client_id) + write_var_uint(clock) + write_var_uint(len(state)) + state
 
 
@@ -185,7 +186,7 @@ class YjsView:
     def _member_entry(self, member: MemberInfo, clock: int | None = None) -> Line:
         client_id = client_id_of(member.id)
         clock = self._clock(client_id) if clock is None else clock
-        return clock, _entry(client_id, clock, orjson.dumps(yjs_state(member)))
+        return clock, entry(client_id, clock, orjson.dumps(yjs_state(member)))
 
     def shared(self, batch: Batch) -> dict[int, Line]:
         """The latest state (or removal) of every member the batch touched."""
@@ -195,7 +196,7 @@ class YjsView:
             if isinstance(event, Left) or member_id not in self.room:
                 client_id = client_id_of(member_id)
                 clock = self._clock(client_id)
-                entries[client_id] = (clock, _entry(client_id, clock, b"null"))
+                entries[client_id] = (clock, entry(client_id, clock, b"null"))
                 # Forget it, or churn would grow this table: clocks are times, so one
                 # handed out later is still newer.
                 self.clocks.pop(client_id, None)
@@ -208,13 +209,13 @@ class YjsView:
         """The entries for one connection, noting the clocks it is told (see echoes)."""
         own = {client_id_of(m) for m in outbox.members}
         picked = []
-        for client_id, (clock, entry) in shared.items():
+        for client_id, (clock, line) in shared.items():
             if client_id in own:
                 # A client's own states are never sent back to it: it would apply the
                 # server's clock to itself and send the state back again.
                 continue
             outbox.told[client_id] = clock
-            picked.append(entry)
+            picked.append(line)
         return picked
 
     def frames(self, shared: dict[int, Line], outbox: Outbox[bytes]) -> list[bytes]:

@@ -76,10 +76,6 @@ class _Room:
     removed: OrderedDict[int, tuple[int, int]] = field(default_factory=OrderedDict)
 
 
-def _entry(client_id: int, clock: int, state: bytes) -> bytes:
-    return write_var_uint(client_id) + write_var_uint(clock) + write_var_uint(len(state)) + state
-
-
 def _is_null(state: bytes) -> bool:
     return state in (b"", b"null")
 
@@ -171,7 +167,7 @@ class Ownership:
             return message
         return create_awareness_message(
             write_var_uint(len(entries))
-            + b"".join(_entry(e.client_id, e.clock, e.state) for e in entries)
+            + b"".join(yjs.entry(e.client_id, e.clock, e.state) for e in entries)
         )
 
     def _own(self, record: _Room, socket: Any, mine: _Socket, cid: int, live: bool) -> None:
@@ -320,7 +316,7 @@ def awareness_problems() -> list[str]:
         cid, state = 1_000_001, b'{"user":{"name":"x"}}'
 
         def update(clock: int, raw: bytes) -> bytes:
-            return write_var_uint(1) + _entry(cid, clock, raw)
+            return write_var_uint(1) + yjs.entry(cid, clock, raw)
 
         server.apply_awareness_update(update(3, state), "test")
         if server.meta.get(cid, {}).get("clock") != 3 or cid not in server.states:

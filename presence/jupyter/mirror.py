@@ -31,7 +31,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from pycrdt import write_var_uint
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -239,13 +238,9 @@ class Link:
             self.clock += 1
             state = self.states.get(pid)
             raw = b"null" if state is None else orjson.dumps(state)
-            entries.append(write_var_uint(pid) + write_var_uint(self.clock) + _var(raw))
+            entries.append(yjs.entry(pid, self.clock, raw))
         self.pending.clear()
         return yjs.awareness_message(entries)
-
-
-def _var(data: bytes) -> bytes:
-    return write_var_uint(len(data)) + data
 
 
 class Mirror:
