@@ -94,7 +94,7 @@ class Member:
             else:
                 clock += 1
                 body = orjson.dumps(state)
-                await ws.send(yjs.awareness_message([yjs._entry(self.index + 1, clock, body)]))
+                await ws.send(yjs.awareness_message([yjs.entry(self.index + 1, clock, body)]))
             if intended >= measure_from:
                 self.tally.sent += 1
                 self.tally.sent_by[self.name] = self.tally.sent_by.get(self.name, 0) + 1
