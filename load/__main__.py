@@ -23,9 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from harness.processes import RedisProcess, Server
 from load.clients import Plan, run_churn_worker, run_idle_worker, run_worker
 from load.hist import Histogram
-from load.procs import RedisProcess, Server
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "a": {"replicas": 1, "rooms": 20, "members": 10, "hz": 10},

@@ -20,7 +20,7 @@ from playwright.async_api import Page, async_playwright
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from load.procs import Server  # noqa: E402
+from harness.processes import Server  # noqa: E402
 
 SIZE = {"width": 1200, "height": 640}
 

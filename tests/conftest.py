@@ -13,9 +13,22 @@ import orjson
 import pytest
 import websockets
 
-from load.procs import ARTIFACTS, RedisProcess, Server
+from harness.processes import ARTIFACTS, RedisProcess, Server
 
 __all__ = ["ARTIFACTS", "Server"]  # tests import these from here
+
+KINDS = ("unit", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `pytest -m unit` must mean "the fast ones": every test says which kind it is.
+    for item in items:
+        kinds = [k for k in KINDS if item.get_closest_marker(k) is not None]
+        if len(kinds) != 1:
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked {kinds or 'neither'}: mark it exactly one of "
+                "unit or e2e (pytestmark = pytest.mark.unit in its module, say)"
+            )
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from load.procs import ARTIFACTS, free_port
+from harness.processes import ARTIFACTS, free_port
 
 TOKEN = "jupyter-test-token"
 

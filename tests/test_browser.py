@@ -12,6 +12,8 @@ from playwright.async_api import Browser, Page, async_playwright
 from presence.core.colors import PALETTE, contrast_ratio
 from tests.conftest import ARTIFACTS, Server
 
+pytestmark = pytest.mark.e2e
+
 ServerFactory = Callable[..., Server]
 CHROMIUM_FLAGS = [
     "--no-sandbox",

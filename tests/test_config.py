@@ -7,12 +7,14 @@ from presence.cli import build_parser
 from presence.config import ConfigError, Settings
 
 
+@pytest.mark.unit
 def test_defaults() -> None:
     s = Settings.load({}, env={})
     assert (s.idle_after, s.expire_after, s.max_message_bytes) == (3.0, 30.0, 16384)
     assert s.heartbeat_interval == 10.0
 
 
+@pytest.mark.unit
 def test_flags_win_over_environment() -> None:
     s = Settings.load(
         {"idle_after": "2"}, env={"PRESENCE_IDLE_AFTER": "5", "PRESENCE_PORT": "9000"}
@@ -32,6 +34,7 @@ def test_flags_win_over_environment() -> None:
         ({"flush_interval": "nan"}, {}, "--flush-interval: must be a positive number"),
     ],
 )
+@pytest.mark.unit
 def test_bad_values_name_the_setting(
     flags: dict[str, str], env: dict[str, str], message: str
 ) -> None:
@@ -39,6 +42,7 @@ def test_bad_values_name_the_setting(
         Settings.load(flags, env=env)
 
 
+@pytest.mark.unit
 def test_every_setting_has_a_flag_and_a_variable() -> None:
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
     for name, var, *_ in Settings.options():
@@ -46,6 +50,7 @@ def test_every_setting_has_a_flag_and_a_variable() -> None:
         assert var in help_text.replace("\n", " ").replace("  ", "")
 
 
+@pytest.mark.e2e
 def test_bad_value_exits_with_one_line_and_no_traceback() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "presence", "serve", "--expire-after", "-3"],
@@ -59,6 +64,7 @@ def test_bad_value_exits_with_one_line_and_no_traceback() -> None:
     ]
 
 
+@pytest.mark.unit
 def test_readme_documents_every_setting() -> None:
     from pathlib import Path
 

@@ -18,11 +18,13 @@ from typing import Any
 import pytest
 import yaml
 
-from load.procs import RedisProcess, free_port
+from harness.processes import RedisProcess, free_port
 from presence.cli import build_parser
 from presence.config import Settings
 from presence.server.app import create_app
 from tests.conftest import Client, Server
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from presence.core.colors import PALETTE
 from presence.core.distinct import Claim, LiveIdentities, choose, clashes, create
 from presence.core.identity import Identity, IdentityFactory
+
+pytestmark = pytest.mark.unit
 
 
 def factory() -> IdentityFactory:

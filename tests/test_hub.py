@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 
 from presence.backplane.memory import MemoryBackplane, MemoryBus
 from presence.codecs.json import ENCODER
@@ -14,6 +15,8 @@ from presence.core.identity import IdentityFactory
 from presence.server.hub import CLOSE_EXPIRED, Hub
 from presence.server.outbox import Outbox
 from tests.test_outbox import Peer
+
+pytestmark = pytest.mark.unit
 
 
 class Clock:

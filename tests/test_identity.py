@@ -20,6 +20,8 @@ from presence.core.identity import (
     unique_name,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def factory(seed: int = 1, secret: bytes = b"s3cret", **kw: object) -> IdentityFactory:
     return IdentityFactory(secret, seed=seed, **kw)  # type: ignore[arg-type]

@@ -9,10 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
-from load.procs import RedisProcess
+from harness.processes import RedisProcess
 from presence.core.colors import PALETTE
 from tests.conftest import Server
+
+pytestmark = pytest.mark.e2e
 
 ServerFactory = Callable[..., Server]
 

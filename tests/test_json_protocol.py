@@ -13,6 +13,8 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import ARTIFACTS, EXPIRING, Client, Server
 
+pytestmark = pytest.mark.e2e
+
 
 async def join(server: Server, room: str = "doc", token: str | None = None, **kw: object) -> Client:
     url = f"{server.ws}/rooms/{room}" + (f"?token={token}" if token else "")
@@ -129,7 +131,9 @@ async def test_idle_then_active_then_expiry_at_configured_times(server_factory) 
     sent = time.monotonic()
     await b.until(lambda m: m["type"] == "idle" and a.id in m["ids"], timeout=5)
     idle_after = time.monotonic() - sent
-    # idle_after is 0.5 s; the sweep runs every 50 ms; allow generous scheduling slack.
+    # idle_after is 0.5 s: never early; late by at most a second of scheduling slack
+    # (the sweep runs every 50 ms; timing itself is tested by the clock in test_hub.py).
+    print(f"idle after {idle_after:.3f} s")
     assert 0.45 <= idle_after <= 1.5, idle_after
     await a.update(cursor={"x": 2, "y": 2})
     await b.until(lambda m: m["type"] == "active" and a.id in m["ids"])
@@ -145,7 +149,8 @@ async def test_idle_then_active_then_expiry_at_configured_times(server_factory) 
         except TimeoutError:
             assert time.monotonic() - last < 6, "member never expired"
     expired_after = time.monotonic() - last
-    assert 1.9 <= expired_after <= 3.5, expired_after
+    print(f"expired after {expired_after:.3f} s")
+    assert 1.9 <= expired_after <= 3.5, expired_after  # expire_after is 2 s
     assert a.id not in b.members
     # The expired member's own connection is closed with a reason.
     code, reason = await closed_with(a)
@@ -158,10 +163,9 @@ async def test_idle_then_active_then_expiry_at_configured_times(server_factory) 
 async def test_clean_disconnect_gives_leave_at_once(server: Server) -> None:
     a = await join(server)
     b = await join(server)
-    started = time.monotonic()
     await a.close()
+    # Within 2 s, where only expiry (6 s here) would remove a member that vanished.
     await b.until(lambda m: m["type"] == "leave" and a.id in m["ids"], timeout=2)
-    assert time.monotonic() - started < 1.0
 
 
 async def test_reconnect_with_token_keeps_name_and_colour(server: Server) -> None:

@@ -18,6 +18,8 @@ from pycrdt.websocket import YRoom
 from presence.codecs import yjs
 from presence.jupyter import awareness
 
+pytestmark = pytest.mark.unit
+
 UPGRADE = f"presence.jupyter.awareness was written for {awareness.SUPPORTED}"
 
 

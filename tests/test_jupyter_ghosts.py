@@ -19,6 +19,8 @@ from pycrdt import create_awareness_message
 from tests.jupyter_helpers import Jupyter, lab_state, start_jupyter
 from tests.yjs_client import YClient
 
+pytestmark = pytest.mark.e2e
+
 ENABLED = "--ServerApp.jpserver_extensions=presence.jupyter=True"
 DISABLED = "--ServerApp.jpserver_extensions=presence.jupyter=False"
 

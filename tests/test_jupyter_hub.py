@@ -7,12 +7,15 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from presence.core.colors import PALETTE
 from presence.jupyter.hub import post_auth_hook
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.unit
 def test_hub_users_get_a_palette_colour_and_initials_the_same_at_every_login() -> None:
     first = post_auth_hook(None, None, {"name": "ada", "user_info": None})
     again = post_auth_hook(None, None, {"name": "ada", "user_info": None})
@@ -21,6 +24,7 @@ def test_hub_users_get_a_palette_colour_and_initials_the_same_at_every_login() -
     assert first["user_info"]["initials"] == "A"
 
 
+@pytest.mark.unit
 def test_what_the_authenticator_set_is_kept() -> None:
     model = {
         "name": "grace",
@@ -35,6 +39,7 @@ def test_what_the_authenticator_set_is_kept() -> None:
     }
 
 
+@pytest.mark.unit
 def test_colours_spread_over_the_palette() -> None:
     colours = {
         post_auth_hook(None, None, {"name": f"user{i}"})["user_info"]["color"] for i in range(200)
@@ -42,6 +47,7 @@ def test_colours_spread_over_the_palette() -> None:
     assert colours == set(PALETTE)
 
 
+@pytest.mark.e2e
 def test_the_package_enables_its_jupyter_server_extension(tmp_path: Path) -> None:
     # What pip installs from the wheel: the extension is on wherever presence is installed,
     # the way Jupyter packages ship it (editable installs do not copy data files).

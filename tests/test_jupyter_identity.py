@@ -24,9 +24,11 @@ import pytest
 from traitlets import TraitError
 from traitlets.config import Config, Configurable
 
-from load.procs import ARTIFACTS, Server, _die_with_parent, free_port
+from harness.processes import ARTIFACTS, Server, die_with_parent, free_port
 from presence.core.colors import PALETTE
 from presence.core.identity import Identity, IdentityFactory
+
+pytestmark = pytest.mark.e2e
 
 TOKEN = "identity-test-token"
 PROVIDER = "--ServerApp.identity_provider_class=presence.jupyter.PresenceIdentityProvider"
@@ -78,7 +80,7 @@ class Jupyter:
             stdout=open(self.log, "wb"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -288,7 +290,7 @@ def test_without_the_service_users_log_in_and_once_it_is_back_their_identities_j
         f"--PresenceIdentityProvider.url=http://127.0.0.1:{closed}",
         "--PresenceIdentityProvider.scope=lab:outage",
         "--PresenceIdentityProvider.retry_after=1",
-        PRESENCE_SECRET="test-secret",  # the service's (load.procs.Server)
+        PRESENCE_SECRET="test-secret",  # the service's (harness.processes.Server)
     )
     clients = [browser(j) for _ in range(5)]
     identities = [me(c, token=True) for c in clients]

@@ -18,11 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
-from load.procs import Server
+from harness.processes import Server
 from presence.jupyter.extension import default_scope
 from presence.jupyter.mirror import room_name, sanitize, summary, yjs_url
 from tests.jupyter_helpers import Jupyter, lab_state, start_jupyter
 from tests.yjs_client import YClient
+
+pytestmark = pytest.mark.e2e
 
 SCOPE = "mirror-test"
 

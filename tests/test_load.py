@@ -12,6 +12,8 @@ import pytest
 from load.hist import Histogram
 from load.report import write_report
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -1,4 +1,8 @@
+import pytest
+
 from presence.core.ratelimit import TokenBucket
+
+pytestmark = pytest.mark.unit
 
 
 def test_bucket_allows_burst_then_rate() -> None:

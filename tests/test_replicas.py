@@ -11,11 +11,14 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
-from load.procs import RedisCluster, RedisProcess
+from harness.processes import RedisCluster, RedisProcess
 from presence.codecs.replica import open_envelope
 from tests.conftest import FAST, Client, Server
 from tests.test_json_protocol import closed_with, join
+
+pytestmark = pytest.mark.e2e
 
 ServerFactory = Callable[..., Server]
 

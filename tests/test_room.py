@@ -17,6 +17,8 @@ from presence.core.events import (
 from presence.core.identity import DECLARED_PREFIX, Identity
 from presence.core.room import Room, StateTooLarge, Timing, UnknownMember, is_valid_room_name
 
+pytestmark = pytest.mark.unit
+
 
 def ident(name: str, color: str | None = None) -> Identity:
     # Different names, different colours: a shared one would be changed by the room.

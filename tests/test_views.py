@@ -8,11 +8,14 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
-from load.procs import RedisProcess
+from harness.processes import RedisProcess
 from tests.conftest import FAST, Server
 from tests.test_json_protocol import join
 from tests.test_replicas import published
+
+pytestmark = pytest.mark.e2e
 
 ServerFactory = Callable[..., Server]
 ADMIN = ("--admin-token", "let-me-in")
@@ -27,15 +30,27 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[
             yield kind, orjson.loads(line[6:])
 
 
+async def until_json(
+    http: httpx.AsyncClient, path: str, predicate: Callable[[Any], bool], timeout: float = 5
+) -> Any:
+    """GET ``path`` until its JSON body satisfies ``predicate``; return that body."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        body = (await http.get(path)).json()
+        if predicate(body) or asyncio.get_running_loop().time() > deadline:
+            return body
+        await asyncio.sleep(0.02)
+
+
 async def test_room_members_and_room_list(server_factory: ServerFactory) -> None:
     server = server_factory(*FAST, *ADMIN)
     a = await join(server, room="alpha")
     await a.update(cursor={"x": 1, "y": 2})
     await join(server, room="beta")
     await join(server, room="beta")
-    await asyncio.sleep(0.1)
     async with httpx.AsyncClient(base_url=server.http) as http:
-        body = (await http.get("/rooms/alpha")).json()
+        # The update reaches the room on the server's next tick.
+        body = await until_json(http, "/rooms/alpha", lambda b: b["members"][0]["state"] != {})
         assert body["room"] == "alpha"
         [member] = body["members"]
         assert member["id"] == a.id and member["user"]["name"] == a.user["name"]

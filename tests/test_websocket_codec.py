@@ -12,6 +12,8 @@ from websockets.streams import StreamReader
 
 from presence.codecs import websocket as ws
 
+pytestmark = pytest.mark.unit
+
 KEY = base64.b64encode(b"0123456789abcdef").decode()
 
 

@@ -10,10 +10,12 @@ import orjson
 import pytest
 from pycrdt import create_awareness_message, write_var_uint
 
-from load.procs import RedisProcess
+from harness.processes import RedisProcess
 from tests.conftest import EXPIRING, FAST, Server
 from tests.test_json_protocol import join
 from tests.yjs_client import YClient
+
+pytestmark = pytest.mark.e2e
 
 ServerFactory = Callable[..., Server]
 

@@ -38,7 +38,7 @@ def redis_binary(kind: str = "server") -> str:
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Servers started by the tests or the load tool die with it, even when it is killed."""
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -159,7 +159,7 @@ class RedisProcess:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -281,7 +281,7 @@ class Server:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: see stop()
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
