@@ -6,6 +6,8 @@ Scenarios (docs/benchmarks.md has the results):
   c      2 replicas + Redis, 5 rooms x 40 members x 20 Hz (big rooms)
   d      memory per idle connection, 1,000 and 5,000 connections
   e      churn: 100 joins and leaves per second for a minute
+  faults 2 replicas + Redis under load: a replica stalled and resumed, Redis restarted
+         and frozen, a replica killed; what the members saw (load/faults.py)
   custom --replicas --rooms --members --hz
   sweep  scenario (a) at 2, 5, 10, 20 and 30 Hz (the latency-against-load curve)
   report the recorded results as load/results/report.md and latency.png, and the
@@ -242,7 +244,9 @@ def main() -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("scenario", choices=["a", "b", "c", "d", "e", "custom", "sweep", "report"])
+    parser.add_argument(
+        "scenario", choices=["a", "b", "c", "d", "e", "faults", "custom", "sweep", "report"]
+    )
     parser.add_argument("--protocol", choices=["json", "yjs"], default="json")
     parser.add_argument("--duration", type=float, default=30)
     parser.add_argument("--warmup", type=float, default=5)
@@ -270,6 +274,10 @@ def main() -> None:
         return
     if opts.scenario == "d":
         result = run_idle(opts)
+    elif opts.scenario == "faults":
+        from load.faults import run_faults
+
+        result = run_faults()
     elif opts.scenario == "e":
         result = run_churn(opts)
     elif opts.scenario == "sweep":
