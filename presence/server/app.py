@@ -41,6 +41,7 @@ def make_backplane(settings: Settings) -> Backplane:
         sharded=settings.redis_sharded,
         cluster=settings.redis_cluster,
         replica_timeout=settings.replica_timeout,
+        permdown_after=settings.replica_permdown,
     )
 
 
