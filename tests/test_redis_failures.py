@@ -83,6 +83,10 @@ async def test_a_replica_stalled_past_the_timeout_is_whole_again_within_a_second
     await a.until(sees(a, b, cursor={"x": 19}), timeout=5)
     print(f"\nb dropped {gone:.2f} s after SIGSTOP; everyone whole {whole:.2f} s after SIGCONT")
     assert whole <= 1.0
+    assert r1.metrics()["presence_backplane_replicas_down_total"] == 1
+    assert r1.metrics()["presence_backplane_replicas"] == 2
+    assert r2.metrics()["presence_backplane_stalls_total"] == 1  # it noticed, re-announced
+    assert r2.metrics()["presence_backplane_replicas_down_total"] == 0
 
 
 async def test_members_hash_and_snapshots_use_the_urls_database(

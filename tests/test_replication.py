@@ -342,3 +342,13 @@ async def test_unknown_messages_are_ignored() -> None:
     c["B"].update("doc", "b", cursor=2)
     c.settle()
     assert c["A"].state_of("b") == {"cursor": 2}
+
+
+def test_a_cluster_url_with_a_database_is_refused() -> None:
+    from presence.config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="only database 0"):
+        Settings(redis_url="redis://node:6379/3", redis_cluster=True)
+    assert Settings(redis_url="redis://node:6379/0", redis_cluster=True).redis_cluster
+    with pytest.raises(ConfigError, match="replica_permdown"):
+        Settings(replica_timeout=10, replica_permdown=5)
