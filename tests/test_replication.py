@@ -205,11 +205,15 @@ async def test_a_dead_replica_goes_down_within_the_timeout_then_is_forgotten() -
     assert 0.5 * TIMEOUT <= gone <= 0.8 * TIMEOUT
     assert c["A"].backplane.peers["B"].down_since is not None
     assert c.bus.hashes["presence:{doc}:members"].keys() >= {"B/b"}  # kept while down
+    # A replica that never heard B skips its members: B's liveness key has expired.
+    late = c.nodes["D"] = Node("D", c.bus, c.clock)
+    await late.backplane.start(late)
+    await late.join("doc", "d")
+    assert late.sees() == {"a", "c", "d"}
     c.run(PERMDOWN)
     assert "B" not in c["A"].backplane.peers
     assert "B/b" not in c.bus.hashes["presence:{doc}:members"]  # permdown: discarded
-    # A late joiner never saw B: its snapshot skips B even before permdown (no liveness).
-    assert c["A"].sees() == {"a", "c"}
+    assert all(c[n].sees() == {"a", "c", "d"} for n in "ACD")
 
 
 async def test_a_replica_stalled_past_the_timeout_comes_back_whole_at_once() -> None:
@@ -338,7 +342,11 @@ async def test_unknown_messages_are_ignored() -> None:
     for body in ({"k": "zz", "s": 1}, {"k": "e", "s": "x", "e": []}):
         c.bus.publish("presence:{doc}", codec.envelope("B", body))
     c.bus.publish("presence:{doc}", b"B not-json")
+    # An older replica numbered its messages across rooms (no "r"): no gap is taken.
+    for seq in (5, 50):
+        c.bus.publish("presence:{doc}", codec.envelope("B", {"k": "e", "s": seq, "e": []}))
     c.settle()
+    assert c["A"].backplane.gaps == 0
     c["B"].update("doc", "b", cursor=2)
     c.settle()
     assert c["A"].state_of("b") == {"cursor": 2}

@@ -305,9 +305,9 @@ class Replication(Backplane):
     def _deliver(self, room: str, link: Link, origin: str, message: dict[str, Any]) -> None:
         assert self.listener is not None
         kind, seq = message.get("k"), message.get("s")
-        if kind in ("e", "f") and isinstance(seq, int):
+        if kind in ("e", "f") and message.get("r") == 1 and isinstance(seq, int):
             last = link.heard.get(origin)
-            link.heard[origin] = seq
+            link.heard[origin] = seq if last is None else max(last, seq)
             if kind == "e" and last is not None and seq > last + 1:
                 self.gaps += 1
                 log.info(
@@ -337,15 +337,23 @@ class Replication(Backplane):
         seqs = {m.id: s for s, m in snapshot.values()}
         events: list[Event] = [Joined(m) for _, m in snapshot.values()]
         for origin, message in buffered:
-            if message.get("k") == "e":
-                # Arrived while the snapshot was read: skip what it already has.
-                link.heard[origin] = message["s"]
-                for event in codec.events_from_json(message["e"]):
-                    member_id = event.member.id if isinstance(event, Joined) else event.id
-                    if seqs.get(member_id, -1) < message["s"]:
-                        events.append(event)
-            else:  # after the room has its snapshot
+            seq = message.get("s")
+            if message.get("k") != "e" or not isinstance(seq, int):
+                # After the room has its snapshot.
                 asyncio.get_running_loop().call_soon(self._deliver_later, room, origin, message)
+                continue
+            # Arrived while the snapshot was read: skip what it already has.
+            if message.get("r") == 1:
+                link.heard[origin] = max(link.heard.get(origin, seq), seq)
+            try:
+                received = codec.events_from_json(message["e"])
+            except Exception:
+                log.exception("bad backplane message ignored")
+                continue
+            for event in received:
+                member_id = event.member.id if isinstance(event, Joined) else event.id
+                if seqs.get(member_id, -1) < seq:
+                    events.append(event)
         # The subscription and the read are not atomic: a message published in between
         # reached neither. The other replicas' answers close that gap (only differences
         # become events).
@@ -355,7 +363,10 @@ class Replication(Backplane):
     def _deliver_later(self, room: str, origin: str, message: dict[str, Any]) -> None:
         link = self.links.get(room)
         if link is not None and self.listener is not None:
-            self._deliver(room, link, origin, message)
+            try:
+                self._deliver(room, link, origin, message)
+            except Exception:
+                log.exception("bad backplane message ignored")
 
     def close_room(self, room: str) -> None:
         self.links.pop(room, None)
@@ -422,7 +433,8 @@ class Replication(Backplane):
     ) -> None:
         link = self._link(room)
         seq = self._next(link)
-        message = self._envelope({"k": "e", "s": seq, "e": codec.events_to_json(events)})
+        events_json = codec.events_to_json(events)
+        message = self._envelope({"k": "e", "s": seq, "r": 1, "e": events_json})
         # The members hash only serves replicas that open the room later: it is written
         # on joins and leaves at once, and otherwise at most every HASH_INTERVAL, not on
         # every tick of a moving cursor.
@@ -465,7 +477,7 @@ class Replication(Backplane):
             f"{m.origin}/{m.id}": codec.dumps({"s": seq, "m": codec.member_to_json(m)})
             for m in members
         }
-        message = {"k": "f", "s": seq, "m": [codec.member_to_json(m) for m in members]}
+        message = {"k": "f", "s": seq, "r": 1, "m": [codec.member_to_json(m) for m in members]}
         self._send(
             [
                 HashReplace(self.members_key(room), self.replica_id + "/", fields, HASH_TTL_MS),
