@@ -502,18 +502,14 @@ class RedisBackplane(Replication):
         # A stall is noticed within about twice a heartbeat (and at least a second: a
         # busy machine answers late too); a replica is judged down only later.
         timeout = max(1.0, 0.4 * replica_timeout)
-        self.redis_transport = RedisTransport(
-            url, sharded=sharded, cluster=cluster, timeout=timeout, prefix=prefix
-        )
         super().__init__(
             replica_id,
-            self.redis_transport,
+            RedisTransport(url, sharded=sharded, cluster=cluster, timeout=timeout, prefix=prefix),
             replica_timeout=replica_timeout,
             permdown_after=permdown_after,
             prefix=prefix,
             sharded=sharded or cluster,
         )
-        self.url = url
 
 
 def _text(value: bytes | str) -> str:
