@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from presence.core.identity import NAME_STYLES
 
@@ -75,6 +76,13 @@ def redis_url(text: str) -> str:
     return text
 
 
+def _database(url: str) -> int:
+    """The database number of a Redis URL (``/3``, or ``?db=3``); 0 if none."""
+    parts = urlsplit(url)
+    number = parts.path.strip("/") or parse_qs(parts.query).get("db", ["0"])[0]
+    return int(number) if number.isdigit() else 0
+
+
 def choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in options:
@@ -126,6 +134,13 @@ class Settings:
         positive_float,
         "A replica that dies without a goodbye (SIGKILL, a lost host) has its members removed "
         "everywhere within this many seconds (it heartbeats every fifth of it).",
+        "SECONDS",
+    )
+    replica_permdown: float = _opt(
+        300.0,
+        positive_float,
+        "A replica silent this long is forgotten: its members' records are deleted from "
+        "Redis. One silent for less (a stall) gets its members back when it speaks again.",
         "SECONDS",
     )
     secret: str = _opt(
@@ -237,6 +252,16 @@ class Settings:
             )
         if (self.redis_sharded or self.redis_cluster) and not self.redis_url:
             raise ConfigError("--redis-sharded and --redis-cluster need --redis-url")
+        if self.redis_cluster and _database(self.redis_url) != 0:
+            raise ConfigError(
+                f"--redis-url: a Redis Cluster has only database 0, got "
+                f"{_database(self.redis_url)} (drop the /N from the URL)"
+            )
+        if self.replica_permdown <= self.replica_timeout:
+            raise ConfigError(
+                f"replica_permdown ({self.replica_permdown:g}s) must be longer than "
+                f"replica_timeout ({self.replica_timeout:g}s)"
+            )
         if self.max_state_bytes < 64:
             raise ConfigError("max_state_bytes must be at least 64")
 

@@ -45,9 +45,21 @@ class Backplane(ABC):
     def __init__(self, replica_id: str) -> None:
         self.replica_id = replica_id
         self.listener: Listener | None = None
-        self.dropped = 0  # messages not published because the backplane was unreachable
-        self.connect_failures = 0  # attempts to reach the other replicas that failed
-        self.reconnects = 0  # times the connection came back after an outage
+
+    @property
+    def dropped(self) -> int:
+        """Messages not published because the backplane was unreachable."""
+        return 0
+
+    @property
+    def connect_failures(self) -> int:
+        """Attempts to reach the other replicas that failed."""
+        return 0
+
+    @property
+    def reconnects(self) -> int:
+        """Times the connection came back after an outage."""
+        return 0
 
     async def start(self, listener: Listener) -> None:
         self.listener = listener

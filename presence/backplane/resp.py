@@ -1,17 +1,21 @@
-"""A lean Redis connection for the backplane's hot path: the commands of each tick
-(publishes, members-hash writes) and the messages of subscribed channels.
+"""A lean Redis connection for the backplane's hot path: everything a replica writes
+(publishes, hash and key writes, in order) and the messages of subscribed channels.
 
 An asyncio protocol with hiredis parsing in the callback: no coroutine per message, no
 round trip awaited per tick. Measured in scenario (b) (docs/benchmarks.md), redis-py's
 pipeline and pub/sub reads cost tens of microseconds per message, a third of a
-replica's CPU. redis-py still does everything else (reads, heartbeats, cluster
-topology); connection options (TLS, credentials) are parsed by it from the same URL.
+replica's CPU. redis-py still does the reads and the cluster topology; connection
+options (TLS, credentials, database) are parsed by it from the same URL.
+
+Replies are not awaited but tracked: :meth:`RespConnection.waiting` says how long the
+oldest one has been due, which is how a stalled Redis is noticed (a frozen Redis keeps
+its sockets open: nothing else would tell).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -21,12 +25,11 @@ from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocket
 from redis.asyncio.connection import parse_url as parse_redis_url
 from redis.exceptions import ConnectionError, ResponseError
 
-log = logging.getLogger("presence.redis")
-
 # Commands waiting in the socket buffer beyond this mean Redis stopped reading: give up on
 # the connection (the backplane reconnects and re-synchronises).
 MAX_BUFFERED = 8 * 1024 * 1024
 _PUSHES = (b"message", b"smessage")
+_PONG = b"pong"  # the reply to PING on a subscribed connection
 _CONFIRMATIONS = (b"subscribe", b"ssubscribe", b"unsubscribe", b"sunsubscribe")
 
 
@@ -41,8 +44,13 @@ def pack(*args: str | bytes | int) -> bytes:
     return b"".join(out)
 
 
+# What to do with a reply: nothing (errors are lost), resolve a future, or call back
+# (with the reply, a hiredis.ReplyError for an error).
+Handler = asyncio.Future[Any] | Callable[[Any], None] | None
+
+
 class RespConnection(asyncio.Protocol):
-    """A publishing connection (replies are checked, not awaited) or, given
+    """A connection for commands (replies go to their handlers) or, given
     ``on_message``, a subscribing one (messages go to the callback as they arrive)."""
 
     def __init__(
@@ -53,9 +61,9 @@ class RespConnection(asyncio.Protocol):
         self._on_lost = on_lost
         self._on_message = on_message
         self._reader = hiredis.Reader()
-        self._replies: deque[asyncio.Future[Any] | None] = deque()  # None: not awaited
+        self._replies: deque[tuple[float, Handler]] = deque()  # (sent at, handler)
         self.transport: asyncio.Transport | None = None
-        self.errors = 0
+        self.on_reply: Callable[[], None] | None = None  # after each reply, if set
         self._closing = False
 
     @classmethod
@@ -64,18 +72,32 @@ class RespConnection(asyncio.Protocol):
         url: str,
         on_lost: Callable[[BaseException], None],
         on_message: Callable[[bytes, bytes], None] | None = None,
+        *,
+        timeout: float = 5.0,
     ) -> RespConnection:
+        """Connect, authenticate and select the URL's database, within ``timeout``."""
+        conn = cls(on_lost, on_message)
+        try:
+            await asyncio.wait_for(conn._open(url), timeout)
+        except TimeoutError:
+            conn.close()
+            raise ConnectionError(f"no answer from Redis within {timeout:g} s") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _open(self, url: str) -> None:
         options = parse_redis_url(url)
         kind: Any = options.pop("connection_class", Connection)
         settings: Any = kind(**options)  # redis-py's reading of the URL: host, TLS, ...
         loop = asyncio.get_running_loop()
-        conn = cls(on_lost, on_message)
         if isinstance(settings, UnixDomainSocketConnection):
-            await loop.create_unix_connection(lambda: conn, settings.path)
+            await loop.create_unix_connection(lambda: self, settings.path)
         else:
             ssl = settings.ssl_context.get() if isinstance(settings, SSLConnection) else None
             await loop.create_connection(
-                lambda: conn,
+                lambda: self,
                 settings.host,
                 settings.port,
                 ssl=ssl,
@@ -84,23 +106,37 @@ class RespConnection(asyncio.Protocol):
         password = options.get("password")
         if password:
             user = options.get("username")
-            await conn.call(*(["AUTH", user, password] if user else ["AUTH", password]))
-        return conn
+            await self.call(*(["AUTH", user, password] if user else ["AUTH", password]))
+        if options.get("db"):
+            await self.call("SELECT", options["db"])
+        await self.call("PING")  # a subscriber's PING gets a push; before SUBSCRIBE, a reply
 
-    def send(self, *commands: bytes) -> None:
-        """Write packed commands; their replies are checked for errors as they come."""
+    def send(self, commands: list[tuple[bytes, Handler]]) -> None:
+        """Write packed commands; each reply goes to its handler as it comes."""
         assert self.transport is not None
         if self._on_message is None:
-            self._replies.extend([None] * len(commands))
-        self.transport.write(b"".join(commands))
+            now = time.monotonic()
+            self._replies.extend((now, handler) for _, handler in commands)
+        self.transport.write(b"".join(command for command, _ in commands))
         if self.transport.get_write_buffer_size() > MAX_BUFFERED:
             self.transport.abort()
 
+    def ping(self) -> None:
+        """A PING whose reply (a push, on a subscribed connection) counts as any other."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._replies.append((time.monotonic(), None))
+        self.transport.write(pack("PING"))
+
+    def waiting(self, now: float) -> float:
+        """Seconds the oldest reply has been due (0: none is)."""
+        return now - self._replies[0][0] if self._replies else 0.0
+
     async def call(self, *args: str | bytes | int) -> Any:
-        """A command whose reply we wait for (set-up only: AUTH)."""
+        """A command whose reply we wait for (set-up: AUTH, SELECT, PING)."""
         assert self.transport is not None
         reply = asyncio.get_running_loop().create_future()
-        self._replies.append(reply)
+        self._replies.append((time.monotonic(), reply))
         self.transport.write(pack(*args))
         return await reply
 
@@ -108,6 +144,10 @@ class RespConnection(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -123,24 +163,26 @@ class RespConnection(asyncio.Protocol):
                     continue
                 if reply[0] in _CONFIRMATIONS:
                     continue
+                if reply[0] == _PONG:
+                    reply = b"PONG"
             self._reply(reply)
 
     def _reply(self, reply: Any) -> None:
-        waiting = self._replies.popleft() if self._replies else None
-        failed = isinstance(reply, hiredis.ReplyError)
-        if waiting is not None:
-            if failed:
-                waiting.set_exception(ResponseError(str(reply)))
+        handler = self._replies.popleft()[1] if self._replies else None
+        if isinstance(handler, asyncio.Future):
+            if isinstance(reply, hiredis.ReplyError):
+                handler.set_exception(ResponseError(str(reply)))
             else:
-                waiting.set_result(reply)
-        elif failed:
-            self.errors += 1
-            log.warning("redis refused a command: %s", reply)
+                handler.set_result(reply)
+        elif handler is not None:
+            handler(reply)
+        if self.on_reply is not None:
+            self.on_reply()
 
     def connection_lost(self, exc: Exception | None) -> None:
         error = exc or ConnectionError("connection closed by Redis")
-        for waiting in self._replies:
-            if waiting is not None and not waiting.done():
+        for _, waiting in self._replies:
+            if isinstance(waiting, asyncio.Future) and not waiting.done():
                 waiting.set_exception(ConnectionError(str(error)))
         self._replies.clear()
         if not self._closing:

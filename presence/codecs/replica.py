@@ -1,4 +1,13 @@
-"""The format replicas exchange through the backplane: compact JSON for events and members."""
+"""The format replicas exchange through the backplane: compact JSON for events and members.
+
+A channel message is the sender's id, a space, and a JSON object whose ``k`` says what
+it is: ``e`` events (``e``) and ``f`` a complete member set (``m``), both numbered per
+sender and room (``s``, consecutive: a gap means a lost message; ``r: 1`` marks that
+numbering, as older replicas numbered across rooms); ``q`` a request for
+full states, from everyone or from the replica ``t``; ``h`` a heartbeat and ``b`` a
+goodbye (on the replicas channel). A replica ignores kinds it does not know, so that
+replicas of different versions can run side by side during a rolling deploy.
+"""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from presence.backplane.base import Backplane
 from presence.backplane.memory import MemoryBackplane
+from presence.backplane.replication import Replication
 from presence.config import Settings
 from presence.core.identity import IdentityFactory, InvalidToken
 from presence.server.hub import Hub, new_replica_id
@@ -41,6 +42,7 @@ def make_backplane(settings: Settings) -> Backplane:
         sharded=settings.redis_sharded,
         cluster=settings.redis_cluster,
         replica_timeout=settings.replica_timeout,
+        permdown_after=settings.replica_permdown,
     )
 
 
@@ -61,7 +63,34 @@ def make_hub(settings: Settings) -> Hub:
         locale=settings.locale,
         seed=settings.seed,
     )
-    return Hub(settings, identities=identities, backplane=make_backplane(settings))
+    hub = Hub(settings, identities=identities, backplane=make_backplane(settings))
+    replication_metrics(hub)
+    return hub
+
+
+def replication_metrics(hub: Hub) -> None:
+    """What the replication layer counts, next to the hub's backplane metrics."""
+    backplane = hub.backplane
+    if not isinstance(backplane, Replication):
+        return
+    m = hub.metrics
+    m.gauges["backplane_replicas"] = (
+        "Other replicas heard from and up, as this replica sees them.",
+        lambda: backplane.replicas_up,
+    )
+    m.counters["backplane_replicas_down_total"] = (
+        "Times another replica went silent and its members were removed here.",
+        lambda: backplane.downs,
+    )
+    m.counters["backplane_gaps_total"] = (
+        "Messages from other replicas found missing (their state was asked for again).",
+        lambda: backplane.gaps,
+    )
+    m.counters["backplane_stalls_total"] = (
+        "Times this replica's own timers ran later than the replica timeout allows "
+        "(it announced its members again).",
+        lambda: backplane.stalls,
+    )
 
 
 async def index(request: Request) -> Response:
