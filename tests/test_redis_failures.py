@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from load.procs import RedisProcess
+from harness.processes import RedisProcess
 from tests.conftest import FAST, Client, Server
 from tests.test_json_protocol import join
 from tests.test_replicas import logged, replicas, sees
