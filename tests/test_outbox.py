@@ -1,11 +1,14 @@
 """The outgoing side of one connection, with a sink we control."""
 
 import orjson
+import pytest
 
 from presence.codecs.json import ENCODER, encode_batch
 from presence.core.events import Batch, Updated
 from presence.server.metrics import Metrics
 from presence.server.outbox import Outbox
+
+pytestmark = pytest.mark.unit
 
 
 class Peer:
