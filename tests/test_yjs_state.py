@@ -127,6 +127,9 @@ def test_the_view_encodes_the_exact_state_with_server_clocks() -> None:
     assert orjson.loads(entry.state) == {**OWNERS, "presence": {"idle": False}}
     view.shared(batch)  # announced again within the same millisecond: still newer
     assert view.clocks[1] == 1_234_501
+    # The snapshot a (re)connecting client gets is newer than anything it saw before: a
+    # stock client keeps the clocks it saw across reconnects.
+    assert view.snapshot()[1][0] == 1_234_502
 
 
 def test_the_yjs_codec_is_pure() -> None:

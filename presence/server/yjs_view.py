@@ -60,7 +60,7 @@ class YjsView:
         if now - self.last_renewal < self.renew_every:
             return
         self.last_renewal = now
-        shared = self.snapshot(renew=True)
+        shared = self.snapshot()
         for outbox in self.told:
             outbox.push([self.full(shared, outbox)])
 
@@ -71,9 +71,9 @@ class YjsView:
         self.clocks[client_id] = clock
         return clock
 
-    def _member_entry(self, member: MemberInfo, clock: int | None = None) -> yjs.Line:
+    def _member_entry(self, member: MemberInfo) -> yjs.Line:
         client_id = yjs.client_id_of(member.id)
-        clock = self._clock(client_id) if clock is None else clock
+        clock = self._clock(client_id)
         return clock, yjs.entry(client_id, clock, orjson.dumps(yjs.yjs_state(member)))
 
     def shared(self, batch: Batch) -> dict[int, yjs.Line]:
@@ -112,14 +112,10 @@ class YjsView:
         entries = self._pick(shared, outbox)
         return [yjs.awareness_message(entries)] if entries else []
 
-    def snapshot(self, *, renew: bool) -> dict[int, yjs.Line]:
-        """Every member's entry: with fresh clocks when renewing, else the ones announced."""
-        entries = {}
-        for member in self.room.snapshot():
-            client_id = yjs.client_id_of(member.id)
-            clock = None if renew else self.clocks.get(client_id)
-            entries[client_id] = self._member_entry(member, clock)
-        return entries
+    def snapshot(self) -> dict[int, yjs.Line]:
+        """Every member's entry, with fresh clocks: a stock client that reconnects keeps
+        the clocks it saw, and ignores a state that is not newer (until its renewal)."""
+        return {yjs.client_id_of(m.id): self._member_entry(m) for m in self.room.snapshot()}
 
     def full(self, shared: dict[int, yjs.Line], outbox: Outbox[bytes]) -> bytes:
         """A complete awareness update for one connection, even if empty: a lone

@@ -180,7 +180,7 @@ class YjsEndpoint:
         told = view.attach(outbox)
         hub.attach(room, outbox)
         # Stock clients never ask (query-awareness): push the room's states on join.
-        outbox.push([view.full(view.snapshot(renew=False), outbox)])
+        outbox.push([view.full(view.snapshot(), outbox)])
         self.client = YjsClient(hub, room, outbox, identity, told)
 
     def receive(self, data: bytes) -> None:
@@ -205,7 +205,7 @@ class YjsEndpoint:
                     outbox.push([yjs.EMPTY_SYNC_STEP2])
                 # Document updates are not ours to keep: this service holds no documents.
             elif kind == yjs.QUERY_AWARENESS:
-                outbox.push([view.full(view.snapshot(renew=False), outbox)])
+                outbox.push([view.full(view.snapshot(), outbox)])
             elif kind != yjs.AUTH:
                 hub.metrics.error("unknown_type")
                 self.connection.close(1003, f"unsupported y-websocket message type {kind}")
