@@ -22,6 +22,8 @@ import { WebsocketProvider as V3 } from 'y-websocket'
 import { WebsocketProvider as V1 } from 'y-websocket-v1'
 
 const PROVIDERS = { v1: V1, v3: V3 }
+// Each v3 provider listens for the process's exit: many of them are no leak here.
+process.setMaxListeners(0)
 const peers = new Map()
 
 const peer = (name) => {
