@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# System packages the test suite needs and pip cannot provide, installed with apt-get when
-# missing: Chromium for the browser tests (Playwright drives it; Playwright's own browser
+# What the test suite needs besides pip: system packages installed with apt-get when
+# missing, Chromium for the browser tests (Playwright drives it; Playwright's own browser
 # download is not used), redis-server (built with TLS, for the TLS test; without it the
-# tests fall back to the Valkey server of the test extra) and the openssl CLI (test
-# certificates).
+# tests fall back to the Valkey server of the test extra), the openssl CLI (test
+# certificates) and Node.js with npm (the stock JavaScript Yjs clients); then those
+# clients' npm packages, from tests/js/package-lock.json.
 set -euo pipefail
 
 missing=()
@@ -11,15 +12,21 @@ command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>
   || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-[ ${#missing[@]} -eq 0 ] && exit 0
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "please install: ${missing[*]} (the tests need them)" >&2
-  exit 1
+if [ ${#missing[@]} -gt 0 ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "please install: ${missing[*]} (the tests need them)" >&2
+    exit 1
+  fi
+  sudo=""
+  if [ "$(id -u)" != "0" ]; then sudo="sudo"; fi
+  echo "installing ${missing[*]} for the tests (apt-get)…" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
 fi
-sudo=""
-if [ "$(id -u)" != "0" ]; then sudo="sudo"; fi
-echo "installing ${missing[*]} for the tests (apt-get)…" >&2
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-  "${missing[@]}" >/dev/null
+
+# tests/js/.npmrc leaves out y-websocket 1.x's optional server dependencies (LevelDB).
+npm ci --prefix "$(dirname "$0")/../tests/js" --no-audit --no-fund --loglevel=error

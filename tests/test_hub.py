@@ -14,6 +14,7 @@ from presence.config import Settings
 from presence.core.identity import IdentityFactory
 from presence.server.hub import CLOSE_EXPIRED, Hub
 from presence.server.outbox import Outbox
+from presence.server.yjs_view import YjsView
 from tests.test_outbox import Peer
 
 pytestmark = pytest.mark.unit
@@ -135,3 +136,36 @@ async def test_the_tick_stretches_when_timers_run_late() -> None:
     for _ in range(200):
         hub.observe_lag(0.0)
     assert hub.tick_interval < base + 0.0001
+
+
+async def test_room_observers_see_sweeps_and_keep_yjs_sockets_on_expiry() -> None:
+    clock = Clock()
+    hub = make_hub("A", MemoryBus(), clock)
+    await hub.start()
+    room = await hub.open("doc")
+    view = hub.observer(room, YjsView)
+    assert hub.observer(room, YjsView) is view  # one per room and maker
+    ypeer, jpeer = Peer(), Peer()
+    youtbox: Outbox[bytes] = Outbox(
+        ypeer, view, max_backlog=8, clock=hub.clock, metrics=hub.metrics
+    )
+    view.attach(youtbox)
+    hub.attach(room, youtbox)
+    hub.admit(room, youtbox, "y7", None, {"cursor": None})
+    await hub.join("doc", outbox_for(hub, jpeer), None)
+    await settle()
+    sent = len(ypeer.frames)
+    clock.now += 16  # past expire_after / 2: the view re-announces every state
+    hub.sweep()
+    assert len(ypeer.frames) == sent + 1
+    clock.now += 15  # both members expired: the JSON socket closes, the Yjs one stays
+    hub.sweep()
+    assert jpeer.closed is not None and jpeer.closed[0] == CLOSE_EXPIRED
+    assert ypeer.closed is None and not youtbox.members and "y7" not in room
+    # The room is forgotten with its last connection, and its observers with it.
+    view.detach(youtbox)
+    hub.disconnect("doc", youtbox)
+    await settle()
+    assert "doc" not in hub.rooms
+    assert hub.observer(await hub.open("doc"), YjsView) is not view
+    await hub.stop()

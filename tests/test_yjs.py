@@ -34,6 +34,16 @@ def has(client: YClient, other: int, **fields: object) -> Callable[[], bool]:
     return check
 
 
+def sees(client: YClient, other: int, state: dict[str, object]) -> Callable[[], bool]:
+    """``other``'s state is exactly ``state``, plus the server's ``presence`` mark."""
+
+    def check() -> bool:
+        seen = dict(client.states.get(other) or {})
+        return isinstance(seen.pop("presence", None), dict) and seen == state
+
+    return check
+
+
 async def closed_with(client: YClient) -> tuple[int, str]:
     """Wait for the server to close the client; the close code and reason it sent."""
     await asyncio.wait_for(asyncio.shield(client.reader), 5)
@@ -120,10 +130,11 @@ async def test_states_expire_when_not_renewed(server_factory: ServerFactory) -> 
 async def test_a_lone_client_keeps_hearing_from_the_server(server_factory: ServerFactory) -> None:
     server = server_factory(*EXPIRING)
     a = await yjoin(server, {"n": 1})
-    await asyncio.sleep(0.3)
-    before = len(a.received)
-    await asyncio.sleep(2.5)  # renewals every expire_after / 2 (15 s by default; 1 s here)
-    assert len(a.received) - before >= 2
+    await a.until(lambda: len(a.received) >= 2)  # the sync reply and the room's awareness
+    before, started = len(a.received), time.monotonic()
+    # Renewals every expire_after / 2 (15 s by default; 1 s here).
+    await a.until(lambda: len(a.received) - before >= 2, timeout=6)
+    assert time.monotonic() - started >= 1
 
 
 async def test_another_connection_cannot_update_or_remove_a_client(server: Server) -> None:
@@ -142,10 +153,10 @@ async def test_another_connection_cannot_update_or_remove_a_client(server: Serve
         )
         await mallory.ws.send(create_awareness_message(update))
     # y-websocket#126: a connection that relays another client's removal must not take
-    # it over either; mallory now closes and a must stay.
+    # it over either; mallory now closes and a must stay. Its forgeries came before its
+    # close: whatever they caused reached b before mallory's removal did.
     await mallory.close()
     await b.until(lambda: mallory.id not in b.states)
-    await asyncio.sleep(0.3)
     assert b.states[a.id]["who"] == "a"
     a.awareness.set_local_state_field("who", "still a")
     await a.send_update([a.id])
@@ -158,17 +169,26 @@ async def test_echoes_are_dropped_not_relayed(server_factory: ServerFactory) -> 
     b = await yjoin(server, {"n": 0})  # echoes every update it receives, like stock clients
     c = await yjoin(server, {"n": 0}, echo=False)
     await c.until(lambda: a.id in c.states and b.id in c.states)
-    await asyncio.sleep(0.3)
+
+    async def marker(m: int) -> None:
+        """b changes its state; once a and c have it, b's echoes sent before have been
+        handled (one socket keeps its order), and relayed if they were going to be."""
+        await b.set({"n": 0, "m": m})
+        await a.until(has(a, b.id, m=m))
+        await c.until(has(c, b.id, m=m))
+
+    await marker(1)
     before = server.metrics()["presence_messages_out_total"]
     for i in range(1, 11):
         a.awareness.set_local_state_field("n", i)
         await a.send_update([a.id])
         await asyncio.sleep(0.05)
     await c.until(has(c, a.id, n=10))
-    await asyncio.sleep(0.3)
+    await b.until(has(b, a.id, n=10))
+    await marker(2)
     sent = server.metrics()["presence_messages_out_total"] - before
-    # Ten moves to two peers: at most twenty frames, whatever b echoes back.
-    assert sent <= 20, sent
+    # Ten moves and a marker to two peers: at most 22 frames, whatever b echoes back.
+    assert sent <= 22, sent
     # a never gets its own state back (it would adopt the server's clock and resend).
     assert a.id not in a.states
 
@@ -251,7 +271,51 @@ async def test_across_two_replicas(
     await b.until(lambda: a.id not in b.states, timeout=3)
 
 
+async def test_null_fields_reach_yjs_peers_as_set_and_json_peers_without_them(
+    server_factory: ServerFactory, redis_server: RedisProcess
+) -> None:
+    # y-codemirror sets cursor: null when its editor loses focus; it must not vanish.
+    r1 = server_factory(*FAST, "--redis-url", redis_server.url)
+    r2 = server_factory(*FAST, "--redis-url", redis_server.url)
+    owners = {"user": {"name": "Ada", "color": "#123456"}, "cursor": None, "x": 1}
+    a = await yjoin(r1, owners)
+    b = await yjoin(r1, {"n": 1})
+    far = await yjoin(r2, {"n": 2})  # on another replica
+    await b.until(sees(b, a.id, owners))
+    await far.until(sees(far, a.id, owners))
+    j = await join(r1)
+    assert j.members[f"y{a.id}"]["state"] == {"user": owners["user"], "x": 1}
+    # A field that becomes null, and one that stops being null.
+    for state in (
+        {**owners, "cursor": {"anchor": 1, "head": 2}},
+        {**owners, "cursor": None, "selection": None},
+        {"user": owners["user"], "selection": {"anchor": 3}, "x": 2},
+    ):
+        await a.set(state)
+        await b.until(sees(b, a.id, state))
+        await far.until(sees(far, a.id, state))
+        json_state = {k: v for k, v in state.items() if v is not None}
+        await j.until(lambda m, s=json_state: j.members[f"y{a.id}"]["state"] == s)  # type: ignore[misc]
+    # From JSON to Yjs: a JSON null removes the field, so Yjs peers see no such field.
+    await j.update(cursor={"x": 1, "y": 2}, tool="pen")
+    await b.until(lambda: any(s.get("cursor") == {"x": 1, "y": 2} for s in b.states.values()))
+    [jid] = [c for c, s in b.states.items() if s.get("tool") == "pen"]
+    await j.update(cursor=None)
+    await b.until(lambda: "cursor" not in b.states[jid] and b.states[jid]["tool"] == "pen")
+
+
 # -- bad input -------------------------------------------------------------------------
+
+
+def update_of(client_id: int, clock: int, state: bytes) -> bytes:
+    """An awareness update of one entry, written by hand."""
+    return (
+        write_var_uint(1)
+        + write_var_uint(client_id)
+        + write_var_uint(clock)
+        + write_var_uint(len(state))
+        + state
+    )
 
 
 async def room_still_works(server: Server) -> None:
@@ -365,7 +429,9 @@ async def test_one_connection_cannot_fill_a_room_with_client_ids(server: Server)
         )
         await flood.ws.send(create_awareness_message(update))
     await watcher.until(lambda: len(watcher.states) >= 8)
-    await asyncio.sleep(0.3)
+    # A marker: once the watcher has this, the flood before it has been handled.
+    await flood.ws.send(create_awareness_message(update_of(1000, 2, b'{"spam":2}')))
+    await watcher.until(has(watcher, 1000, spam=2))
     assert len(watcher.states) == 8
     # A self-declared user cannot pass for a server-issued identity.
     j = await join(server, room="other")
@@ -397,7 +463,9 @@ async def test_a_late_echo_does_not_adopt_a_departed_client(server: Server) -> N
         + body
     )
     await y.ws.send(create_awareness_message(update))
-    await asyncio.sleep(0.5)
+    # A marker from y: once the watcher has it, the echo before it has been handled.
+    await y.set({"n": 2})
+    await watcher.until(has(watcher, y.id, n=2))
     assert client_id not in watcher.states
     late = await join(server)
     assert {m["id"] for m in late.welcome["members"]} == {f"y{y.id}", f"y{watcher.id}"}

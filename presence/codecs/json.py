@@ -117,12 +117,11 @@ def decode(text: str, *, max_depth: int = 16) -> Command:
 
 
 def member_json(member: MemberInfo) -> dict[str, Any]:
-    return {
-        "id": member.id,
-        "user": member.identity.to_json(),
-        "state": member.state,
-        "idle": member.idle,
-    }
+    state = member.state
+    if None in state.values():
+        # A Yjs client's null field (Room.replace): in JSON, null means "no such field".
+        state = {k: v for k, v in state.items() if v is not None}
+    return {"id": member.id, "user": member.identity.to_json(), "state": state, "idle": member.idle}
 
 
 def dumps(message: dict[str, Any]) -> str:

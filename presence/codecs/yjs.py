@@ -8,28 +8,21 @@ Encoding uses pycrdt's helpers. Decoding is our own :class:`Reader`: pycrdt's ``
 trusts its input (a length past the end silently truncates), and this endpoint reads
 bytes from anybody.
 
-Clocks: the server re-announces states (idle marks, renewals, a reconnecting client) so
-the clocks peers see are the server's, not the clients': each announcement gets
-``max(last + 1, now in ms)``. They only grow, also for a client that comes back on
-another replica, so a returning client is never ignored as "old".
+A pure codec: bytes and states in and out, no clock and no connection (the room's Yjs
+view, with its clocks, is ``presence.server.yjs_view``).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from pycrdt import YMessageType, YSyncMessageType, create_awareness_message, write_var_uint
 
-from presence.core.events import Batch, Joined, Left, MemberInfo
+from presence.core.events import MemberInfo
 from presence.core.identity import Identity
-
-if TYPE_CHECKING:
-    from presence.core.room import Room
-    from presence.server.outbox import Outbox
 
 SYNC = int(YMessageType.SYNC)
 AWARENESS = int(YMessageType.AWARENESS)
@@ -149,9 +142,10 @@ def yjs_user(identity: Identity) -> dict[str, Any]:
 
 
 def yjs_state(member: MemberInfo) -> dict[str, Any]:
-    """A member as Yjs peers see it: its state, a ``user`` and the idle mark."""
+    """A member as Yjs peers see it: its state as its owner set it (``null`` fields
+    included), a ``user`` if it has none, and the idle mark."""
     state = dict(member.state)
-    if not isinstance(state.get("user"), dict):
+    if "user" not in state:
         state["user"] = yjs_user(member.identity)
     state["presence"] = {"idle": member.idle}
     return state
@@ -167,71 +161,3 @@ def entry(client_id: int, clock: int, state: bytes) -> bytes:
 
 def awareness_message(entries: list[bytes]) -> bytes:
     return create_awareness_message(write_var_uint(len(entries)) + b"".join(entries))
-
-
-class YjsView:
-    """One room as its Yjs connections on this replica see it: the clocks announced so
-    far, and the encoding of batches (once per tick, shared by those connections)."""
-
-    def __init__(self, room: Room) -> None:
-        self.room = room
-        self.clocks: dict[int, int] = {}
-        self.last_renewal = 0.0
-
-    def _clock(self, client_id: int) -> int:
-        clock = max(self.clocks.get(client_id, 0) + 1, int(time.time() * 1000))
-        self.clocks[client_id] = clock
-        return clock
-
-    def _member_entry(self, member: MemberInfo, clock: int | None = None) -> Line:
-        client_id = client_id_of(member.id)
-        clock = self._clock(client_id) if clock is None else clock
-        return clock, entry(client_id, clock, orjson.dumps(yjs_state(member)))
-
-    def shared(self, batch: Batch) -> dict[int, Line]:
-        """The latest state (or removal) of every member the batch touched."""
-        entries: dict[int, Line] = {}
-        for event in batch.events():
-            member_id = event.member.id if isinstance(event, Joined) else event.id
-            if isinstance(event, Left) or member_id not in self.room:
-                client_id = client_id_of(member_id)
-                clock = self._clock(client_id)
-                entries[client_id] = (clock, entry(client_id, clock, b"null"))
-                # Forget it, or churn would grow this table: clocks are times, so one
-                # handed out later is still newer.
-                self.clocks.pop(client_id, None)
-            else:
-                member = self.room.member(member_id)
-                entries[client_id_of(member_id)] = self._member_entry(member)
-        return entries
-
-    def _pick(self, shared: dict[int, Line], outbox: Outbox[bytes]) -> list[bytes]:
-        """The entries for one connection, noting the clocks it is told (see echoes)."""
-        own = {client_id_of(m) for m in outbox.members}
-        picked = []
-        for client_id, (clock, line) in shared.items():
-            if client_id in own:
-                # A client's own states are never sent back to it: it would apply the
-                # server's clock to itself and send the state back again.
-                continue
-            outbox.told[client_id] = clock
-            picked.append(line)
-        return picked
-
-    def frames(self, shared: dict[int, Line], outbox: Outbox[bytes]) -> list[bytes]:
-        entries = self._pick(shared, outbox)
-        return [awareness_message(entries)] if entries else []
-
-    def snapshot(self, *, renew: bool) -> dict[int, Line]:
-        """Every member's entry: with fresh clocks when renewing, else the ones announced."""
-        entries = {}
-        for member in self.room.snapshot():
-            client_id = client_id_of(member.id)
-            clock = None if renew else self.clocks.get(client_id)
-            entries[client_id] = self._member_entry(member, clock)
-        return entries
-
-    def full(self, shared: dict[int, Line], outbox: Outbox[bytes]) -> bytes:
-        """A complete awareness update for one connection, even if empty: a lone
-        y-websocket client closes a socket that stays silent for 30 s."""
-        return awareness_message(self._pick(shared, outbox))

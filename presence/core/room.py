@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -127,14 +128,19 @@ class Room:
 
     # -- commands from local connections -----------------------------------------------
 
-    def join(self, member_id: str, identity: Identity, now: float) -> Identity:
-        """Add a local member. Returns the identity it shows in this room: its own, with
-        the name, initials or colour changed where another member holds them."""
+    def join(
+        self, member_id: str, identity: Identity, now: float, state: State | None = None
+    ) -> Identity:
+        """Add a local member, with its whole state if it has one (a Yjs client's first,
+        kept as it is: see :meth:`replace`). Returns the identity it shows in this room:
+        its own, with the name, initials or colour changed where another member holds them."""
         if member_id in self._members:
             raise RoomError(f"member {member_id!r} is already in room {self.name!r}")
+        state = dict(state or {})
+        self._check_size(state)
         self._wanted[member_id] = identity
         shown = _distinct(self._members).settle(member_id, identity, None)
-        info = MemberInfo(member_id, shown, {}, False, self.replica)
+        info = MemberInfo(member_id, shown, state, False, self.replica)
         self._members[member_id] = _Member(info, now, now)
         self._emit(Joined(info))
         return shown
@@ -143,16 +149,43 @@ class Room:
         member = self._local_member(member_id)
         state = dict(member.info.state)
         apply_patch(state, patch)
+        self._check_size(state)
+        member.info.state = state
+        member.last_update = member.last_seen = now
+        self._emit(Updated(member_id, patch))
+        self._activate(member)
+
+    def replace(self, member_id: str, state: State, now: float) -> None:
+        """Set a local member's whole state, as Yjs clients send it: ``None`` is a value
+        there, kept as such (``update`` reads it as "remove the field"). Peers get the
+        changed fields as a patch, or the member again (a ``Joined``) when a field became
+        ``None``, which a patch cannot say. An unchanged state is a heartbeat."""
+        member = self._local_member(member_id)
+        old = member.info.state
+        patch = {k: v for k, v in state.items() if k not in old or not _same(old[k], v)}
+        patch.update((k, None) for k in old if k not in state)
+        if not patch:
+            member.last_seen = now
+            return
+        self._check_size(state)
+        member.info.state = dict(state)
+        member.last_update = member.last_seen = now
+        if any(state.get(k, 0) is None for k in patch):
+            self._emit(Joined(member.info, again=True))
+        else:
+            self._emit(Updated(member_id, patch))
+        self._activate(member)
+
+    def _activate(self, member: _Member) -> None:
+        if member.info.idle:
+            member.info.idle = False
+            self._emit(Active(member.info.id))
+
+    def _check_size(self, state: State) -> None:
         if len(orjson.dumps(state)) > self.max_state_bytes:
             raise StateTooLarge(
                 f"the state would exceed {self.max_state_bytes} bytes; send smaller fields"
             )
-        member.info.state = state
-        member.last_update = member.last_seen = now
-        self._emit(Updated(member_id, patch))
-        if member.info.idle:
-            member.info.idle = False
-            self._emit(Active(member_id))
 
     def heartbeat(self, member_id: str, now: float) -> None:
         self._local_member(member_id).last_seen = now
@@ -284,6 +317,13 @@ class Room:
         if member is None or member.info.origin != self.replica:
             raise UnknownMember(f"no local member {member_id!r} in room {self.name!r}")
         return member
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: Python's ``==`` holds ``1 == 1.0 == True``, JSON does not."""
+    if type(a) is not type(b) or a != b:
+        return False
+    return not isinstance(a, dict | list) or orjson.dumps(a) == orjson.dumps(b)
 
 
 def _distinct(members: dict[str, _Member]) -> Distinct:

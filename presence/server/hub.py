@@ -15,11 +15,10 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast
 
 from presence.backplane.base import Backplane
 from presence.backplane.memory import MemoryBackplane
-from presence.codecs.yjs import YjsView
 from presence.config import Settings
 from presence.core.events import Event, Joined, MemberInfo, State
 from presence.core.identity import Identity, IdentityFactory
@@ -51,6 +50,22 @@ class RoomFull(RoomError):
     code = "room_full"
 
 
+class RoomObserver(Protocol):
+    """What an endpoint keeps for one room on this replica beside the hub's own state (the
+    Yjs endpoint: clocks announced, renewals). Made by :meth:`Hub.observer`, told about
+    every sweep, forgotten with the room."""
+
+    def swept(self, now: float) -> None:
+        """The hub's sweep (idle, expiry) ran at ``now`` (the hub's clock)."""
+
+    def expired(self, outbox: Outbox[Any], member_ids: set[str]) -> bool:
+        """Members of ``outbox`` expired (they are out of ``outbox.members`` already);
+        True keeps its connection open, else the hub closes it with CLOSE_EXPIRED."""
+
+
+Observer = TypeVar("Observer", bound=RoomObserver)
+
+
 @dataclass(frozen=True, slots=True)
 class Membership:
     """What a connection gets back from :meth:`Hub.join`."""
@@ -79,7 +94,7 @@ class Hub:
         self.timing = Timing(settings.idle_after, settings.expire_after)
         self.rooms: dict[str, Room] = {}
         self.outboxes: dict[str, set[Outbox[Any]]] = {}
-        self.yjs_views: dict[str, YjsView] = {}
+        self._observers: dict[str, dict[Callable[[Room, Hub], Any], RoomObserver]] = {}
         self._dirty: set[str] = set()
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush = -float("inf")
@@ -184,10 +199,8 @@ class Hub:
         if identity is None:
             identity = self.identities.create(room.names(), room.colors())
         now = self.clock()
-        given = room.join(member_id, identity, now)
+        given = room.join(member_id, identity, now, state)
         outbox.members.add(member_id)
-        if state:
-            room.update(member_id, state, now)
         self._mark(room.name)
         return given
 
@@ -213,12 +226,13 @@ class Hub:
             counts.setdefault(name, count)
         return counts
 
-    def yjs_view(self, room: Room) -> YjsView:
-        view = self.yjs_views.get(room.name)
-        if view is None:
-            view = self.yjs_views[room.name] = YjsView(room)
-            view.last_renewal = self.clock()
-        return view
+    def observer(self, room: Room, make: Callable[[Room, Hub], Observer]) -> Observer:
+        """The room's observer made by ``make`` (a class): one per room and maker."""
+        observers = self._observers.setdefault(room.name, {})
+        found = observers.get(make)
+        if found is None:
+            found = observers[make] = make(room, self)
+        return cast(Observer, found)
 
     async def open(self, name: str) -> Room:
         """The room, opened on the backplane (with the other replicas' members) if new."""
@@ -245,6 +259,11 @@ class Hub:
 
     def update(self, room_name: str, member_id: str, patch: State) -> None:
         self.rooms[room_name].update(member_id, patch, self.clock())
+        self._mark(room_name)
+
+    def replace(self, room_name: str, member_id: str, state: State) -> None:
+        """A member's whole new state (Room.replace)."""
+        self.rooms[room_name].replace(member_id, state, self.clock())
         self._mark(room_name)
 
     def heartbeat(self, room_name: str, member_id: str) -> None:
@@ -349,7 +368,7 @@ class Hub:
                 # Memory must not grow with churn: an empty room is forgotten.
                 del self.rooms[name]
                 del self.outboxes[name]
-                self.yjs_views.pop(name, None)
+                self._observers.pop(name, None)
                 self.backplane.close_room(name)
 
     def observe_lag(self, late: float) -> None:
@@ -366,17 +385,20 @@ class Hub:
             expired = room.tick(now)
             if room.has_pending:
                 self._mark(room.name)
+            observers = self._observers.get(room.name, {}).values()
             for outbox in list(self.outboxes[room.name]) if expired else ():
-                if not outbox.members.intersection(expired):
+                gone = outbox.members.intersection(expired)
+                if not gone:
                     continue
-                if not outbox.close_on_expiry:
-                    outbox.members.difference_update(expired)
+                outbox.members.difference_update(gone)
+                if any([o.expired(outbox, gone) for o in observers]):
                     continue
                 outbox.abort(
                     CLOSE_EXPIRED, f"expired: no update or heartbeat for {expire_after:g}s"
                 )
                 self.disconnect(room.name, outbox)
-        self._renew_yjs(now)
+            for observer in list(observers):
+                observer.swept(now)
         limit = self.settings.slow_client_timeout
         stalled = [
             (name, outbox)
@@ -388,18 +410,6 @@ class Hub:
             self.metrics.slow_client_disconnects += 1
             outbox.abort(1013, f"client too slow: it stopped reading for over {limit:g}s")
             self.disconnect(name, outbox)
-
-    def _renew_yjs(self, now: float) -> None:
-        """Re-announce every state to Yjs clients before their 30 s timeout drops it."""
-        period = self.settings.expire_after / 2
-        for name, view in self.yjs_views.items():
-            if now - view.last_renewal < period:
-                continue
-            view.last_renewal = now
-            shared = view.snapshot(renew=True)
-            for outbox in self.outboxes[name]:
-                if outbox.encoder is view:
-                    outbox.push([view.full(shared, outbox)])
 
     async def _sweep_forever(self) -> None:
         interval = min(0.25, self.settings.idle_after / 10)

@@ -68,12 +68,6 @@ class Outbox(Generic[F]):
     ) -> None:
         self.sink = sink
         self.members: set[str] = set()  # the member ids this connection speaks for
-        # Yjs: the clock of the last state of each client ID sent to this connection, to
-        # recognise the copies that stock clients send back.
-        self.told: dict[int, int] = {}
-        # A JSON member that expires has a dead client: close. A Yjs client ID expires
-        # on its own (y-protocols), its connection stays.
-        self.close_on_expiry = True
         self.encoder: Encoder[F] = encoder
         self.max_backlog = max_backlog
         self._clock = clock

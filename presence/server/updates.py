@@ -26,12 +26,12 @@ class RateLimitedUpdates:
 
     def submit(self, patch: State) -> None:
         if self.pending is None and self.bucket.allow(self.hub.clock()):
-            self.hub.update(self.room, self.member_id, patch)
+            self._apply(patch)
             return
         if self.pending is None:
             self.pending = dict(patch)
         else:
-            self.pending.update(patch)
+            self._merge(self.pending, patch)
             self.hub.metrics.updates_coalesced += 1
         if self.timer is None:
             delay = self.bucket.wait_time(self.hub.clock())
@@ -45,7 +45,13 @@ class RateLimitedUpdates:
         self.bucket.allow(self.hub.clock())
         # The member may have left meanwhile, or the merged state be too large: drop it.
         with contextlib.suppress(RoomError):
-            self.hub.update(self.room, self.member_id, patch)
+            self._apply(patch)
+
+    def _merge(self, pending: State, patch: State) -> None:
+        pending.update(patch)
+
+    def _apply(self, patch: State) -> None:
+        self.hub.update(self.room, self.member_id, patch)
 
     def cancel(self) -> None:
         if self.timer is not None:

@@ -3,6 +3,10 @@
 Each Yjs client ID is a member of the room (id ``y<clientID>``), bound to the connection
 that introduced it: other connections can neither change nor remove it, and when that
 connection closes, cleanly or not, its client IDs are removed for everyone at once.
+
+A Yjs state is a whole state: it replaces the member's (``Room.replace``), ``null``
+fields included, so that Yjs peers get it as its owner set it. The room's Yjs-only
+bookkeeping (clocks, renewals) is its :class:`~presence.server.yjs_view.YjsView`.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from presence.codecs import yjs
 from presence.core.colors import parse_hex, pick_color
+from presence.core.events import State
 from presence.core.identity import DECLARED_PREFIX, Identity, InvalidToken, initials_of
 from presence.core.room import ROOM_NAME_RULE, Room, RoomError, is_valid_room_name
 from presence.server.hub import Hub, RoomFull
 from presence.server.outbox import Outbox
 from presence.server.updates import RateLimitedUpdates
+from presence.server.yjs_view import YjsView
 
 if TYPE_CHECKING:
     from presence.server.connection import Connection
@@ -28,37 +34,62 @@ log = logging.getLogger("presence.yjs")
 MAX_CLIENT_IDS = 8
 
 
+class RateLimitedStates(RateLimitedUpdates):
+    """Whole states at the rate limit: the latest one waiting replaces the others."""
+
+    def _merge(self, pending: State, state: State) -> None:
+        pending.clear()
+        pending.update(state)
+
+    def _apply(self, state: State) -> None:
+        self.hub.replace(self.room, self.member_id, state)
+
+
 class YjsClient:
-    """What one socket controls: its client IDs, their last clocks, their rate limits."""
+    """What one socket controls: its client IDs, their last clocks and states, their
+    rate limits."""
 
     def __init__(
-        self, hub: Hub, room: Room, outbox: Outbox[bytes], identity: Identity | None
+        self,
+        hub: Hub,
+        room: Room,
+        outbox: Outbox[bytes],
+        identity: Identity | None,
+        told: dict[int, int],
     ) -> None:
         self.hub = hub
         self.room = room
         self.outbox = outbox
         self.identity = identity  # from ?token=, for states that carry no ``user``
+        self.told = told  # the clock of each client ID's last state sent to this socket
         self.clocks: dict[int, int] = {}
-        self.updates: dict[str, RateLimitedUpdates] = {}
+        self.sent: dict[int, bytes] = {}  # each client ID's last state, as it came
+        self.updates: dict[str, RateLimitedStates] = {}
 
     def receive(self, entry: yjs.Entry) -> None:
         member_id = yjs.member_id_of(entry.client_id)
-        if member_id in self.room and member_id not in self.outbox.members:
+        mine = member_id in self.outbox.members
+        if member_id in self.room and not mine:
             # Another connection's client: an echo of a relayed update (stock clients
             # send every update they receive back), or an attempt to take it over.
             return
-        told = self.outbox.told.get(entry.client_id)
-        if told is not None and entry.clock <= told and member_id not in self.outbox.members:
+        told = self.told.get(entry.client_id)
+        if told is not None and entry.clock <= told and not mine:
             # A copy of a state we relayed to this client, arriving after its owner left:
             # adopting it would make this connection the owner of someone else's ID.
             return
         last = self.clocks.get(entry.client_id)
         if last is not None and entry.clock <= last:
             return  # our own client's old state, or an echo of it
+        if mine and entry.state == self.sent.get(entry.client_id):
+            # y-protocols renews an unchanged state every 15 s: a heartbeat, not a move.
+            self.clocks[entry.client_id] = entry.clock
+            self.hub.heartbeat(self.room.name, member_id)
+            return
         state = yjs.parse_state(entry.state)
         self.clocks[entry.client_id] = entry.clock
         if state is None:
-            if member_id in self.outbox.members:
+            if mine:
                 self._forget(member_id)
                 self.hub.leave(self.room.name, member_id, self.outbox)
             return
@@ -66,29 +97,20 @@ class YjsClient:
             state.pop(field, None)
         if self.hub.settings.yjs_anonymous:
             state.pop("user", None)
-        if member_id in self.outbox.members:
-            self._update(member_id, state)
+        if mine:
+            limiter = self.updates.get(member_id)
+            if limiter is None:
+                limiter = self.updates[member_id] = RateLimitedStates(
+                    self.hub, self.room.name, member_id
+                )
+            limiter.submit(state)
         elif len(self.outbox.members) >= MAX_CLIENT_IDS:
             raise RoomError(f"a connection speaks for at most {MAX_CLIENT_IDS} client IDs")
         else:
             # A new client ID, or one that went null or reconnected: bind it here.
             identity = self._identity_of(state.get("user"), entry.client_id)
             self.hub.admit(self.room, self.outbox, member_id, identity, state)
-
-    def _update(self, member_id: str, state: dict[str, Any]) -> None:
-        old = self.room.member(member_id).state
-        patch = {k: v for k, v in state.items() if old.get(k) != v}
-        patch.update({k: None for k in old if k not in state})
-        if not patch:
-            # y-protocols renews an unchanged state every 15 s: a heartbeat, not a move.
-            self.hub.heartbeat(self.room.name, member_id)
-            return
-        limiter = self.updates.get(member_id)
-        if limiter is None:
-            limiter = self.updates[member_id] = RateLimitedUpdates(
-                self.hub, self.room.name, member_id
-            )
-        limiter.submit(patch)
+        self.sent[entry.client_id] = entry.state
 
     def _identity_of(self, user: Any, client_id: int) -> Identity | None:
         """The client's own ``user``, if it has a usable one; else the token's or None
@@ -112,6 +134,7 @@ class YjsClient:
         return Identity(f"{DECLARED_PREFIX}{username[:100]}", name, initials_of(name), str(color))
 
     def _forget(self, member_id: str) -> None:
+        self.sent.pop(yjs.client_id_of(member_id), None)
         limiter = self.updates.pop(member_id, None)
         if limiter is not None:
             limiter.cancel()
@@ -130,7 +153,7 @@ class YjsEndpoint:
         self.room = room
         self.outbox: Outbox[bytes] | None = None
         self.client: YjsClient | None = None
-        self.view: yjs.YjsView | None = None
+        self.view: YjsView | None = None
 
     async def open(self) -> None:
         hub, connection = self.hub, self.connection
@@ -145,7 +168,7 @@ class YjsEndpoint:
             connection.close(1008, f"invalid identity token: {exc}"[:120])
             return
         room = await hub.open(self.room)
-        view = self.view = hub.yjs_view(room)
+        view = self.view = hub.observer(room, YjsView)
         outbox = self.outbox = Outbox(
             connection,
             view,
@@ -154,11 +177,11 @@ class YjsEndpoint:
             metrics=hub.metrics,
         )
         connection.outbox = outbox
-        outbox.close_on_expiry = False
+        told = view.attach(outbox)
         hub.attach(room, outbox)
         # Stock clients never ask (query-awareness): push the room's states on join.
-        outbox.push([view.full(view.snapshot(renew=False), outbox)])
-        self.client = YjsClient(hub, room, outbox, identity)
+        outbox.push([view.full(view.snapshot(), outbox)])
+        self.client = YjsClient(hub, room, outbox, identity, told)
 
     def receive(self, data: bytes) -> None:
         assert self.outbox is not None and self.client is not None and self.view is not None
@@ -182,7 +205,7 @@ class YjsEndpoint:
                     outbox.push([yjs.EMPTY_SYNC_STEP2])
                 # Document updates are not ours to keep: this service holds no documents.
             elif kind == yjs.QUERY_AWARENESS:
-                outbox.push([view.full(view.snapshot(renew=False), outbox)])
+                outbox.push([view.full(view.snapshot(), outbox)])
             elif kind != yjs.AUTH:
                 hub.metrics.error("unknown_type")
                 self.connection.close(1003, f"unsupported y-websocket message type {kind}")
@@ -194,4 +217,6 @@ class YjsEndpoint:
         if self.client is not None:
             self.client.close()
         if self.outbox is not None:
+            if self.view is not None:
+                self.view.detach(self.outbox)
             self.hub.disconnect(self.room, self.outbox)
