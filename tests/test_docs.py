@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ QUOTED = [
     ("README.md", "within `--replica-timeout` (5 s)", "replica_timeout"),
 ]
 # Numbers the docs quote from constants in the code rather than from settings.
+PYTEST = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
 CONSTANTS = [
     ("docs/protocol.md", "More than 10 invalid messages in a row", MAX_CONSECUTIVE_ERRORS),
     ("docs/protocol.md", "more than 10 invalid messages in a row", MAX_CONSECUTIVE_ERRORS),
@@ -54,6 +56,7 @@ CONSTANTS = [
     ("docs/protocol.md", "(default 3600 s", DEFAULT_TTL),
     ("docs/protocol.md", "at most 604800 s", MAX_TTL),
     ("docs/protocol.md", "at most 4096 bytes", MAX_BODY),
+    ("README.md", "fails after 120 s", PYTEST["timeout"]),
 ]
 # Numbers next to a unit or a setting's name that quote neither, with why.
 UNRELATED = [
