@@ -32,7 +32,9 @@ CLOSE_TIMEOUT = 10.0
 class Endpoint(Protocol):
     """What speaks a wire protocol over one connection (JSON or y-websocket)."""
 
-    text: ClassVar[bool]  # messages are text frames (else binary)
+    # Its messages are text frames (str), binary frames (bytes), or either (None: the
+    # echo endpoint of scripts/autobahn_echo.py); what it sends goes out as its type.
+    text: ClassVar[bool | None]
 
     async def open(self) -> None:
         """Join the room; may close the connection instead."""
@@ -68,7 +70,6 @@ class Connection(asyncio.Protocol):
         self.state = "connecting"  # -> opening -> open -> closing -> closed
         self.writable = True
         self.query: dict[str, str] = {}
-        self._opcode = ws.TEXT
         self._timer: asyncio.TimerHandle | None = None  # keepalive, or the close timeout
         self._heard = True  # a pong arrived since the last ping
         self._opening: asyncio.Task[None] | None = None
@@ -125,9 +126,9 @@ class Connection(asyncio.Protocol):
         if framed[0] is frames:
             data = framed[1]
         else:
-            opcode = self._opcode
             data = b"".join(
-                ws.frame(opcode, f.encode() if isinstance(f, str) else f) for f in frames
+                ws.frame(ws.TEXT, f.encode()) if isinstance(f, str) else ws.frame(ws.BINARY, f)
+                for f in frames
             )
             Connection._framed = (frames, data)
         self.transport.write(data)
@@ -159,7 +160,6 @@ class Connection(asyncio.Protocol):
         self.transport.write(response)
         self.state = "opening"
         self.query = request.query
-        self._opcode = ws.TEXT if endpoint_class.text else ws.BINARY
         room = request.path.split("/", 2)[2]
         self.endpoint = endpoint_class(self, self.hub, room)
         # Messages wait in the socket until the member has joined.
@@ -206,7 +206,8 @@ class Connection(asyncio.Protocol):
                 if self.state != "open":
                     continue
                 metrics.messages_in += 1
-                if (opcode == ws.TEXT) != self.endpoint.text:
+                text = self.endpoint.text
+                if text is not None and (opcode == ws.TEXT) != text:
                     self._wrong_kind()
                     return
                 self.endpoint.receive(payload)
