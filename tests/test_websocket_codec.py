@@ -72,6 +72,8 @@ def test_handshake_decodes_path_and_query() -> None:
         (b"garbage\r\n\r\n", 400),
         (b"GET /x HTTP/1.1\r\nno colon here\r\n\r\n", 400),
         (request(X_Padding="x" * 20000), 431),
+        (request().replace(b"HTTP/1.1", b"HTTP/1.0"), 400),  # RFC 6455 4.1: at least 1.1
+        (request(Host=""), 400),
     ],
 )
 def test_bad_handshakes_get_an_http_error(raw: bytes, status: int) -> None:
@@ -105,7 +107,7 @@ def test_close_frame_reason_is_cut_on_a_character_boundary() -> None:
 
 def messages(reader: ws.FrameReader, data: bytes) -> list[tuple[int, str | bytes]]:
     reader.feed(data)
-    return list(reader.messages())
+    return list(reader.messages(10**9))
 
 
 def test_reader_unmasks_and_decodes_text() -> None:
@@ -162,12 +164,46 @@ def test_reader_refuses_protocol_violations(data: bytes, code: int) -> None:
     assert info.value.code == code
 
 
+def fragmented(frames: int) -> bytes:
+    """A text message in ``frames`` frames, all but the first empty."""
+    middle = client_frame(ws.CONTINUATION, b"", fin=False) * (frames - 2)
+    return client_frame(ws.TEXT, b"x", fin=False) + middle + client_frame(ws.CONTINUATION, b"")
+
+
+def test_reader_takes_a_message_of_max_fragments() -> None:
+    reader = ws.FrameReader(100)
+    assert messages(reader, fragmented(ws.MAX_FRAGMENTS)) == [(ws.TEXT, "x")]
+
+
+def test_reader_refuses_endless_empty_continuation_frames() -> None:
+    # Each frame is within the size limit; their number is not.
+    reader = ws.FrameReader(100)
+    with pytest.raises(ws.ProtocolError) as info:
+        messages(reader, fragmented(ws.MAX_FRAGMENTS + 1))
+    assert (info.value.code, info.value.reason) == (1009, "too many fragments")
+
+
+def test_reader_reads_at_most_limit_frames_a_call() -> None:
+    reader = ws.FrameReader(100)
+    pings = [client_frame(ws.PING, bytes([i])) for i in range(5)]
+    reader.feed(fragmented(3) + b"".join(pings))
+    got = list(reader.messages(4))  # three frames of the message, one ping
+    assert got == [(ws.TEXT, "x"), (ws.PING, b"\x00")] and reader.more
+    assert list(reader.messages(4)) == [(ws.PING, bytes([i])) for i in range(1, 5)]
+    assert not reader.more
+
+
 @pytest.mark.parametrize(
     "payload,expected",
     [
         (b"", (1005, "")),
         (struct.pack("!H", 1000) + b"bye", (1000, "bye")),
         (struct.pack("!H", 4001), (4001, "")),
+        # Service Restart, Try Again Later, Bad Gateway: a proxy in front of a client
+        # may send them as well as a server.
+        (struct.pack("!H", 1012), (1012, "")),
+        (struct.pack("!H", 1013) + b"later", (1013, "later")),
+        (struct.pack("!H", 1014), (1014, "")),
     ],
 )
 def test_close_payloads(payload: bytes, expected: tuple[int, str]) -> None:
@@ -178,7 +214,12 @@ def test_close_payloads(payload: bytes, expected: tuple[int, str]) -> None:
     "payload,code",
     [
         (b"\x03", 1002),
+        (struct.pack("!H", 1004), 1002),
         (struct.pack("!H", 1005), 1002),
+        (struct.pack("!H", 1006), 1002),
+        (struct.pack("!H", 1015), 1002),  # TLS handshake failure: never in a frame
+        (struct.pack("!H", 1016), 1002),
+        (struct.pack("!H", 2999), 1002),
         (struct.pack("!H", 999), 1002),
         (struct.pack("!H", 5000), 1002),
         (struct.pack("!H", 1000) + b"\xff", 1007),

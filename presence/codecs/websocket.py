@@ -26,6 +26,12 @@ _DATA = (TEXT, BINARY)
 _CONTROL = (CLOSE, PING, PONG)
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_REQUEST_BYTES = 16384
+# Fragments of one message: without a cap, empty continuation frames pile up for ever
+# (the size limit never sees them). python-websockets allows 4096.
+MAX_FRAGMENTS = 1024
+# Close codes a peer may send (RFC 6455 7.4 and the IANA registry): 1004-1006 and 1015
+# are never sent, 1016-2999 are unassigned.
+_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, *range(1007, 1015)))
 
 
 class HandshakeError(Exception):
@@ -53,8 +59,8 @@ class Request:
 
 
 def parse_request(data: bytes) -> Request:
-    """The request line and headers of an opening handshake (``data`` ends with an
-    empty line); raises :class:`HandshakeError` if it is not one."""
+    """The request line and headers of an opening handshake (``data`` up to the empty
+    line that ends them); raises :class:`HandshakeError` if it is not one."""
     if len(data) > MAX_REQUEST_BYTES:
         raise HandshakeError(431, "request headers too large")
     try:
@@ -63,7 +69,7 @@ def parse_request(data: bytes) -> Request:
         method, target, version = request_line.split(" ")
     except ValueError:
         raise HandshakeError(400, "malformed request line") from None
-    if method != "GET" or not version.startswith("HTTP/1."):
+    if method != "GET" or version != "HTTP/1.1":
         raise HandshakeError(400, "a WebSocket handshake is an HTTP/1.1 GET")
     headers: dict[str, str] = {}
     for line in lines:
@@ -81,6 +87,8 @@ def parse_request(data: bytes) -> Request:
 def accept(request: Request) -> bytes:
     """The 101 response that completes the handshake; raises :class:`HandshakeError`."""
     headers = request.headers
+    if not headers.get("host"):
+        raise HandshakeError(400, "missing Host header")
     if "websocket" not in headers.get("upgrade", "").lower():
         raise HandshakeError(426, "expected 'Upgrade: websocket'")
     if "upgrade" not in [t.strip() for t in headers.get("connection", "").lower().split(",")]:
@@ -147,7 +155,7 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     if len(payload) == 1:
         raise ProtocolError(1002, "close frame with a 1-byte payload")
     (code,) = struct.unpack("!H", payload[:2])
-    if not (code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code < 5000):
+    if not (code in _CLOSE_CODES or 3000 <= code < 5000):
         raise ProtocolError(1002, f"invalid close code {code}")
     try:
         return code, payload[2:].decode()
@@ -159,10 +167,11 @@ class FrameReader:
     """Client frames in, messages out: unmasks, reassembles fragments, checks sizes and
     UTF-8. Yields ``(opcode, payload)``; a text payload is a ``str``."""
 
-    __slots__ = ("_buffer", "_fragments", "_fragments_size", "_opcode", "max_size")
+    __slots__ = ("_buffer", "_fragments", "_fragments_size", "_opcode", "max_size", "more")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
+        self.more = False  # the last call stopped at its limit: frames may be left
         self._buffer = bytearray()
         self._opcode: int | None = None  # of the fragmented message in progress
         self._fragments: list[bytes] = []
@@ -171,11 +180,17 @@ class FrameReader:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
-    def messages(self) -> Iterator[tuple[int, str | bytes]]:
-        """Every complete message and control frame received so far, in order; raises
-        :class:`ProtocolError` at the first violation."""
+    def messages(self, limit: int) -> Iterator[tuple[int, str | bytes]]:
+        """The complete messages and control frames received so far, in order, reading at
+        most ``limit`` frames (then :attr:`more` is set); raises :class:`ProtocolError`
+        at the first violation."""
         buf = self._buffer
+        self.more = False
         while len(buf) >= 2:
+            if limit <= 0:
+                self.more = True
+                return
+            limit -= 1
             b0, b1 = buf[0], buf[1]
             fin, opcode, length = b0 & 0x80, b0 & 0x0F, b1 & 0x7F
             if b0 & 0x70:
@@ -202,6 +217,8 @@ class FrameReader:
             elif opcode == CONTINUATION:
                 if self._opcode is None:
                     raise ProtocolError(1002, "continuation frame without a message")
+                if len(self._fragments) >= MAX_FRAGMENTS:
+                    raise ProtocolError(1009, "too many fragments")
             else:
                 raise ProtocolError(1002, f"unknown opcode {opcode}")
             if length + self._fragments_size > self.max_size:

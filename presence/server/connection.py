@@ -193,7 +193,7 @@ class Connection(asyncio.Protocol):
         assert self.endpoint is not None and self.transport is not None
         metrics = self.hub.metrics
         try:
-            for opcode, payload in self.reader.messages():
+            for opcode, payload in self.reader.messages(1 << 62):  # all of them, for now
                 if opcode == ws.CLOSE:
                     self._closed_by_client(payload)  # type: ignore[arg-type]
                     return
