@@ -9,12 +9,20 @@ delivered update. Here a connection is a few small objects driven by callbacks:
 frames are written synchronously in the flush that produced them, the bytes of a
 room's frame are built once per tick for all its sockets, and keepalive is one timer
 per connection. HTTP (views, metrics, static files) stays with Starlette.
+
+No connection can flood the others. It reads its socket only while that is harmless:
+not while its member joins, not while the client leaves what we write unread (every
+ping it sends would be answered into our memory), and not while frames it sent earlier
+wait for their turn: a connection handles at most ``FRAMES_PER_TURN`` frames per turn
+of the event loop (uvloop reads up to 8 MiB from one socket in a turn: 1.4 million
+empty frames, seconds of work while every other socket waits).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from typing import Any, ClassVar, Protocol
 
 from presence.codecs import websocket as ws
@@ -27,6 +35,8 @@ log = logging.getLogger("presence.ws")
 
 # How long a closing handshake may take before the socket is dropped.
 CLOSE_TIMEOUT = 10.0
+# A connection's share of an event loop turn; the rest of what it sent waits for the next.
+FRAMES_PER_TURN = 128
 
 
 class Endpoint(Protocol):
@@ -73,6 +83,8 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # keepalive, or the close timeout
         self._heard = True  # a pong arrived since the last ping
         self._opening: asyncio.Task[None] | None = None
+        self._turn: asyncio.Handle | None = None  # frames read wait for it
+        self._unanswered: bytes | None = None  # the last ping, while writes are blocked
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -94,8 +106,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         state, self.state = self.state, "closed"
         self.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
+        for handle in (self._timer, self._turn):
+            if handle is not None:
+                handle.cancel()
         if self.outbox is not None:
             self.outbox.close()
         if self.endpoint is not None and state != "connecting":
@@ -103,9 +116,15 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable = False
+        self._read_or_not()
 
     def resume_writing(self) -> None:
+        assert self.transport is not None
         self.writable = True
+        if self._unanswered is not None and self.state == "open":
+            self.transport.write(ws.frame(ws.PONG, self._unanswered))
+        self._unanswered = None
+        self._read_or_not()
         if self.outbox is not None:
             self.outbox.resume()
 
@@ -142,7 +161,7 @@ class Connection(asyncio.Protocol):
         if self.outbox is not None:
             self.outbox.close()
         self.transport.write(ws.close_frame(code, reason))
-        self.transport.resume_reading()  # to hear the client's close frame
+        self._read_or_not()  # to hear the client's close frame
         self._set_timer(CLOSE_TIMEOUT, self._drop)
 
     # -- inside ---------------------------------------------------------------------------
@@ -163,7 +182,7 @@ class Connection(asyncio.Protocol):
         room = request.path.split("/", 2)[2]
         self.endpoint = endpoint_class(self, self.hub, room)
         # Messages wait in the socket until the member has joined.
-        self.transport.pause_reading()
+        self._read_or_not()
         self._opening = asyncio.get_running_loop().create_task(self._open())
 
     def _route(self, path: str) -> Any:
@@ -173,7 +192,7 @@ class Connection(asyncio.Protocol):
         raise ws.HandshakeError(404, f"no WebSocket endpoint at {path[:100]}")
 
     async def _open(self) -> None:
-        assert self.endpoint is not None and self.transport is not None
+        assert self.endpoint is not None
         try:
             await self.endpoint.open()
         except Exception:
@@ -185,20 +204,46 @@ class Connection(asyncio.Protocol):
                 self.endpoint.closed()  # it went away while joining
             return
         self.state = "open"
-        self.transport.resume_reading()
         self._set_timer(self.hub.settings.ping_interval, self._keepalive)
         self._process()
 
+    def _read_or_not(self) -> None:
+        """Read the socket while the member is in (or leaving), the client reads what we
+        write, and no frames read before still wait for their turn."""
+        assert self.transport is not None
+        if self._turn is None and (
+            self.state == "closing" or (self.state == "open" and self.writable)
+        ):
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
     def _process(self) -> None:
+        """Handle a turn's worth of the frames read; the next turn takes the rest."""
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return  # a close frame or a violation ended the stream: the rest is not read
+        self._handle(self.reader.messages(FRAMES_PER_TURN))
+        if self.reader.more and self._turn is None and not self.transport.is_closing():
+            self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
+        self._read_or_not()
+
+    def _next_turn(self) -> None:
+        self._turn = None
+        if self.state in ("open", "closing"):
+            self._process()
+
+    def _handle(self, messages: Iterator[tuple[int, str | bytes]]) -> None:
         assert self.endpoint is not None and self.transport is not None
         metrics = self.hub.metrics
         try:
-            for opcode, payload in self.reader.messages(1 << 62):  # all of them, for now
+            for opcode, payload in messages:
                 if opcode == ws.CLOSE:
                     self._closed_by_client(payload)  # type: ignore[arg-type]
                     return
                 if opcode == ws.PING:
-                    self.transport.write(ws.frame(ws.PONG, payload))  # type: ignore[arg-type]
+                    if self.state == "open":
+                        self._pong(payload)  # type: ignore[arg-type]
                     continue
                 if opcode == ws.PONG:
                     self._heard = True  # it reads what we send: not half-open
@@ -220,6 +265,15 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("message handling failed")
             self.close(1011, "internal error")
+
+    def _pong(self, payload: bytes) -> None:
+        assert self.transport is not None
+        if self.writable:
+            self.transport.write(ws.frame(ws.PONG, payload))
+        else:
+            # The client does not read what we send (and we stop reading it): only its
+            # last ping gets an answer, once it does (RFC 6455 5.5.3 allows it).
+            self._unanswered = payload
 
     def _wrong_kind(self) -> None:
         assert self.endpoint is not None
