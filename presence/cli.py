@@ -60,7 +60,7 @@ def serve(settings: Settings) -> None:
 
     from presence import logs
     from presence.server.app import create_app, random_secret
-    from presence.server.connection import Connection
+    from presence.server.connection import Connection, HttpProtocol
 
     logs.configure(settings.log_level, settings.log_format)
     options: dict[str, Any] = {}
@@ -82,6 +82,7 @@ def serve(settings: Settings) -> None:
         # The WebSocket endpoints are served by presence's own protocol class (why: its
         # docstring); it reads its limits and ping interval from the settings.
         ws=Connection,
+        http=HttpProtocol,  # hands the upgrade over as it came (its docstring)
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

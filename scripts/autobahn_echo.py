@@ -15,7 +15,7 @@ import uvicorn
 
 from presence.config import Settings
 from presence.server.app import create_app
-from presence.server.connection import Connection
+from presence.server.connection import Connection, HttpProtocol
 
 
 class Echo:
@@ -46,6 +46,7 @@ def main(port: int) -> None:
         host="127.0.0.1",
         port=port,
         ws=EchoConnection,
+        http=HttpProtocol,
         log_config=None,
         access_log=False,
     )

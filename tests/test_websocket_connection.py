@@ -106,6 +106,39 @@ async def until(predicate: Callable[[], bool], timeout: float = 5) -> None:
             await asyncio.sleep(0.001)
 
 
+async def test_frames_sent_with_the_request_are_handled_once_joined() -> None:
+    # uvicorn passes on what followed the request in the same read (HttpProtocol).
+    data = client_frame(ws.TEXT, b"hello") + client_frame(ws.PING, b"p")
+    connection, endpoint, transport = await connect(data, joined=False)
+    assert not transport.reading and endpoint.received == []
+    Endpoint.gate.set()
+    await until(lambda: connection.state == "open")
+    assert endpoint.received == ["hello"]
+    assert transport.frames() == [(ws.PONG, b"p")] and transport.reading
+
+
+async def test_a_connection_lost_while_joining_tells_its_endpoint_once() -> None:
+    connection, endpoint, _ = await connect(joined=False)
+    connection.connection_lost(None)
+    assert endpoint.closed_calls == 0  # not yet: the join may still add its member
+    Endpoint.gate.set()
+    await until(lambda: endpoint.closed_calls > 0)
+    await asyncio.sleep(0.01)
+    assert endpoint.closed_calls == 1 and connection.state == "closed"
+
+
+async def test_keepalive_timeout_sends_its_close_frame_then_closes() -> None:
+    connection, endpoint, transport = await connect(ping_interval=0.01)
+    await until(lambda: transport.closing)  # no pong came
+    ping, (opcode, payload) = transport.frames()
+    assert ping == (ws.PING, b"") and opcode == ws.CLOSE
+    assert ws.parse_close(payload) == (1011, "keepalive ping timeout")
+    assert not transport.aborted  # close() sends what was written, abort() would not
+    assert endpoint.closed_calls == 1  # its members leave now, not after the close timeout
+    connection.connection_lost(None)
+    assert endpoint.closed_calls == 1
+
+
 async def test_pings_are_answered_while_the_client_reads() -> None:
     pings = b"".join(client_frame(ws.PING, bytes([i])) for i in range(3))
     connection, _, transport = await connect()

@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any, ClassVar, Protocol
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from presence.codecs import websocket as ws
 from presence.server.hub import Hub
@@ -53,7 +57,7 @@ class Endpoint(Protocol):
         """One message from the client."""
 
     def closed(self) -> None:
-        """The connection is gone, however it ended."""
+        """The connection is gone, however it ended (called once)."""
 
 
 class Connection(asyncio.Protocol):
@@ -75,7 +79,7 @@ class Connection(asyncio.Protocol):
         self.connections: set[Any] = server_state.connections
         self.transport: asyncio.Transport | None = None
         self.reader = ws.FrameReader(self.hub.settings.max_message_bytes)
-        self.endpoint: Endpoint | None = None
+        self.endpoint: Endpoint | None = None  # None again once told that it is closed
         self.outbox: Outbox[Any] | None = None  # set by the endpoint
         self.state = "connecting"  # -> opening -> open -> closing -> closed
         self.writable = True
@@ -104,15 +108,15 @@ class Connection(asyncio.Protocol):
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        state, self.state = self.state, "closed"
+        self.state = "closed"
         self.connections.discard(self)
         for handle in (self._timer, self._turn):
             if handle is not None:
                 handle.cancel()
         if self.outbox is not None:
             self.outbox.close()
-        if self.endpoint is not None and state != "connecting":
-            self.endpoint.closed()
+        if self._opening is None:  # else _open() tells the endpoint, once it has joined
+            self._detach()
 
     def pause_writing(self) -> None:
         self.writable = False
@@ -168,8 +172,10 @@ class Connection(asyncio.Protocol):
 
     def _handshake(self, data: bytes) -> None:
         assert self.transport is not None
+        # The first frames may come in the same read as the request (HttpProtocol).
+        head, _, frames = data.partition(b"\r\n\r\n")
         try:
-            request = ws.parse_request(data)
+            request = ws.parse_request(head)
             endpoint_class = self._route(request.path)
             response = ws.accept(request)
         except ws.HandshakeError as exc:
@@ -181,7 +187,8 @@ class Connection(asyncio.Protocol):
         self.query = request.query
         room = request.path.split("/", 2)[2]
         self.endpoint = endpoint_class(self, self.hub, room)
-        # Messages wait in the socket until the member has joined.
+        # Messages wait until the member has joined, those read already too.
+        self.reader.feed(frames)
         self._read_or_not()
         self._opening = asyncio.get_running_loop().create_task(self._open())
 
@@ -199,9 +206,9 @@ class Connection(asyncio.Protocol):
             log.exception("could not open a connection")
             self.close(1011, "internal error")
         self._opening = None
+        if self.state == "closed":
+            self._detach()  # it went away while joining
         if self.state != "opening":
-            if self.state == "closed":
-                self.endpoint.closed()  # it went away while joining
             return
         self.state = "open"
         self._set_timer(self.hub.settings.ping_interval, self._keepalive)
@@ -311,13 +318,21 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         if not self._heard:
             # No pong for a whole interval: the peer is gone (a closed laptop lid) and
-            # will not answer a closing handshake either. Its members leave now.
+            # will not answer a closing handshake either. Its members leave now; the
+            # close frame goes out if the socket takes it (abort() would discard it).
             self.close(1011, "keepalive ping timeout")
-            self.transport.abort()
+            self.transport.close()
+            self._detach()
             return
         self._heard = False
         self.transport.write(ws.frame(ws.PING, b""))
         self._set_timer(self.hub.settings.ping_interval, self._keepalive)
+
+    def _detach(self) -> None:
+        """Tell the endpoint that the connection is gone, once however it ended."""
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            endpoint.closed()
 
     def _set_timer(self, delay: float, callback: Any) -> None:
         if self._timer is not None:
@@ -327,3 +342,37 @@ class Connection(asyncio.Protocol):
     def _drop(self) -> None:
         if self.transport is not None:
             self.transport.abort() if self.state == "closing" else self.transport.close()
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol (``http=`` beside ``ws=Connection``), which hands a
+    WebSocket upgrade over as it came: uvicorn's own hand-over writes the request's
+    version as HTTP/1.1 whatever it was, and drops what followed the request in the
+    same read (a client's first frames)."""
+
+    def data_received(self, data: bytes) -> None:
+        self._received = data
+        try:
+            super().data_received(data)
+        finally:
+            self._received = b""
+
+    def handle_websocket_upgrade(self) -> None:
+        # Called while uvicorn handles the parser's HttpParserUpgrade, whose argument is
+        # where the request ends in the data being parsed.
+        upgrade = sys.exc_info()[1]
+        rest = b""
+        if isinstance(upgrade, httptools.HttpParserUpgrade):
+            rest = self._received[upgrade.args[0] :]
+        self.connections.discard(self)
+        version = self.parser.get_http_version()
+        request = [self.scope["method"].encode(), b" ", self.url, f" HTTP/{version}\r\n".encode()]
+        for name, value in self.scope["headers"]:
+            request += [name, b": ", value, b"\r\n"]
+        request.append(b"\r\n")
+        protocol = self.ws_protocol_class(  # type: ignore[call-arg, misc]
+            config=self.config, server_state=self.server_state, app_state=self.app_state
+        )
+        protocol.connection_made(self.transport)
+        protocol.data_received(b"".join(request) + rest)
+        self.transport.set_protocol(protocol)
