@@ -1,13 +1,12 @@
 """No single connection can flood a replica: a client that sends endless zero-length
-continuation frames, or pings while never reading, neither starves the other members of
-its room nor grows the server's memory. Each attack runs against a real server while a
-member of the same room sends updates and an observer measures when they arrive."""
+continuation frames, pings while never reading, or a stream of tiny valid frames neither
+starves the other members of its room nor grows the server's memory. Each attack runs
+against a real server while a member of the same room sends an update every 50 ms and an
+observer measures when they arrive (``-s`` prints the figures)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import socket
 import statistics
 import struct
@@ -20,6 +19,7 @@ import psutil
 import pytest
 
 from tests.conftest import Client, Server
+from tests.test_websocket_server import Frames, masked, raw_connect
 
 pytestmark = pytest.mark.e2e
 
@@ -43,47 +43,14 @@ class Figures:
         )
 
 
-def handshake(path: str) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-
-
-def masked(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
-    """A client frame whose mask is zero: its payload goes out as it is."""
-    assert len(payload) < 126
-    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
-
-
-def raw_connect(server: Server, path: str, rcvbuf: int | None = None) -> socket.socket:
-    """An upgraded socket, its 101 response read; a small ``rcvbuf`` makes a peer that
-    stops reading fill up fast."""
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(5)
-    sock.connect(("127.0.0.1", server.port))
-    sock.sendall(handshake(path))
-    response = b""
-    while b"\r\n\r\n" not in response:
-        chunk = sock.recv(1)  # byte by byte: nothing after the response is consumed
-        assert chunk, "closed during the handshake"
-        response += chunk
-    assert response.startswith(b"HTTP/1.1 101 "), response
-    return sock
-
-
 class Attack(threading.Thread):
-    """Writes ``chunk`` again and again, as fast as the server takes it, for a while."""
+    """Writes ``chunk`` again and again, as fast as the server takes it, until stopped."""
 
     def __init__(self, sock: socket.socket, first: bytes, chunk: bytes) -> None:
         super().__init__(daemon=True)
         self.sock, self.first, self.chunk = sock, first, chunk
         self.stop = threading.Event()
         self.sent = 0
-        self.refused: str | None = None  # why the server stopped taking data
 
     def run(self) -> None:
         self.sock.settimeout(0.2)
@@ -94,8 +61,8 @@ class Attack(threading.Thread):
                     self.sent += self.sock.send(self.chunk)
                 except TimeoutError:
                     continue  # the server does not read: try again until stopped
-        except OSError as exc:
-            self.refused = repr(exc)
+        except OSError:
+            pass  # the server closed the connection
 
 
 def rss(server: Server) -> float:
@@ -165,8 +132,8 @@ async def measure(server: Server, attack: Attack | None) -> Figures:
 
 
 def assert_not_flooded(figures: Figures) -> None:
-    # Generous bounds: two cores, shared with other test runs. Unprotected, these attacks
-    # measured p50 over a second, most updates lost, and hundreds of MiB.
+    # Generous bounds: two cores, shared with other test runs. Unprotected, the observer
+    # got 4 to 33 of 80 updates under these attacks, and the ping flood took 777 MiB.
     assert figures.delivered >= 0.9 * figures.sent, figures
     assert figures.p50 < 0.25, figures
     assert figures.rss_growth < 50, figures
@@ -174,25 +141,13 @@ def assert_not_flooded(figures: Figures) -> None:
 
 def close_code(sock: socket.socket) -> int | None:
     """The code of the close frame the server sent, read from an attacker's socket."""
-    sock.settimeout(10)
-    data = b""
+    frames = Frames(sock)
     try:
-        while chunk := sock.recv(65536):
-            data += chunk
+        while (frame := frames.next()) is not None:
+            if frame[0] == 0x8:
+                return int(struct.unpack("!H", frame[1][:2])[0])
     except OSError:
-        pass
-    while len(data) >= 2:
-        opcode, length = data[0] & 0x0F, data[1] & 0x7F
-        start = 2
-        if length == 126:
-            (length,) = struct.unpack_from("!H", data, 2)
-            start = 4
-        elif length == 127:
-            (length,) = struct.unpack_from("!Q", data, 2)
-            start = 10
-        if opcode == 0x8:
-            return int(struct.unpack_from("!H", data, start)[0])
-        data = data[start + length :]
+        pass  # reset: the attacker went on sending after the server closed
     return None
 
 

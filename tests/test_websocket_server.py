@@ -4,7 +4,9 @@ would not send, or would hide."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import os
 import socket
 import struct
 import time
@@ -15,9 +17,40 @@ import websockets
 
 from presence.codecs import websocket as ws
 from tests.conftest import Client, Server
-from tests.test_websocket_flood import handshake, masked, raw_connect
 
 pytestmark = pytest.mark.e2e
+
+
+def handshake(path: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+def masked(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """A client frame whose mask is zero: its payload goes out as it is."""
+    assert len(payload) < 126
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+def raw_connect(server: Server, path: str, rcvbuf: int | None = None) -> socket.socket:
+    """An upgraded socket, its 101 response read; a small ``rcvbuf`` makes a peer that
+    stops reading fill up fast."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(handshake(path))
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(1)  # byte by byte: nothing after the response is consumed
+        assert chunk, "closed during the handshake"
+        response += chunk
+    assert response.startswith(b"HTTP/1.1 101 "), response
+    return sock
 
 
 class Frames:
@@ -43,11 +76,13 @@ class Frames:
         data = self.data
         if len(data) < 2:
             return None
-        length, start = data[1] & 0x7F, 2
+        length, start = data[1] & 0x7F, {126: 4, 127: 10}.get(data[1] & 0x7F, 2)
+        if len(data) < start:
+            return None
         if length == 126:
-            (length,), start = struct.unpack_from("!H", data, 2), 4
+            (length,) = struct.unpack_from("!H", data, 2)
         elif length == 127:
-            (length,), start = struct.unpack_from("!Q", data, 2), 10
+            (length,) = struct.unpack_from("!Q", data, 2)
         if len(data) < start + length:
             return None
         self.data = data[start + length :]
