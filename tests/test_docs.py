@@ -11,8 +11,10 @@ import pytest
 
 from load.tables import BENCHMARKS, load_results, update_doc
 from presence.backplane.redis import MAX_BACKOFF
+from presence.codecs.websocket import MAX_FRAGMENTS
 from presence.config import Settings
 from presence.core.room import ROOM_NAME_RULE
+from presence.server.connection import FRAMES_PER_TURN
 from presence.server.identities import DEFAULT_TTL, MAX_BODY, MAX_TTL
 from presence.server.json_ws import MAX_CONSECUTIVE_ERRORS
 from presence.server.yjs_ws import MAX_CLIENT_IDS
@@ -57,9 +59,12 @@ CONSTANTS = [
     ("docs/protocol.md", "at most 604800 s", MAX_TTL),
     ("docs/protocol.md", "at most 4096 bytes", MAX_BODY),
     ("README.md", "fails after 120 s", PYTEST["timeout"]),
+    ("docs/protocol.md", "more than 1024 frames", MAX_FRAGMENTS),
+    ("docs/protocol.md", "at most 128 frames of one connection", FRAMES_PER_TURN),
 ]
 # Numbers next to a unit or a setting's name that quote neither, with why.
 UNRELATED = [
+    ("docs/protocol.md", "(about 11 s"),  # a measured run time of scripts/autobahn.sh
     ("docs/protocol.md", "control frame over 125 bytes"),  # RFC 6455
     ("docs/protocol.md", "0.5 s doubling to 10 s"),  # advice to clients
     ("docs/protocol.md", "stays silent for 30 s"),  # y-websocket's reconnect timeout
