@@ -51,6 +51,7 @@ def render(loaded: list[Result]) -> dict[str, str]:
         "memory": _memory(by.get(("d", "json")), by.get(("e", "json"))),
         "sweep": _sweep(sweep),
         "targets": _targets(by),
+        "faults": _faults(by.get(("faults", "json"))),
     }
 
 
@@ -127,6 +128,60 @@ def _sweep(runs: list[Result]) -> str:
         cells += [_ms(lat["50"]), _ms(lat["99"]), _ms(lat["99.9"])]
         lines.append(_row([*cells, f"{r['server_cpu_us_per_delivered']} µs"]))
     return "\n".join(lines) + "\n"
+
+
+def _faults(f: Result | None) -> str:
+    if f is None:
+        return "No fault run recorded.\n"
+    stall, restart, freeze = f["stall"], f["redis_restart"], f["redis_freeze"]
+    lines = [
+        f"Recorded {f['date'][:10]} with `python -m load faults`: 2 replicas + Redis, "
+        f"{f['members']} members in {f['rooms']} rooms on both replicas, each moving at "
+        f"{f['hz']:g} Hz, `--replica-timeout {f['replica_timeout_s']:g}`. Seconds from the "
+        "fault (or from its end, where it says so).",
+        "",
+        "| fault | what the members on the other replica saw | /readyz |",
+        "| --- | --- | --- |",
+        _row(
+            [
+                f"a replica stopped (SIGSTOP) {stall['stopped_s']:g} s, then resumed",
+                f"its members left after {_s(stall['members_left_after_s'])}; everyone seen "
+                f"again {_s(stall['everyone_again_after_resume_s'])} after it resumed, its "
+                f"updates flowing again after {_s(stall['updates_flow_again_after_resume_s'])}",
+                "—",
+            ]
+        ),
+        _row(
+            [
+                f"Redis killed (SIGKILL), started again {restart['outage_s']:.0f} s later",
+                f"updates across replicas again {_s(restart['updates_flow_again_after_s'])} "
+                "after Redis was back",
+                f"not ready after {_s(restart['not_ready_after_s'])}, ready "
+                f"{_s(restart['ready_again_after_s'])} after Redis was back",
+            ]
+        ),
+        _row(
+            [
+                f"Redis frozen (SIGSTOP) {freeze['outage_s']:.0f} s",
+                f"updates across replicas again {_s(freeze['updates_flow_again_after_s'])} "
+                "after the thaw",
+                f"not ready after {_s(freeze['not_ready_after_s'])}, ready "
+                f"{_s(freeze['ready_again_after_s'])} after the thaw",
+            ]
+        ),
+        _row(
+            [
+                "a replica killed (SIGKILL)",
+                f"its members left after {_s(f['kill']['members_left_after_s'])}",
+                "—",
+            ]
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _s(seconds: float | None) -> str:
+    return "never (within the run)" if seconds is None else f"{seconds:.2f} s"
 
 
 def _growth(e: Result) -> str:
