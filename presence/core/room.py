@@ -12,7 +12,7 @@ events it publishes (:meth:`Room.apply`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,10 @@ class Room:
 
     def __contains__(self, member_id: object) -> bool:
         return member_id in self._members
+
+    def __iter__(self) -> Iterator[str]:
+        """The members' ids."""
+        return iter(self._members)
 
     @property
     def is_empty(self) -> bool:

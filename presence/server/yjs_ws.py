@@ -84,6 +84,14 @@ class YjsClient:
             # A copy of a state we relayed to this client, arriving after its owner left:
             # adopting it would make this connection the owner of someone else's ID.
             return
+        if (
+            not mine
+            and entry.client_id >= yjs.JSON_CLIENT_BASE
+            and self._json_member_holds(entry.client_id)
+        ):
+            # The ID a JSON member appears under: never a Yjs client's to take. Not an
+            # error: stock clients send back the JSON members' states they receive.
+            return
         last = self.clocks.get(entry.client_id)
         if last is not None and entry.clock <= last:
             return  # our own client's old state, or an echo of it
@@ -117,6 +125,16 @@ class YjsClient:
             identity = self._identity_of(state.get("user"), entry.client_id)
             self.hub.admit(self.room, self.outbox, member_id, identity, state, len(entry.state))
         self.sent[entry.client_id] = entry.state
+
+    def _json_member_holds(self, client_id: int) -> bool:
+        """Whether a JSON member of the room, on any replica, appears under
+        ``client_id``. Yjs clients of JavaScript have 32-bit client IDs, those of yrs
+        (pycrdt) up to 2^53: above 2^32 a new client ID may be either. Checked only when
+        a connection would take a client ID of that range, once for each."""
+        return any(
+            not member_id.startswith("y") and yjs.client_id_of(member_id) == client_id
+            for member_id in self.room
+        )
 
     def _identity_of(self, user: Any, client_id: int) -> Identity | None:
         """The client's own ``user``, if it has a usable one; else the token's or None
