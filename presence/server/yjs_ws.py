@@ -129,8 +129,9 @@ class YjsClient:
     def _json_member_holds(self, client_id: int) -> bool:
         """Whether a JSON member of the room, on any replica, appears under
         ``client_id``. Yjs clients of JavaScript have 32-bit client IDs, those of yrs
-        (pycrdt) up to 2^53: above 2^32 a new client ID may be either. Checked only when
-        a connection would take a client ID of that range, once for each."""
+        (pycrdt) up to 2^53: above 2^32 a new client ID may be either. A scan of the
+        room, only for an ID of that range that no Yjs member holds and whose entry is
+        not an echo (a new binding, or a forgery): never on the path of moves or echoes."""
         return any(
             not member_id.startswith("y") and yjs.client_id_of(member_id) == client_id
             for member_id in self.room
