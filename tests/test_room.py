@@ -375,3 +375,40 @@ def test_a_member_announced_again_then_gone_in_one_batch_still_leaves() -> None:
     other.apply([Joined(MemberInfo("m", renamed, {}, False, "A"))])
     other.apply([Left("m")])
     assert [type(e) for e in events(other)] == [Left]
+
+
+def test_a_member_that_joins_is_announced_again_and_leaves_in_one_batch_is_news_to_none() -> None:
+    # Two tabs of one token: b joins as "Io 2", a leaves, b gets "Io" back (a join again),
+    # then b leaves, all in one tick: peers never saw b, so they hear nothing of it.
+    room = new_room()
+    io = Identity("u1", "Anonymous Io", "AI", "#0072B2")
+    room.join("a", io, 0)
+    events(room)
+    room.join("b", io, 0)
+    room.leave("a")
+    room.leave("b")
+    assert events(room) == [Left("a")]
+    batch = Batch()
+    batch.add(Joined(MemberInfo("c", io, {}, False, "A")))
+    batch.add(Joined(MemberInfo("c", io, {"x": 1}, False, "A"), again=True))
+    batch.add(Left("c"))
+    assert batch.events() == []
+
+
+def test_a_resync_tells_json_values_apart() -> None:
+    # During a backplane outage, a member's field went from 1 to true: Python's 1 == True
+    # must not hide the change when its replica re-announces its members.
+    room = new_room()
+    room.apply([Joined(MemberInfo("m", ident("Max"), {"x": 1, "d": {"n": 1}}, False, "B"))])
+    room.take()
+    room.sync_origin("B", [MemberInfo("m", ident("Max"), {"x": 1, "d": {"n": 1}}, False, "B")])
+    assert events(room) == []
+    room.sync_origin("B", [MemberInfo("m", ident("Max"), {"x": True, "d": {"n": 1}}, False, "B")])
+    [event] = events(room)
+    assert isinstance(event, Joined) and event.member.state["x"] is True
+    room.sync_origin("B", [MemberInfo("m", ident("Max"), {"x": True, "d": {"n": 1.0}}, False, "B")])
+    [event] = events(room)
+    assert isinstance(event, Joined) and event.member.state["d"] == {"n": 1.0}
+    assert room.member("m").state["d"]["n"] == 1.0 and isinstance(
+        room.member("m").state["d"]["n"], float
+    )

@@ -163,6 +163,44 @@ async def test_another_connection_cannot_update_or_remove_a_client(server: Serve
     await b.until(has(b, a.id, who="still a"))
 
 
+async def test_no_connection_can_update_or_remove_a_json_member(server: Server) -> None:
+    j = await join(server)
+    await j.update(who="j")
+    watcher = await yjoin(server, {"n": 0})
+    mallory = await yjoin(server, {"who": "mallory"}, echo=False)
+    await watcher.until(
+        lambda: (
+            mallory.id in watcher.states
+            and any(s.get("who") == "j" for s in watcher.states.values())
+        )
+    )
+    [jid] = [c for c, s in watcher.states.items() if s.get("who") == "j"]
+    assert jid >= 2**32  # a JSON member's client ID
+    held: list[dict[str, object] | None] = []  # j's state in the watcher, at every change
+    watcher.awareness.observe(lambda topic, changes: held.append(watcher.states.get(jid)))
+    # mallory forges a state for j's client ID, with a clock above any the server gave
+    # out; a marker of its own (once the watcher has it, the forgery was handled and
+    # relayed if it was going to be: one tick apart, they cannot cancel out)...
+    forged = create_awareness_message(update_of(jid, 10**15, b'{"who":"mallory"}'))
+    await mallory.ws.send(forged)
+    await mallory.set({"who": "mallory", "marker": 1})
+    await watcher.until(has(watcher, mallory.id, marker=1))
+    # ...then a removal, and it leaves (its client IDs go null for everyone).
+    await mallory.ws.send(create_awareness_message(update_of(jid, 10**15 + 1, b"null")))
+    await mallory.close()
+    await watcher.until(lambda: mallory.id not in watcher.states)
+    # A marker from j: once the watcher and j have it, mallory's forgeries were handled.
+    await j.update(who="still j")
+    await watcher.until(has(watcher, jid, who="still j"))
+    await j.until(
+        lambda m: (
+            m["type"] == "update" and any(u["state"].get("who") == "still j" for u in m["updates"])
+        )
+    )
+    assert held and all(s is not None and s.get("who") != "mallory" for s in held), held
+    assert set(j.members) == {f"y{watcher.id}"}
+
+
 async def test_echoes_are_dropped_not_relayed(server_factory: ServerFactory) -> None:
     server = server_factory("--seed", "1")  # default timings: no idle marks or renewals
     a = await yjoin(server, {"n": 0})
@@ -283,7 +321,7 @@ async def test_null_fields_reach_yjs_peers_as_set_and_json_peers_without_them(
     far = await yjoin(r2, {"n": 2})  # on another replica
     await b.until(sees(b, a.id, owners))
     await far.until(sees(far, a.id, owners))
-    j = await join(r1)
+    j, jfar = await join(r1), await join(r2)
     assert j.members[f"y{a.id}"]["state"] == {"user": owners["user"], "x": 1}
     # A field that becomes null, and one that stops being null.
     for state in (
@@ -295,13 +333,39 @@ async def test_null_fields_reach_yjs_peers_as_set_and_json_peers_without_them(
         await b.until(sees(b, a.id, state))
         await far.until(sees(far, a.id, state))
         json_state = {k: v for k, v in state.items() if v is not None}
-        await j.until(lambda m, s=json_state: j.members[f"y{a.id}"]["state"] == s)  # type: ignore[misc]
+        for c in (j, jfar):
+            await c.until(lambda m, c=c, s=json_state: c.members[f"y{a.id}"]["state"] == s)  # type: ignore[misc]
+    # JSON peers, on both replicas, got each change as an update (an app that listens for
+    # "update" drops the cursor when y-codemirror blurs): a null field is a removal.
+    for c in (j, jfar):
+        messages = [m for _, m in c.log[1:]]
+        joins = [n["id"] for m in messages if m["type"] == "join" for n in m["members"]]
+        assert f"y{a.id}" not in joins, messages
+        updates = [u["state"] for m in messages if m["type"] == "update" for u in m["updates"]]
+        assert {"cursor": None, "selection": None} in updates, updates
     # From JSON to Yjs: a JSON null removes the field, so Yjs peers see no such field.
     await j.update(cursor={"x": 1, "y": 2}, tool="pen")
     await b.until(lambda: any(s.get("cursor") == {"x": 1, "y": 2} for s in b.states.values()))
     [jid] = [c for c, s in b.states.items() if s.get("tool") == "pen"]
     await j.update(cursor=None)
     await b.until(lambda: "cursor" not in b.states[jid] and b.states[jid]["tool"] == "pen")
+
+
+async def test_states_beyond_the_rate_limit_merge_into_the_latest_whole_state(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(*FAST, "--rate-limit", "2")
+    user = {"name": "Ada", "color": "#123456"}
+    a = await yjoin(server, {"user": user, "n": 0, "drop": 0}, echo=False)
+    b = await yjoin(server, {"n": 0})
+    await b.until(sees(b, a.id, {"user": user, "n": 0, "drop": 0}))
+    # A burst: two states pass at once (the bucket holds 2), the rest wait and merge.
+    # The last one has no "drop": a whole state replaces, it does not patch.
+    burst = [{"user": user, "n": i, "drop": i} for i in range(1, 5)] + [{"user": user, "n": 5}]
+    for state in burst:
+        await a.set(state)
+    await b.until(sees(b, a.id, {"user": user, "n": 5}), timeout=5)
+    assert server.metrics()["presence_updates_coalesced_total"] >= 2
 
 
 # -- bad input -------------------------------------------------------------------------

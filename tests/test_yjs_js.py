@@ -5,6 +5,7 @@ test has its own room, and runs once per provider version."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +31,41 @@ JS = Path(__file__).resolve().parent / "js"
 OWNERS = {"user": {"name": "Ada", "color": "#123456"}, "cursor": None, "x": 1}
 
 
+NODE_MIN = 18
+
+
 def node_and_packages() -> str:
-    """Node, with the locked packages installed (once, from the lockfile). A missing Node
-    fails the tests: they are part of the suite, not optional."""
+    """Node, with the locked packages installed (once, from the lockfile). A missing or
+    too old Node fails the tests: they are part of the suite, not optional."""
     node, npm = shutil.which("node"), shutil.which("npm")
+    install = "(Debian: apt-get install nodejs npm; or run scripts/install-test-deps.sh)"
     if node is None or npm is None:
         pytest.fail(
-            "the stock Yjs client tests need Node.js 18 or later and npm: install them "
-            "(Debian: apt-get install nodejs npm; or run scripts/install-test-deps.sh)",
+            f"the stock Yjs client tests need Node.js {NODE_MIN} or later and npm: install "
+            f"them {install}",
+            pytrace=False,
+        )
+    version = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    major = version.lstrip("v").split(".")[0]
+    if not major.isdigit() or int(major) < NODE_MIN:
+        pytest.fail(
+            f"the stock Yjs client tests need Node.js {NODE_MIN} or later; {node} is "
+            f"{version or 'of an unknown version'}: install a newer one {install}",
             pytrace=False,
         )
     installed = JS / "node_modules" / ".package-lock.json"
     lock = JS / "package-lock.json"
     if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        subprocess.run([npm, "ci"], cwd=JS, check=True, timeout=600, capture_output=True)
+        done = subprocess.run(
+            [npm, "ci"], cwd=JS, timeout=600, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            pytest.fail(
+                f"npm ci in {JS} failed (exit {done.returncode}):\n{done.stderr[-4000:]}",
+                pytrace=False,
+            )
     return node
 
 
@@ -55,11 +78,14 @@ class Node:
             cwd=JS,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
         )
         self.replies: queue.Queue[str] = queue.Queue()
+        self.stderr: deque[str] = deque(maxlen=50)  # its last words, for a failure
         threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
         self.next_id = 0
 
     def _read(self) -> None:
@@ -67,14 +93,38 @@ class Node:
         for line in self.proc.stdout:
             self.replies.put(line)
 
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def _exited(self, cmd: str) -> AssertionError:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(1)  # its stderr is read to the end
+        return AssertionError(
+            f"{cmd}: the Node driver exited (code {self.proc.returncode}):\n" + "".join(self.stderr)
+        )
+
     def __call__(self, cmd: str, *, reply_within: float = 15, **args: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None
+        if self.proc.poll() is not None:
+            raise self._exited(cmd)
         self.next_id += 1
-        self.proc.stdin.write(json.dumps({"id": self.next_id, "cmd": cmd, **args}) + "\n")
         try:
-            reply: dict[str, Any] = json.loads(self.replies.get(timeout=reply_within))
-        except queue.Empty:
-            raise TimeoutError(f"no reply to {cmd} from the Node driver") from None
+            self.proc.stdin.write(json.dumps({"id": self.next_id, "cmd": cmd, **args}) + "\n")
+        except BrokenPipeError:
+            raise self._exited(cmd) from None
+        deadline = time.monotonic() + reply_within
+        while True:
+            try:
+                line = self.replies.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self.proc.poll() is not None and self.replies.empty():
+                    raise self._exited(cmd) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no reply to {cmd} from the Node driver") from None
+        reply: dict[str, Any] = json.loads(line)
         assert reply["id"] == self.next_id, reply
         if not reply["ok"]:
             raise AssertionError(f"{cmd}: {reply['error']}")
@@ -82,7 +132,8 @@ class Node:
 
     def close(self) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.close()  # the driver destroys its providers and exits
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()  # the driver destroys its providers and exits
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:

@@ -15,7 +15,7 @@ from presence.codecs import json as json_codec
 from presence.codecs import replica
 from presence.codecs.yjs import awareness_message, read_awareness, read_message, yjs_state
 from presence.config import Settings
-from presence.core.events import Batch, Joined, Updated
+from presence.core.events import Batch, Joined, MemberInfo, Updated
 from presence.core.identity import Identity, IdentityFactory
 from presence.core.room import Room, StateTooLarge
 from presence.server.hub import Hub
@@ -47,19 +47,39 @@ def test_a_whole_state_is_kept_with_its_null_fields() -> None:
     assert isinstance(event, Joined) and event.member.state == OWNERS
 
 
-def test_changed_fields_go_as_a_patch_and_a_field_gone_null_as_the_member() -> None:
+def test_changed_fields_go_as_a_patch_naming_the_fields_gone_null() -> None:
     room = joined_room({"cursor": {"anchor": 1}, "x": 1, "old": 2})
     room.replace("y1", {"cursor": {"anchor": 2}, "x": 1}, 1.0)
     assert events(room) == [Updated("y1", {"cursor": {"anchor": 2}, "old": None})]
-    # A patch's null removes a field: a field that becomes null needs the whole member.
-    room.replace("y1", {"cursor": None, "x": 1}, 2.0)
+    # A patch's null removes a field, unless the patch names it as a null value.
+    room.replace("y1", {"cursor": None, "x": 1, "new": None}, 2.0)
+    assert events(room) == [
+        Updated("y1", {"cursor": None, "new": None}, frozenset({"cursor", "new"}))
+    ]
+    assert room.member("y1").state == {"cursor": None, "x": 1, "new": None}
+    # null -> absent is a removal, null -> value an update: plain patches.
+    room.replace("y1", {"x": 1, "new": 3}, 3.0)
     [event] = events(room)
-    assert isinstance(event, Joined) and event.again
-    assert event.member.state == {"cursor": None, "x": 1}
-    # null -> absent is a removal, null -> value an update: patches say both.
-    room.replace("y1", {"x": 1}, 3.0)
-    assert events(room) == [Updated("y1", {"cursor": None})]
-    assert room.member("y1").state == {"x": 1}
+    assert event == Updated("y1", {"cursor": None, "new": 3}) and not event.nulls
+    assert room.member("y1").state == {"x": 1, "new": 3}
+
+
+def test_a_batch_keeps_the_latest_word_on_each_null() -> None:
+    batch = Batch()
+    batch.add(Updated("y1", {"cursor": None, "x": 1}, frozenset({"cursor"})))
+    batch.add(Updated("y1", {"x": None, "sel": None}, frozenset({"x"})))
+    assert batch.events() == [
+        Updated("y1", {"cursor": None, "x": None, "sel": None}, frozenset({"cursor", "x"}))
+    ]
+    batch.add(Updated("y1", {"cursor": 5, "x": None}))  # the cursor is back, x removed
+    [event] = batch.events()
+    assert event == Updated("y1", {"cursor": 5, "x": None, "sel": None}) and not event.nulls
+    # Folded into a join of the same batch: the null stays a value in the state.
+    batch = Batch()
+    batch.add(Joined(MemberInfo("y2", BOB, {"cursor": 1, "x": 1}, False, "r1")))
+    batch.add(Updated("y2", {"cursor": None, "x": None}, frozenset({"cursor"})))
+    [joined] = batch.events()
+    assert isinstance(joined, Joined) and joined.member.state == {"cursor": None}
 
 
 def test_an_unchanged_state_is_a_heartbeat_and_json_types_count() -> None:
@@ -88,9 +108,26 @@ def over_the_backplane(events: list[Any]) -> list[Any]:
 def test_other_replicas_get_the_null_fields_too() -> None:
     here, there = joined_room({"cursor": {"anchor": 1}}), Room("doc", replica="r2")
     there.apply(over_the_backplane([Joined(here.member("y1"))]))
+    there.take()
     here.replace("y1", {"cursor": None, "x": 1}, 1.0)
     there.apply(over_the_backplane(events(here)))
     assert there.member("y1").state == {"cursor": None, "x": 1}
+    # ...and pass them on to their own peers as null values.
+    [event] = there.take()[1].events()
+    assert event == Updated("y1", {"cursor": None, "x": 1}, frozenset({"cursor"}))
+    here.replace("y1", {"x": 1}, 2.0)
+    there.apply(over_the_backplane(events(here)))
+    assert there.member("y1").state == {"x": 1}
+
+
+def test_the_replica_format_adds_the_nulls_only_when_there_are_some() -> None:
+    plain, nulls = Updated("y1", {"x": None}), Updated("y1", {"x": None}, frozenset({"x"}))
+    assert replica.events_to_json([plain, nulls]) == [
+        ["u", "y1", {"x": None}],
+        ["u", "y1", {"x": None}, ["x"]],
+    ]
+    # A replica of an older version sends no 4th item; one that does not know it ignores it.
+    assert replica.events_from_json([["u", "y1", {"x": None}]]) == [plain]
 
 
 def test_json_peers_see_a_null_field_as_absent() -> None:
@@ -98,11 +135,21 @@ def test_json_peers_see_a_null_field_as_absent() -> None:
     member = room.member("y1")
     assert json_codec.member_json(member)["state"] == {"user": OWNERS["user"], "x": 1}
     assert member.state == OWNERS  # the translation is a copy
-    # A field gone null reaches JSON peers as the member again, without it.
-    room.replace("y1", {"x": 2, "cursor": None}, 1.0)
-    room.replace("y1", {"x": 2, "cursor": None, "sel": None}, 1.0)
+    # A field gone null reaches JSON peers as an update that removes it (what y-codemirror
+    # does on blur: JSON apps listening for "update" drop the cursor).
+    room.replace("y1", {**OWNERS, "x": 2, "cursor": {"anchor": 1}}, 1.0)
+    room.take()
+    room.replace("y1", {**OWNERS, "x": 2, "cursor": None}, 2.0)
     [frame] = json_codec.encode_batch(room.take()[0])
-    assert orjson.loads(frame)["members"][0]["state"] == {"x": 2}
+    assert orjson.loads(frame) == {
+        "type": "update",
+        "updates": [{"id": "y1", "state": {"cursor": None}}],
+    }
+    # A join carries the state without its null fields.
+    batch = Batch()
+    batch.add(Joined(room.member("y1")))
+    [frame] = json_codec.encode_batch(batch)
+    assert orjson.loads(frame)["members"][0]["state"] == {"user": OWNERS["user"], "x": 2}
 
 
 def test_yjs_peers_see_the_owners_state_plus_the_idle_mark() -> None:

@@ -40,7 +40,12 @@ def events_to_json(events: Sequence[Event]) -> list[Any]:
         if isinstance(e, Joined):
             out.append(["j", member_to_json(e.member)])
         elif isinstance(e, Updated):
-            out.append(["u", e.id, e.patch])
+            if e.nulls:
+                # Fields a Yjs client set to null: kept as null, not removed. A 4th item,
+                # that older replicas ignore (they remove those fields).
+                out.append(["u", e.id, e.patch, sorted(e.nulls)])
+            else:
+                out.append(["u", e.id, e.patch])
         elif isinstance(e, Idle):
             out.append(["i", e.id])
         elif isinstance(e, Active):
@@ -57,7 +62,10 @@ def events_from_json(data: list[Any]) -> list[Event]:
         if kind == "j":
             events.append(Joined(member_from_json(item[1])))
         elif kind == "u":
-            events.append(Updated(item[1], item[2]))
+            if len(item) > 3:
+                events.append(Updated(item[1], item[2], frozenset(item[3])))
+            else:
+                events.append(Updated(item[1], item[2]))
         elif kind == "i":
             events.append(Idle(item[1]))
         elif kind == "a":

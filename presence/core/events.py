@@ -16,10 +16,14 @@ from presence.core.identity import Identity
 State = dict[str, Any]
 
 
-def apply_patch(state: State, patch: State) -> None:
-    """Merge ``patch`` into ``state``: top-level fields replace, ``None`` deletes."""
+NO_NULLS: frozenset[str] = frozenset()
+
+
+def apply_patch(state: State, patch: State, nulls: frozenset[str] = NO_NULLS) -> None:
+    """Merge ``patch`` into ``state``: top-level fields replace, ``None`` deletes, except
+    for the fields in ``nulls``, which are set to ``None`` (a Yjs state's null value)."""
     for key, value in patch.items():
-        if value is None:
+        if value is None and key not in nulls:
             state.pop(key, None)
         else:
             state[key] = value
@@ -49,8 +53,13 @@ class Joined:
 
 @dataclass(frozen=True, slots=True)
 class Updated:
+    """Changed fields. A ``None`` in ``patch`` removes the field, except for the fields
+    named in ``nulls``: a Yjs client set those to ``null``, a value its Yjs peers keep.
+    JSON peers get the plain patch (to them, ``null`` is "no such field")."""
+
     id: str
     patch: State
+    nulls: frozenset[str] = NO_NULLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +87,7 @@ class _Entry:
     joined: MemberInfo | None = None  # joined within the batch: carries the latest state
     known: bool = False  # peers knew the member before the batch
     patch: State | None = None
+    nulls: frozenset[str] = NO_NULLS  # the patch's None values that are values
     idle: bool | None = None  # last idle/active transition, if any
     left: bool = False
 
@@ -103,7 +113,9 @@ class Batch:
     def add(self, event: Event) -> None:
         if isinstance(event, Joined):
             before = self._entries.pop(event.member.id, None)
-            known = event.again or (before is not None and (before.known or before.joined is None))
+            # Within the batch, the first event about the member says whether peers knew
+            # it: a join then a re-announce (renamed) is still new to them.
+            known = event.again if before is None else (before.known or before.joined is None)
             self._entries[event.member.id] = _Entry(joined=event.member.copy(), known=known)
             return
         entry = self._entries.get(event.id)
@@ -111,11 +123,15 @@ class Batch:
             entry = self._entries[event.id] = _Entry()
         if isinstance(event, Updated):
             if entry.joined is not None:
-                apply_patch(entry.joined.state, event.patch)
+                apply_patch(entry.joined.state, event.patch, event.nulls)
             elif entry.patch is None:
                 entry.patch = dict(event.patch)
+                entry.nulls = event.nulls
             else:
                 entry.patch.update(event.patch)
+                if entry.nulls or event.nulls:
+                    # The latest word on each field: null as a value, or not.
+                    entry.nulls = (entry.nulls - event.patch.keys()) | event.nulls
                 self.coalesced += 1
         elif isinstance(event, Idle | Active):
             idle = isinstance(event, Idle)
@@ -148,7 +164,7 @@ class Batch:
                 joins.append(Joined(entry.joined, again=entry.known))
                 continue
             if entry.patch is not None:
-                updates.append(Updated(member_id, entry.patch))
+                updates.append(Updated(member_id, entry.patch, entry.nulls))
             if entry.idle is not None:
                 marks.append(Idle(member_id) if entry.idle else Active(member_id))
         return joins + updates + marks + leaves

@@ -12,7 +12,7 @@ events it publishes (:meth:`Room.apply`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ import orjson
 
 from presence.core.distinct import Distinct
 from presence.core.events import (
+    NO_NULLS,
     Active,
     Batch,
     Event,
@@ -103,6 +104,10 @@ class Room:
     def __contains__(self, member_id: object) -> bool:
         return member_id in self._members
 
+    def __iter__(self) -> Iterator[str]:
+        """The members' ids."""
+        return iter(self._members)
+
     @property
     def is_empty(self) -> bool:
         return not self._members
@@ -129,15 +134,21 @@ class Room:
     # -- commands from local connections -----------------------------------------------
 
     def join(
-        self, member_id: str, identity: Identity, now: float, state: State | None = None
+        self,
+        member_id: str,
+        identity: Identity,
+        now: float,
+        state: State | None = None,
+        size: int | None = None,
     ) -> Identity:
         """Add a local member, with its whole state if it has one (a Yjs client's first,
-        kept as it is: see :meth:`replace`). Returns the identity it shows in this room:
-        its own, with the name, initials or colour changed where another member holds them."""
+        kept as it is: see :meth:`replace`; ``size``: its length as sent). Returns the
+        identity it shows in this room: its own, with the name, initials or colour changed
+        where another member holds them."""
         if member_id in self._members:
             raise RoomError(f"member {member_id!r} is already in room {self.name!r}")
         state = dict(state or {})
-        self._check_size(state)
+        self._check_size(state, size)
         self._wanted[member_id] = identity
         shown = _distinct(self._members).settle(member_id, identity, None)
         info = MemberInfo(member_id, shown, state, False, self.replica)
@@ -155,11 +166,11 @@ class Room:
         self._emit(Updated(member_id, patch))
         self._activate(member)
 
-    def replace(self, member_id: str, state: State, now: float) -> None:
-        """Set a local member's whole state, as Yjs clients send it: ``None`` is a value
-        there, kept as such (``update`` reads it as "remove the field"). Peers get the
-        changed fields as a patch, or the member again (a ``Joined``) when a field became
-        ``None``, which a patch cannot say. An unchanged state is a heartbeat."""
+    def replace(self, member_id: str, state: State, now: float, size: int | None = None) -> None:
+        """Set a local member's whole state, as Yjs clients send it (``size``: its length
+        in bytes as sent, if known). ``None`` is a value there, kept as such (``update``
+        reads it as "remove the field"): peers get the changed fields as a patch, whose
+        ``nulls`` name the fields that became ``None``. An unchanged state is a heartbeat."""
         member = self._local_member(member_id)
         old = member.info.state
         patch = {k: v for k, v in state.items() if k not in old or not _same(old[k], v)}
@@ -167,13 +178,13 @@ class Room:
         if not patch:
             member.last_seen = now
             return
-        self._check_size(state)
+        self._check_size(state, size)
         member.info.state = dict(state)
         member.last_update = member.last_seen = now
-        if any(state.get(k, 0) is None for k in patch):
-            self._emit(Joined(member.info, again=True))
-        else:
-            self._emit(Updated(member_id, patch))
+        nulls = NO_NULLS
+        if None in patch.values():
+            nulls = frozenset(k for k, v in patch.items() if v is None and k in state)
+        self._emit(Updated(member_id, patch, nulls))
         self._activate(member)
 
     def _activate(self, member: _Member) -> None:
@@ -181,8 +192,10 @@ class Room:
             member.info.idle = False
             self._emit(Active(member.info.id))
 
-    def _check_size(self, state: State) -> None:
-        if len(orjson.dumps(state)) > self.max_state_bytes:
+    def _check_size(self, state: State, size: int | None = None) -> None:
+        if size is None:
+            size = len(orjson.dumps(state))
+        if size > self.max_state_bytes:
             raise StateTooLarge(
                 f"the state would exceed {self.max_state_bytes} bytes; send smaller fields"
             )
@@ -233,7 +246,7 @@ class Room:
             if member is None or member.info.origin == self.replica:
                 continue  # unknown (we joined after it left) or not theirs to change
             if isinstance(event, Updated):
-                apply_patch(member.info.state, event.patch)
+                apply_patch(member.info.state, event.patch, event.nulls)
             elif isinstance(event, Idle | Active):
                 member.info.idle = isinstance(event, Idle)
             else:
@@ -259,7 +272,7 @@ class Room:
             self._remote.add(Left(member_id))
         for member_id, info in incoming.items():
             known = self._members.get(member_id)
-            if known is None or known.info != info:
+            if known is None or not _same_member(known.info, info):
                 self._members[member_id] = _Member(info.copy(), 0.0, 0.0)
                 self._remote.add(Joined(info, again=known is not None))
         self._settle()
@@ -321,9 +334,20 @@ class Room:
 
 def _same(a: Any, b: Any) -> bool:
     """JSON equality: Python's ``==`` holds ``1 == 1.0 == True``, JSON does not."""
+    if a is b:
+        return True
     if type(a) is not type(b) or a != b:
         return False
     return not isinstance(a, dict | list) or orjson.dumps(a) == orjson.dumps(b)
+
+
+def _same_member(a: MemberInfo, b: MemberInfo) -> bool:
+    return (
+        a.identity == b.identity
+        and a.idle == b.idle
+        and a.origin == b.origin
+        and _same(a.state, b.state)
+    )
 
 
 def _distinct(members: dict[str, _Member]) -> Distinct:

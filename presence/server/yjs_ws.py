@@ -37,12 +37,18 @@ MAX_CLIENT_IDS = 8
 class RateLimitedStates(RateLimitedUpdates):
     """Whole states at the rate limit: the latest one waiting replaces the others."""
 
+    size = 0  # the latest state's length as sent: the one applied now or pending
+
+    def submit_state(self, state: State, size: int) -> None:
+        self.size = size
+        self.submit(state)
+
     def _merge(self, pending: State, state: State) -> None:
         pending.clear()
         pending.update(state)
 
     def _apply(self, state: State) -> None:
-        self.hub.replace(self.room, self.member_id, state)
+        self.hub.replace(self.room, self.member_id, state, self.size)
 
 
 class YjsClient:
@@ -78,6 +84,14 @@ class YjsClient:
             # A copy of a state we relayed to this client, arriving after its owner left:
             # adopting it would make this connection the owner of someone else's ID.
             return
+        if (
+            not mine
+            and entry.client_id >= yjs.JSON_CLIENT_BASE
+            and self._json_member_holds(entry.client_id)
+        ):
+            # The ID a JSON member appears under: never a Yjs client's to take. Not an
+            # error: stock clients send back the JSON members' states they receive.
+            return
         last = self.clocks.get(entry.client_id)
         if last is not None and entry.clock <= last:
             return  # our own client's old state, or an echo of it
@@ -103,14 +117,25 @@ class YjsClient:
                 limiter = self.updates[member_id] = RateLimitedStates(
                     self.hub, self.room.name, member_id
                 )
-            limiter.submit(state)
+            limiter.submit_state(state, len(entry.state))
         elif len(self.outbox.members) >= MAX_CLIENT_IDS:
             raise RoomError(f"a connection speaks for at most {MAX_CLIENT_IDS} client IDs")
         else:
             # A new client ID, or one that went null or reconnected: bind it here.
             identity = self._identity_of(state.get("user"), entry.client_id)
-            self.hub.admit(self.room, self.outbox, member_id, identity, state)
+            self.hub.admit(self.room, self.outbox, member_id, identity, state, len(entry.state))
         self.sent[entry.client_id] = entry.state
+
+    def _json_member_holds(self, client_id: int) -> bool:
+        """Whether a JSON member of the room, on any replica, appears under
+        ``client_id``. Yjs clients of JavaScript have 32-bit client IDs, those of yrs
+        (pycrdt) up to 2^53: above 2^32 a new client ID may be either. A scan of the
+        room, only for an ID of that range that no Yjs member holds and whose entry is
+        not an echo (a new binding, or a forgery): never on the path of moves or echoes."""
+        return any(
+            not member_id.startswith("y") and yjs.client_id_of(member_id) == client_id
+            for member_id in self.room
+        )
 
     def _identity_of(self, user: Any, client_id: int) -> Identity | None:
         """The client's own ``user``, if it has a usable one; else the token's or None
