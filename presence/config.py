@@ -140,7 +140,9 @@ class Settings:
         300.0,
         positive_float,
         "A replica silent this long is forgotten: its members' records are deleted from "
-        "Redis. One silent for less (a stall) gets its members back when it speaks again.",
+        "the members hashes of rooms a live replica has open (others expire with their "
+        "hash, a day after its last write). One silent for less (a stall) gets its "
+        "members back when it speaks again.",
         "SECONDS",
     )
     secret: str = _opt(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from load.tables import BENCHMARKS, load_results, update_doc
-from presence.backplane.redis import MAX_BACKOFF
+from presence.backplane.redis import GIVE_UP_AFTER, MAX_BACKOFF
 from presence.codecs.websocket import MAX_FRAGMENTS
 from presence.config import Settings
 from presence.core.room import ROOM_NAME_RULE
@@ -53,6 +53,8 @@ CONSTANTS = [
     ("docs/protocol.md", "more than 10 invalid messages in a row", MAX_CONSECUTIVE_ERRORS),
     ("docs/protocol.md", "at most 8 client IDs", MAX_CLIENT_IDS),
     ("README.md", "retries slow down to one every 5 s", MAX_BACKOFF),
+    ("README.md", "if Redis answers within 20 s", GIVE_UP_AFTER),
+    ("README.md", "After 20 s without an answer", GIVE_UP_AFTER),
     ("README.md", "1 to 128 characters", ROOM_NAME_RULE),
     ("docs/protocol.md", "1 to 128 characters", ROOM_NAME_RULE),
     ("docs/protocol.md", "(default 3600 s", DEFAULT_TTL),

@@ -1,5 +1,6 @@
 """Replicas on a real Redis when something goes wrong: a replica or Redis frozen (SIGSTOP),
-Redis refusing writes (maxmemory with noeviction), a database other than 0. Each test
+Redis refusing writes (maxmemory with noeviction), connections killed by Redis again and
+again (CLIENT KILL), a database other than 0. Each test
 starts its own Redis and server processes, waits on conditions (never fixed sleeps
 before an assertion) and prints what it measured."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -203,3 +205,75 @@ async def test_redis_refusing_writes_is_not_ready_and_crashes_are_still_detected
         assert [m["id"] for m in newcomer.welcome["members"]] == [a.id]
     finally:
         full.stop()
+
+
+ROUNDS = 50
+
+
+def uses_uvloop(server: Server) -> bool:
+    """Whether the server process has uvloop loaded (Linux: its memory map)."""
+    assert server.proc is not None
+    with open(f"/proc/{server.proc.pid}/maps") as maps:
+        return "uvloop" in maps.read()
+
+
+async def test_connections_killed_again_and_again_under_uvloop(
+    server_factory: ServerFactory, redis_server: RedisProcess
+) -> None:
+    # Under uvloop (what `presence serve` runs on), a connection Redis closes is closed
+    # at once but reported a loop turn later: a write in between raised RuntimeError,
+    # which once killed the writer for good (nothing published, /readyz still 200).
+    r1, r2 = replicas(server_factory, redis_server.url, 2, "--flush-interval", "0.001")
+    if sys.platform == "linux":
+        assert all(uses_uvloop(r) for r in (r1, r2)), "presence serve runs on uvloop"
+    a, b = await join(r1), await join(r2)
+    await a.until(sees(a, b))
+    await b.until(sees(b, a))
+    movers = [await join(r, room=f"busy-{i}") for r in (r1, r2) for i in range(3)]
+    moving = True
+
+    async def move(client: Client) -> None:
+        i = 0
+        while moving:  # updates every millisecond: writes are queued at any moment
+            i += 1
+            await client.update(cursor={"x": i})
+            await asyncio.sleep(0.001)
+
+    async def drain(client: Client) -> None:
+        while True:
+            await client.recv(timeout=30)
+
+    tasks = [asyncio.create_task(f(c)) for f in (move, drain) for c in (a, b, *movers)]
+    kills = 0
+    with redis_server.client() as client:
+        for _ in range(ROUNDS):
+            await asyncio.sleep(0.1)
+            kills += client.client_kill_filter(_type="normal")
+            kills += client.client_kill_filter(_type="pubsub")
+    moving = False
+    await asyncio.sleep(0.1)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    stopped = time.monotonic()
+
+    async def both_ready() -> bool:
+        return await ready(r1) and await ready(r2)
+
+    await poll(both_ready, 10, "/readyz 200 after the kills")
+    # Relay works both ways, and members are visible across replicas.
+    await a.update(cursor={"x": -1})
+    await b.until(sees(b, a, cursor={"x": -1}), timeout=10)
+    await b.update(cursor={"x": -2})
+    await a.until(sees(a, b, cursor={"x": -2}), timeout=10)
+    recovered = time.monotonic() - stopped
+    late = await join(r2)
+    assert {m["id"] for m in late.welcome["members"]} == {a.id, b.id}
+    await a.until(sees(a, late), timeout=10)
+    for r in (r1, r2):
+        assert r.metrics()["presence_backplane_replicas"] == 1  # heartbeats flow
+        assert not [e for e in logged(r) if e["level"] in ("error", "critical")]
+    print(
+        f"\n{kills} connections killed in {ROUNDS} rounds; relay and /readyz back "
+        f"{recovered:.2f} s after"
+    )

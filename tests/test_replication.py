@@ -1,15 +1,22 @@
 """Replication in process: replicas on a memory bus driven by a fake clock. Messages are
 delivered when the test pumps the bus, so deaths, stalls, lost messages and re-syncs
-play out in milliseconds, exactly."""
+play out in milliseconds, exactly. At the end, the Redis transport's own handling of
+failures (lost connections, stalls, crashed tasks), on fake sockets."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 
 import orjson
 import pytest
 
+from presence.backplane import redis as redis_transport
 from presence.backplane.memory import MemoryBackplane, MemoryBus
+from presence.backplane.redis import RedisTransport
+from presence.backplane.resp import RespConnection
+from presence.backplane.transport import HashDel, HashReplace, Op, Publish
 from presence.codecs import replica as codec
 from presence.core.events import Event, Joined, MemberInfo
 from presence.core.identity import Identity
@@ -41,6 +48,15 @@ class Node:
         )
         self.rooms: dict[str, Room] = {}
         self.reconnected = 0
+        self.ops: list[Op] = []  # everything its backplane wrote
+        transport = self.backplane.transport
+        send = transport.send
+
+        def record(ops: Sequence[Op]) -> None:
+            self.ops.extend(ops)
+            send(ops)
+
+        transport.send = record  # type: ignore[method-assign]
 
     # -- backplane.base.Listener ---------------------------------------------------------
 
@@ -85,6 +101,11 @@ class Node:
     def leave(self, room_name: str, member: str) -> None:
         self.rooms[room_name].leave(member)
         self.flush()
+
+    def close(self, room_name: str) -> None:
+        """The room's last local member left: the hub forgets it."""
+        del self.rooms[room_name]
+        self.backplane.close_room(room_name)
 
     def flush(self) -> None:
         for name, room in self.rooms.items():
@@ -132,12 +153,19 @@ class Cluster:
         self.settle()
 
     def settle(self) -> None:
-        """Deliver until nothing moves (a network with no latency)."""
+        """Deliver until nothing moves (a network with no latency). The full states due
+        go out once deliveries are over: SYNC_DELAY is longer than round trips."""
         for _ in range(100):
             for name, node in self.nodes.items():
                 if name not in self.stopped:
                     node.flush()
-            if not self.bus.pump():
+            if self.bus.pump():
+                continue
+            queued = len(self.bus.queue)
+            for name, node in self.nodes.items():
+                if name not in self.stopped:
+                    node.backplane.send_full_states()
+            if len(self.bus.queue) == queued:
                 return
         raise AssertionError("messages kept flowing")
 
@@ -360,3 +388,396 @@ def test_a_cluster_url_with_a_database_is_refused() -> None:
     assert Settings(redis_url="redis://node:6379/0", redis_cluster=True).redis_cluster
     with pytest.raises(ConfigError, match="replica_permdown"):
         Settings(replica_timeout=10, replica_permdown=5)
+
+
+# -- numbering, coalesced full states, snapshots ---------------------------------------
+
+
+def published(c: Cluster, kind: str, room: str = "doc") -> list[tuple[object, object]]:
+    """(sender, number) of every message of ``kind`` published in ``room`` (once, however
+    many replicas received it)."""
+    channel = f"presence:{{{room}}}"
+    return sorted({(m["from"], m["s"]) for ch, m in c.sent if ch == channel and m["k"] == kind})
+
+
+async def test_a_room_closed_and_opened_again_is_not_taken_for_lost_messages() -> None:
+    c = await three_in_a_room()
+    await c["B"].join("other", "x")  # B's numbers move on in another room meanwhile
+    for i in range(5):
+        c["B"].update("other", "x", cursor=i)
+        c.settle()
+    c["B"].leave("doc", "b")
+    c.settle()
+    c["B"].close("doc")
+    c.sent.clear()
+    await c["B"].join("doc", "b")  # its numbers in the room jump
+    c.settle()
+    c["B"].update("doc", "b", cursor=1)
+    c.settle()
+    assert c["A"].state_of("b") == {"cursor": 1} == c["C"].state_of("b")
+    assert c["A"].backplane.gaps == 0 == c["C"].backplane.gaps
+    assert not [m for _, m in c.sent if m["k"] == "q" and "t" in m]  # nobody asked B
+    # And a message lost after that is still noticed.
+    c.lose = lambda channel, data, receiver: receiver == "A" and b'"k":"e"' in data  # type: ignore[method-assign]
+    c["B"].update("doc", "b", cursor=2)
+    c.settle()
+    c.lose = lambda channel, data, receiver: False  # type: ignore[method-assign]
+    c["B"].update("doc", "b", mood="ok")
+    c.settle()
+    assert c["A"].backplane.gaps == 1
+    assert c["A"].state_of("b") == {"cursor": 2, "mood": "ok"}
+
+
+async def test_a_replica_back_with_a_gap_in_the_same_message_is_asked_once() -> None:
+    c = await three_in_a_room()
+
+    def lose(channel: str, data: bytes, receiver: str) -> bool:
+        # A hears nothing from B for a while: heartbeats, then one room message.
+        return receiver == "A" and data.startswith(b"B ")
+
+    c.lose = lose  # type: ignore[method-assign]
+    c.until(lambda: "b" not in c["A"].sees(), TIMEOUT)
+    c["B"].update("doc", "b", cursor=1)  # lost too: B's next message has a gap
+    c.settle()
+    c.lose = lambda channel, data, receiver: False  # type: ignore[method-assign]
+    c.sent.clear()
+    c["B"].update("doc", "b", cursor=2)  # B is back, and a message is missing
+    c.settle()
+    asks = [m for _, m in c.sent if m["k"] == "q" and m["from"] == "A" and m["to"] == "B"]
+    assert len(asks) == 1 and asks[0]["t"] == "B"
+    assert c["A"].backplane.gaps == 0  # counted from the "back", not as a gap
+    assert c["A"].sees() == {"a", "b", "c"} and c["A"].state_of("b") == {"cursor": 2}
+    assert published(c, "f") == [("B", published(c, "f")[0][1])]  # one full state, B's
+
+
+async def test_one_full_state_per_replica_and_room_after_a_bus_wide_reconnect() -> None:
+    names = "ABCDEF"
+    c = Cluster(*names)
+    await c.start()
+    for room in ("doc", "sheet"):
+        for n in names:
+            await c[n].join(room, n.lower() + room)
+            c.settle()
+    c.run(1.0)
+    c.sent.clear()
+    for n in names:  # Redis restarted, or thawed: every replica's on_up
+        c[n].backplane.on_up()
+    c.settle()
+    for room in ("doc", "sheet"):
+        senders = [sender for sender, _ in published(c, "f", room)]
+        # Each replica asked everyone, and was asked by the five others: one each.
+        assert sorted(senders) == list(names), senders
+        assert all(c[n].sees(room) == {x.lower() + room for x in names} for n in names)
+
+
+async def test_a_replica_back_from_a_stall_gets_and_sends_one_full_state_per_room() -> None:
+    names = "ABCDE"
+    c = Cluster(*names)
+    await c.start()
+    for room in ("doc", "sheet"):
+        for n in names:
+            await c[n].join(room, n.lower() + room)
+            c.settle()
+    c.run(1.0)
+    c.stop("B")  # SIGSTOP past the timeout
+    c.until(lambda: all("bdoc" not in c[n].sees() for n in "ACDE"), TIMEOUT)
+    c.run(5)
+    c.sent.clear()
+    c.resume("B")
+    c.run(0.1)
+    for room in ("doc", "sheet"):
+        senders = sorted(sender for sender, _ in published(c, "f", room))
+        # B's own (asked by its stall and by the four others, who heard it back), and
+        # one from each of the others (B asked everyone).
+        assert senders == list(names), senders
+        assert all(c[n].sees(room) == {x.lower() + room for x in names} for n in names)
+
+
+async def test_replicas_that_said_goodbye_are_forgotten_without_cleaning_up_after_them() -> None:
+    c = await three_in_a_room()
+    c["B"].leave("doc", "b")
+    await c["B"].backplane.stop()
+    c.stopped.add("B")
+    c.settle()
+    assert "presence:replica:B" not in c.bus.expiry  # its liveness key went with it
+    c["A"].ops.clear()
+    c.run(PERMDOWN + 1)
+    assert "B" not in c["A"].backplane.peers
+    assert not [op for op in c["A"].ops if isinstance(op, HashReplace)]  # nothing to delete
+
+
+async def test_a_replica_forgotten_after_permdown_comes_back_whole() -> None:
+    c = await three_in_a_room()
+    c.stop("B")
+    c.run(PERMDOWN + TIMEOUT)
+    assert "B" not in c["A"].backplane.peers and "B" not in c["C"].backplane.peers
+    assert "B/b" not in c.bus.hashes["presence:{doc}:members"]
+    assert c["A"].sees() == {"a", "c"}
+    c.resume("B")
+    c.run(0.1)  # it finds it stalled, and announces itself
+    assert all(c[n].sees() == {"a", "b", "c"} for n in "ABC")
+    assert "B/b" in c.bus.hashes["presence:{doc}:members"]
+    c["B"].update("doc", "b", cursor=4)
+    c.settle()
+    assert c["A"].state_of("b") == {"cursor": 4} == c["C"].state_of("b")
+    late = c.nodes["D"] = Node("D", c.bus, c.clock)
+    await late.backplane.start(late)
+    await late.join("doc", "d")
+    assert late.sees() == {"a", "b", "c", "d"}
+
+
+async def test_what_arrives_while_the_snapshot_is_read_is_applied_in_order() -> None:
+    c = await three_in_a_room()
+    await c["B"].join("doc", "b2")
+    c.settle()
+    late = c.nodes["D"] = Node("D", c.bus, c.clock)
+    await late.backplane.start(late)
+
+    def during_read(key: str) -> None:
+        c.bus.on_read = None
+        # B answers a request (a full state, with b2), b2 leaves, b moves (written to
+        # the hash), and moves again (a message only): all reach D, subscribed already,
+        # before its read. The full state is older than the snapshot: applied, it would
+        # put b's old state back (the move after it is in the snapshot, so skipped).
+        c["B"].backplane.publish_full_state("doc", c["B"].rooms["doc"].local_members())
+        c["B"].backplane.send_full_states()
+        c["B"].leave("doc", "b2")
+        c.clock.now += 1.5
+        c["B"].update("doc", "b", cursor=5)  # the hash's next write is due: written
+        c["B"].update("doc", "b", mood="ok")  # not written to the hash yet
+        c.bus.pump()
+
+    c.bus.on_read = during_read
+    await late.join("doc", "d")
+    assert late.sees() == {"a", "b", "c", "d"}
+    assert late.state_of("b") == {"cursor": 5, "mood": "ok"}
+    c.settle()
+    assert late.sees() == {"a", "b", "c", "d"}
+    assert late.state_of("b") == {"cursor": 5, "mood": "ok"}
+    c["B"].update("doc", "b", cursor=6)
+    c.settle()
+    assert late.state_of("b") == {"cursor": 6, "mood": "ok"} and late.backplane.gaps == 0
+
+
+async def test_a_full_state_newer_than_the_snapshot_replaces_its_senders_members() -> None:
+    c = await three_in_a_room()
+    late = c.nodes["D"] = Node("D", c.bus, c.clock)
+    await late.backplane.start(late)
+
+    def during_read(key: str) -> None:
+        c.bus.on_read = None
+        snapshot = dict(c.bus.hashes[key])
+        # After the read: b leaves and b3 joins, and B re-announces (a full state
+        # newer than the snapshot), all before D looks at what it buffered.
+        c["B"].leave("doc", "b")
+        c.bus.hashes[key] = snapshot  # the read saw the hash as it was
+        c["B"].rooms["doc"].join("b3", Identity("b3", "User b3", "U3", "#2ca02c"), c.clock())
+        c["B"].rooms["doc"].take()
+        c["B"].backplane.publish_full_state("doc", [])
+        c["B"].backplane.send_full_states()
+        c.bus.pump()
+
+    c.bus.on_read = during_read
+    await late.join("doc", "d")
+    assert late.sees() == {"a", "b3", "c", "d"}
+
+
+async def test_a_failed_read_leaves_no_room_buffering_forever() -> None:
+    c = await three_in_a_room()
+    late = c.nodes["D"] = Node("D", c.bus, c.clock)
+    await late.backplane.start(late)
+
+    def fail(key: str) -> None:
+        c.bus.on_read = None
+        raise RuntimeError("a bug while reading")
+
+    c.bus.on_read = fail
+    await late.join("doc", "d")
+    assert late.backplane.links["doc"].opening is None
+    c.settle()  # the others answer its request
+    assert late.sees() == {"a", "b", "c", "d"}
+    c["B"].update("doc", "b", cursor=1)
+    c.settle()
+    assert late.state_of("b") == {"cursor": 1}
+    # A field it cannot read is skipped, not fatal.
+    c.bus.hashes["presence:{doc}:members"]["X/zz"] = b"not json"
+    other = c.nodes["E"] = Node("E", c.bus, c.clock)
+    await other.backplane.start(other)
+    await other.join("doc", "e")
+    assert other.sees() == {"a", "b", "c", "d", "e"}
+
+
+async def test_a_room_closed_while_cut_off_is_emptied_when_back() -> None:
+    c = await three_in_a_room()
+    c.lose = lambda channel, data, receiver: data.startswith(b"B ")  # type: ignore[method-assign]
+    c["B"].leave("doc", "b")  # the leave is lost, like anything sent while Redis is away
+    c.settle()
+    c["B"].close("doc")
+    c.lose = lambda channel, data, receiver: False  # type: ignore[method-assign]
+    assert c["A"].sees() == {"a", "b", "c"}
+    c["B"].backplane.on_up()  # back
+    c.settle()
+    assert c["A"].sees() == {"a", "c"} == c["C"].sees()
+
+
+async def test_a_lone_replica_publishes_and_writes_nothing() -> None:
+    alone = MemoryBackplane("solo")
+    node = Node("A", MemoryBus(), Clock())  # a listener; its own backplane is not used
+    await alone.start(node)
+    assert await alone.open_room("doc") == []
+    m = MemberInfo("m", Identity("m", "User m", "U1", "#1f77b4"), {}, False, "solo")
+    alone.publish("doc", [Joined(m)], [m], [])
+    alone.publish_full_state("doc", [m])
+    alone.request_sync("doc")
+    assert not alone.bus.queue and not alone.bus.hashes and alone._task is None
+    await alone.stop()
+
+
+async def test_publishing_in_a_room_not_open_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    c = await three_in_a_room()
+    m = MemberInfo("m", Identity("m", "User m", "U1", "#1f77b4"), {}, False, "A")
+    c["A"].ops.clear()
+    c["A"].backplane.publish("closed", [Joined(m)], [m], [])
+    assert c["A"].ops == [] and "presence:{closed}:members" not in c.bus.hashes
+    assert "not open" in caplog.text
+
+
+# -- the Redis transport's failure handling, on fake sockets ----------------------------
+
+
+class FakeSocket:
+    """What RespConnection writes to: records writes; can be closing (uvloop closes a
+    transport a loop turn before it reports the loss) or fail."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+        self.error: Exception | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+class Receiver:
+    def __init__(self, fail: bool = False) -> None:
+        self.ups = 0
+        self.fail = fail
+
+    def on_message(self, channel: str, data: bytes) -> None:
+        pass
+
+    def on_up(self) -> None:
+        self.ups += 1
+        if self.fail:
+            raise RuntimeError("a bug in on_up")
+
+
+def connected(timeout: float = 2.0) -> tuple[RedisTransport, FakeSocket]:
+    """A Redis transport that believes it is connected, over a fake socket."""
+    t = RedisTransport("redis://127.0.0.1:1", timeout=timeout)
+    socket = FakeSocket()
+    conn = RespConnection(t._connection_lost)
+    conn.connection_made(socket)  # type: ignore[arg-type]
+    t._links[""] = conn
+    t._connected, t.state = True, "up"
+    return t, socket
+
+
+async def test_the_redis_writer_survives_any_write_error() -> None:
+    for error in (None, RuntimeError("unable to perform operation on <TCPTransport closed>")):
+        t, socket = connected()
+        writer = asyncio.create_task(t._write_forever())
+        writer.add_done_callback(t._task_done)
+        if error is None:
+            socket.closing = True  # closed by uvloop, connection_lost not yet called
+        else:
+            socket.error = error  # any other error from a write
+        t.send([Publish("presence:{doc}", b"x"), HashDel("presence:{doc}:members", ["A/a"])])
+        await asyncio.sleep(0.01)
+        assert not writer.done(), writer
+        assert (t._connected, t.ready, t.state) == (False, False, "down")
+        assert t.dropped == 1  # one message (the hash write is not one)
+        assert t._lost.is_set()  # the supervisor reconnects
+        # Reconnected: the writer writes again.
+        t2, socket2 = connected()
+        t._links, t._connected, t.state = t2._links, True, "up"
+        t.send([Publish("presence:{doc}", b"y")])
+        await asyncio.sleep(0.01)
+        assert socket2.written and b"PUBLISH" in socket2.written[0]
+        assert t.ready and t.crashed is None
+        writer.cancel()
+
+
+async def test_a_crashed_redis_task_leaves_the_replica_not_ready() -> None:
+    t = RedisTransport("redis://127.0.0.1:1", timeout=0.2)
+
+    async def crash() -> None:
+        raise ValueError("a bug")
+
+    t._watch_forever = crash  # type: ignore[method-assign]
+    await t.start(Receiver())
+    t.state = "up"  # as if connected
+    await asyncio.sleep(0.01)
+    assert t.crashed is not None and "redis-health" in t.crashed and "a bug" in t.crashed
+    assert not t.ready and t.status()["state"] == "down"
+    await t.stop()
+
+
+async def test_the_write_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_transport, "MAX_QUEUED", 10)
+    t, _ = connected()  # no writer runs: it is stuck
+    for _ in range(11):
+        t.send([Publish("presence:{doc}", b"x")])
+    assert not t._queue and t.dropped == 11 and t.state == "down" and t._lost.is_set()
+    t.send([Publish("presence:{doc}", b"x")])  # down: dropped, counted
+    assert not t._queue and t.dropped == 12
+
+
+async def test_a_stalled_redis_is_noticed_and_its_return_re_syncs_even_if_on_up_fails() -> None:
+    t, _ = connected(timeout=0.2)
+    receiver = Receiver(fail=True)
+    t.receiver = receiver
+    watcher = asyncio.create_task(t._watch_forever())
+    t._links[""].send([(b"*1\r\n$4\r\nPING\r\n", None)])  # no reply comes
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if t._stalled:
+            break
+    assert t._stalled and not t.ready and t.state == "down"
+    t._links[""].data_received(b"+PONG\r\n" * len(t._links[""]._replies))  # it thaws
+    assert t.ready and receiver.ups == 1  # told, although on_up raised
+    await asyncio.sleep(0.25)
+    assert not watcher.done() and t.ready
+    watcher.cancel()
+
+
+async def test_a_paused_process_does_not_take_redis_for_stalled() -> None:
+    t, _ = connected(timeout=0.2)  # the watcher checks every 0.1 s
+    receiver = Receiver()
+    t.receiver = receiver
+    watcher = asyncio.create_task(t._watch_forever())
+    await asyncio.sleep(0.05)
+    conn = t._links[""]
+    conn.send([(b"*1\r\n$4\r\nPING\r\n", None)])  # a write; Redis answers at once...
+    loop = asyncio.get_running_loop()
+    # ... but this process is paused (a long callback, a GC) before it reads the reply;
+    # after the pause, timers run before the socket is read (as uvloop does).
+    time.sleep(0.5)
+    loop.call_later(0.01, lambda: conn.data_received(b"+PONG\r\n" * len(conn._replies)))
+    await asyncio.sleep(0.25)
+    assert not t._stalled and t.state == "up" and receiver.ups == 0
+    watcher.cancel()

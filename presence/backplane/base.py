@@ -25,13 +25,17 @@ class Listener(Protocol):
         """``origin`` announced the complete set of its members in ``room``."""
 
     def on_sync_request(self, room: str) -> None:
-        """A replica asks everybody to re-announce their members in ``room``."""
+        """Re-announce our members in ``room`` (:meth:`Backplane.publish_full_state`),
+        if we have any there: replicas asked, or we must. Called at most once per room
+        for any number of requests that came together."""
 
     def on_replica_down(self, origin: str) -> None:
         """``origin`` stopped (cleanly or not): its members are gone."""
 
     def on_reconnected(self) -> None:
-        """The backplane was cut off and is back: messages were lost, re-sync."""
+        """The backplane was cut off and is back: messages were lost, re-sync
+        (:meth:`Backplane.publish_full_state` and :meth:`Backplane.request_sync` for
+        every room)."""
 
 
 class Backplane(ABC):
@@ -94,7 +98,9 @@ class Backplane(ABC):
 
     @abstractmethod
     def publish_full_state(self, room: str, members: Sequence[MemberInfo]) -> None:
-        """Announce the complete set of this replica's members in ``room``."""
+        """Announce the complete set of this replica's members in ``room``. Replication
+        coalesces full states: outside ``on_sync_request`` this only marks one due, and
+        ``on_sync_request`` follows shortly to publish the members as they are then."""
 
     @abstractmethod
     async def members(self, room: str) -> list[MemberInfo]:

@@ -1,9 +1,14 @@
-"""The in-memory transport: replicas in one process share a bus; alone, it costs nothing.
+"""The in-memory transport: replicas in one process share a bus.
 
-It is the default backplane of a single process, and what the replication tests run on:
-they deliver messages when they choose (``MemoryBus(manual=True)`` and :meth:`pump`),
-lose chosen ones (:attr:`MemoryBus.drop`), freeze a replica (:meth:`freeze`) and make
-the store refuse writes (:attr:`MemoryBus.refuse_writes`), as Redis could.
+It is the default backplane of a single process: a :class:`MemoryBackplane` given no
+bus has one of its own, which no other replica can join, and is *alone*: replication
+publishes nothing and writes nothing then, and a publish costs a method call.
+
+It is also what the replication tests run on: they deliver messages when they choose
+(``MemoryBus(manual=True)`` and :meth:`pump`), lose chosen ones (:attr:`MemoryBus.drop`),
+freeze a replica (:meth:`freeze`), make the store refuse writes
+(:attr:`MemoryBus.refuse_writes`), as Redis could, and act while a replica reads a hash
+(:attr:`MemoryBus.on_read`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 from presence.backplane.replication import Replication
 from presence.backplane.transport import (
+    DelKey,
     HashDel,
     HashReplace,
     Op,
@@ -45,6 +51,9 @@ class MemoryBus:
         # Tests: return True to lose a message (channel, data, receiving replica).
         self.drop: Callable[[str, bytes, str], bool] | None = None
         self.refuse_writes = False
+        # Tests: called with the key as a replica reads a hash, before it is read; what
+        # it publishes (and pumps) arrives while the replica waits for the read.
+        self.on_read: Callable[[str], None] | None = None
         self._scheduled = False
 
     def publish(self, channel: str, data: bytes) -> None:
@@ -110,7 +119,7 @@ class MemoryTransport(Transport):
         if self.receiver is not None and channel in self.channels:
             self.receiver.on_message(channel, data)
 
-    def subscribe(self, channel: str) -> None:
+    async def subscribe(self, channel: str) -> None:
         self.channels.add(channel)
         self.bus.subscribers.setdefault(channel, set()).add(self)
 
@@ -128,12 +137,17 @@ class MemoryTransport(Transport):
             if isinstance(op, Publish):
                 bus.publish(op.channel, op.data)  # works when writes do not, as in Redis
                 continue
-            deletes = isinstance(op, HashDel) or (isinstance(op, HashReplace) and not op.fields)
+            deletes = isinstance(op, HashDel | DelKey) or (
+                isinstance(op, HashReplace) and not op.fields
+            )
             if bus.refuse_writes and not deletes:
                 self.wrote(OOM)
                 continue
             if isinstance(op, SetKey):
                 bus.expiry[op.key] = bus.clock() + op.ttl_ms / 1000
+            elif isinstance(op, DelKey):
+                bus.hashes.pop(op.key, None)
+                bus.expiry.pop(op.key, None)
             elif isinstance(op, HashDel):
                 fields = bus.hashes.get(op.key, {})
                 for field in op.fields:
@@ -150,10 +164,13 @@ class MemoryTransport(Transport):
                 self.wrote(None)
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
+        await asyncio.sleep(0)  # a read takes a while: messages may arrive meanwhile
+        if self.bus.on_read is not None:
+            self.bus.on_read(key)
         return dict(self.bus.hashes.get(key, {})) if self.bus.alive(key) else {}
 
     async def hkeys(self, key: str) -> list[str]:
-        return list(await self.hgetall(key))
+        return list(self.bus.hashes.get(key, {})) if self.bus.alive(key) else []
 
     async def ttl(self, key: str) -> float:
         if not self.bus.alive(key):
@@ -190,4 +207,5 @@ class MemoryBackplane(Replication):
     ) -> None:
         self.bus = bus or MemoryBus(clock or time.monotonic)
         transport = MemoryTransport(self.bus, replica_id)
+        transport.alone = bus is None  # a bus of its own: nobody else can ever hear it
         super().__init__(replica_id, transport, clock=clock or self.bus.clock, **options)

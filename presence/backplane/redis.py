@@ -13,12 +13,19 @@ keeps a room's traffic inside the shard that owns it.
 - Health: every connection is PINGed every ``timeout / 2``; a reply due for longer than
   ``timeout`` means Redis stalled (frozen, swapping, blocked by a slow command): not
   ready, logged, and the connections are kept, so that it is back the moment Redis
-  answers. A stall longer than ``GIVE_UP_AFTER`` drops them and reconnects.
+  answers. A stall longer than ``GIVE_UP_AFTER`` drops them and reconnects. A round in
+  which the watcher itself woke late (this process paused) judges nothing: replies sat
+  unread in our socket, not in a stalled Redis.
 - A refused write (``maxmemory`` with ``noeviction``, a read-only replica) makes the
   replica not ready until a write succeeds again (the heartbeat writes its liveness key
   every beat); publishing goes on, and with it liveness.
 - Connection loss: reconnect with backoff, resubscribe, and tell replication
-  (``on_up``), which re-synchronises.
+  (``on_up``), which re-synchronises. Whatever a write raises (under uvloop, writing on a
+  connection Redis just closed raises RuntimeError a loop turn before ``connection_lost``)
+  counts as a lost connection; no background task dies of an error, and one that
+  somehow does is logged and leaves the replica not ready, never silently stuck.
+- While connected, writes wait in a queue for the writer's next turn; more than
+  ``MAX_QUEUED`` of them (the writer stuck) counts as a lost connection too.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from presence.backplane.base import Unavailable
 from presence.backplane.replication import Replication
 from presence.backplane.resp import Handler, RespConnection, pack
 from presence.backplane.transport import (
+    DelKey,
     HashDel,
     HashSet,
     Op,
@@ -48,6 +56,7 @@ from presence.backplane.transport import (
     Receiver,
     SetKey,
     Transport,
+    messages,
 )
 from presence.codecs import replica as codec
 from presence.core.distinct import Claim
@@ -59,6 +68,7 @@ MAX_BACKOFF = 5.0
 MAX_REPORT_INTERVAL = 600.0  # seconds between "still unavailable" logs of a long outage
 CONNECT_TIMEOUT = 5.0  # seconds to connect (and for redis-py's reads)
 GIVE_UP_AFTER = 20.0  # seconds without a reply before a stalled connection is dropped
+MAX_QUEUED = 100_000  # writes waiting for the writer before the connection is given up
 
 # Replace the fields of a hash that start with a prefix (ARGV[1]) with the given ones
 # (ARGV[3:]), and make the hash expire ARGV[2] ms later, atomically. With no fields it
@@ -161,18 +171,20 @@ class RedisTransport(Transport):
         self._writing = False
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._opening = asyncio.Lock()  # one connection opened at a time: no duplicates
+        self.crashed: str | None = None  # a background task died: never ready again
 
     # -- lifecycle ---------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self.state == "up" and self.write_error is None
+        return self.state == "up" and self.write_error is None and self.crashed is None
 
     def status(self) -> dict[str, Any]:
         return {
-            "state": self.state,
+            "state": "down" if self.crashed else self.state,
             "url": _safe(self.url),
-            "error": self.error or self.write_error,
+            "error": self.crashed or self.error or self.write_error,
             "writable": self.write_error is None,
             "since": round(time.monotonic() - self._since, 1),  # seconds in this state
         }
@@ -184,6 +196,22 @@ class RedisTransport(Transport):
             asyncio.create_task(self._write_forever(), name="redis-writer"),
             asyncio.create_task(self._watch_forever(), name="redis-health"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A background task ended: only stop() may cancel them; anything else is a bug
+        that must not leave a replica that publishes nothing saying it is ready."""
+        if task.cancelled():
+            return
+        exc = task.exception() or RuntimeError("it returned")
+        self.crashed = f"{task.get_name()} task crashed: {type(exc).__name__}: {exc}"
+        log.error(
+            f"redis {task.get_name()} task crashed: not ready until restarted",
+            exc_info=exc,
+            extra={"error": self.crashed},
+        )
+        self._connection_lost(exc)
 
     async def stop(self) -> None:
         # Let queued ops (the goodbyes of our members, then ours) go out first.
@@ -192,6 +220,7 @@ class RedisTransport(Transport):
                 break
             await asyncio.sleep(0.01)
         for task in self._tasks:
+            task.remove_done_callback(self._task_done)
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -217,7 +246,9 @@ class RedisTransport(Transport):
                     # A connection opened just now died before we were marked connected:
                     # waiting on the set event below would spin without yielding.
                     raise ConnectionError("a Redis connection was lost while connecting")
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
+                if not isinstance(exc, RedisError | OSError):
+                    log.exception("connecting to redis failed unexpectedly")
                 self.connect_failures += 1
                 self._down(exc)
                 await self._teardown()
@@ -227,8 +258,15 @@ class RedisTransport(Transport):
             backoff = 0.1
             self._connected, self._stalled = True, False
             self._up("reconnected")
-            if self.receiver is not None:
+            self._tell_up()
+
+    def _tell_up(self) -> None:
+        """Tell replication that messages may have been lost (it re-synchronises)."""
+        if self.receiver is not None:
+            try:
                 self.receiver.on_up()
+            except Exception:
+                log.exception("re-synchronising after a redis outage failed")
 
     async def _connect(self) -> None:
         await self._teardown()
@@ -306,11 +344,18 @@ class RedisTransport(Transport):
         pool = self._subscribers if subscriber else self._links
         conn = pool.get(node)
         if conn is None:
-            on_message = self._on_message if subscriber else None
-            conn = await RespConnection.open(
-                url, self._connection_lost, on_message, timeout=CONNECT_TIMEOUT
-            )
-            pool[node] = conn
+            async with self._opening:
+                conn = pool.get(node)  # opened while we waited
+                if conn is None:
+                    on_message = self._on_message if subscriber else None
+                    conn = await RespConnection.open(
+                        url, self._connection_lost, on_message, timeout=CONNECT_TIMEOUT
+                    )
+                    pool[node] = conn
+        if conn.closing:  # lost; under uvloop, connection_lost is a loop turn away
+            if pool.get(node) is conn:
+                del pool[node]
+            raise ConnectionError("the connection to Redis is closing")
         return conn
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
@@ -320,12 +365,23 @@ class RedisTransport(Transport):
     # -- health ------------------------------------------------------------------------
 
     async def _watch_forever(self) -> None:
+        interval = self.timeout / 2
+        due = time.monotonic() + interval
         while True:
-            await asyncio.sleep(self.timeout / 2)
-            if self._connected:
-                for conn in self._connections():
-                    conn.ping()
-                self._check()
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            now = time.monotonic()
+            late, due = now - due, now + interval
+            try:
+                if self._connected:
+                    for conn in self._connections():
+                        conn.ping()
+                    # Woken that late, this process was paused: the replies due may be
+                    # waiting, unread, in our sockets (uvloop runs timers before it
+                    # reads). Judge in the next round.
+                    if late <= interval:
+                        self._check()
+            except Exception:
+                log.exception("redis health check failed")
 
     def _check(self) -> None:
         """A reply overdue: Redis stalled. Kept waiting for (it answers the moment it
@@ -344,17 +400,33 @@ class RedisTransport(Transport):
             for conn in self._connections():
                 conn.on_reply = None
             self._up("answering again")
-            if self.receiver is not None:
-                self.receiver.on_up()  # it may have dropped messages meanwhile
+            self._tell_up()  # it may have dropped messages meanwhile
 
     # -- subscriptions and writes --------------------------------------------------------
 
     def _command(self, name: str) -> str:
         return "S" + name if self.sharded else name
 
-    def subscribe(self, channel: str) -> None:
+    async def subscribe(self, channel: str) -> None:
+        """Subscribe at once (not through the queue) and wait for Redis to confirm, so
+        that a members hash read next misses no message. An UNSUBSCRIBE of the channel
+        still queued is skipped by the writer (the channel is wanted again)."""
         self.channels.add(channel)
-        self._enqueue(("SUBSCRIBE", channel))
+        if not self._connected:
+            return  # _connect subscribes to every channel wanted
+        try:
+            conn = await self._connection(channel, subscriber=True)
+            if self._stalled:  # no confirmation is coming soon; reads will fail anyway
+                conn.send([(pack(self._command("SUBSCRIBE"), channel), None)])
+            else:
+                await conn.subscribe(self._command("SUBSCRIBE"), channel, self.timeout)
+        except TimeoutError:
+            pass  # Redis stalled: the health check tells, on_up re-synchronises
+        except Exception as exc:
+            # Lost: the reconnection subscribes to self.channels, on_up re-synchronises.
+            if not isinstance(exc, RedisError | OSError):
+                log.exception("subscribing failed")
+            self._connection_lost(exc)
 
     def unsubscribe(self, channel: str) -> None:
         self.channels.discard(channel)
@@ -362,10 +434,17 @@ class RedisTransport(Transport):
 
     def send(self, ops: Sequence[Op]) -> None:
         if not self._connected:
-            self.dropped += len(ops)
+            self.dropped += messages(ops)
             return  # lost like any pub/sub message; on_up re-syncs
         self._queue.extend(ops)
         self._wakeup.set()
+        if len(self._queue) > MAX_QUEUED:
+            # The writer is stuck (opening a connection to a node that does not answer,
+            # say): give the connection up, as a full socket buffer would; reconnecting
+            # re-synchronises.
+            self.dropped += messages(self._queue)
+            self._queue.clear()
+            self._connection_lost(ConnectionError(f"over {MAX_QUEUED} writes waiting"))
 
     def _enqueue(self, subscription: tuple[str, str]) -> None:
         if self._connected:  # otherwise _connect subscribes to self.channels
@@ -381,10 +460,16 @@ class RedisTransport(Transport):
             self._writing = True
             try:
                 await self._write(batch)
-            except (RedisError, OSError) as exc:
-                self.dropped += len(batch)
-                log.warning("redis write failed: %s", exc)
-                self._connection_lost(exc)  # what was lost is re-synced on reconnection
+            except Exception as exc:
+                # Whatever the error (RuntimeError from a transport uvloop closed a turn
+                # before telling us, a bug), the writer goes on: what was lost is
+                # re-synced on reconnection.
+                self.dropped += messages(batch)
+                if isinstance(exc, RedisError | OSError):
+                    log.warning("redis write failed: %s", exc)
+                else:
+                    log.exception("redis write failed")
+                self._connection_lost(exc)
             finally:
                 self._writing = False
 
@@ -409,6 +494,8 @@ class RedisTransport(Transport):
             return [(pack(self._command("PUBLISH"), op.channel, op.data), self._refused)]
         if isinstance(op, SetKey):
             return [(pack("SET", op.key, "1", "PX", op.ttl_ms), self._written)]
+        if isinstance(op, DelKey):
+            return [(pack("DEL", op.key), self._refused)]
         if isinstance(op, HashDel):
             return [(pack("HDEL", op.key, *op.fields), self._refused)]
         flat = [x for pair in op.fields.items() for x in pair]

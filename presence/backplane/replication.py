@@ -8,13 +8,15 @@ Names (``{room}`` is a hash tag: a room's keys and channel share one Redis Clust
 
 - ``presence:{room}``: the room's channel. Messages (:mod:`presence.codecs.replica`):
   events (``e``) and complete member sets (``f``), numbered per sender and room (``s``);
-  state requests (``q``, to everyone or to one replica, ``t``).
+  state requests (``q``, to everyone or to one replica, ``t``; with the number of the
+  sender's last message in the room).
 - ``presence:{room}:members``: hash ``origin/member_id`` -> latest state and the number
   of the message that wrote it; read by a replica that opens the room (its snapshot).
 - ``presence:replicas`` (``presence:{replicas}`` when sharded): heartbeats (``h``) and
   goodbyes (``b``).
-- ``presence:replica:ID``: exists while a replica heartbeats; tells a replica that never
-  heard another whether that one is alive, and when it last beat.
+- ``presence:replica:ID``: exists while a replica heartbeats (deleted after its
+  goodbye); tells a replica that never heard another whether that one is alive, and
+  when it last beat.
 
 Liveness follows Phoenix.Tracker. A replica not heard for ``down_after`` is *down*: its
 members leave our views. It is judged from heartbeats *received* (publishing works when
@@ -23,11 +25,21 @@ stalled subscription is not taken for everyone's death. Anything from a down rep
 brings it back up, and we ask it for its full state. A replica whose own timers ran
 late by more than ``down_after`` (stopped, starved) knows the others gave up on it and
 re-announces itself. After ``permdown_after`` of silence a replica is forgotten and its
-fields in our rooms' hashes are deleted.
+fields are deleted from the hashes of the rooms we have open (other rooms' hashes keep
+them until they expire, ``HASH_TTL_MS`` after their last write; readers skip the fields
+of replicas whose liveness key is gone). A replica that said goodbye deleted its own.
 
 Pub/sub is at-most-once: a gap in a sender's numbers (a subscriber buffer overflow, a
 lost message) makes us ask that sender for its full state in that room; an outage makes
-everyone re-announce (``on_reconnected``). State is re-synchronised, never replayed.
+everyone re-announce (``on_reconnected``). State is re-synchronised, never replayed. A
+replica numbers its messages in a room on from where it left off in all rooms: one that
+closes a room and opens it again jumps; its first message there, an untargeted request,
+carries its number, which is where the others count from.
+
+Full states are coalesced: asking for one (a request, or :meth:`publish_full_state`)
+marks it due, and it goes out once ``SYNC_DELAY`` later, with the members as they are
+then (the listener's ``on_sync_request`` publishes them): requests from N replicas
+after an outage are answered by one full state each, not N.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ from typing import Any
 
 from presence.backplane.base import Backplane, Listener, Unavailable
 from presence.backplane.transport import (
+    DelKey,
     HashDel,
     HashReplace,
     HashSet,
@@ -59,6 +72,12 @@ log = logging.getLogger("presence.replication")
 
 HASH_TTL_MS = 24 * 3600 * 1000  # backstop for hashes left by replicas that all died
 HASH_INTERVAL = 1.0  # seconds between writes of a moving member's state to the hash
+SYNC_DELAY = 0.05  # seconds requests for a full state are gathered before it is sent
+MAX_CLOSED = 100_000  # rooms closed lately, remembered to be emptied after an outage
+
+# Link.due: a full state is owed in the room because someone asked for it (sent if we
+# have members there), or because we must re-announce ourselves (sent even if empty).
+ASKED, OWED = 1, 2
 
 
 @dataclass(slots=True)
@@ -79,6 +98,7 @@ class Link:
     opening: list[tuple[str, dict[str, Any]]] | None = None  # arrived during the snapshot
     pending: dict[str, MemberInfo | None] = field(default_factory=dict)  # hash writes due
     hash_written: float = -float("inf")
+    due: int = 0  # a full state owed: 0, ASKED or OWED
 
 
 class Replication(Backplane):
@@ -113,7 +133,13 @@ class Replication(Backplane):
         self._me = replica_id.encode()
         self.peers: dict[str, Peer] = {}
         self.links: dict[str, Link] = {}
+        # Rooms closed while Redis was away (or shortly before), by when: their last
+        # leaves may have been lost, so they are emptied when it is back.
+        self._closed: dict[str, float] = {}
         self._sent = 0  # messages sent in all rooms: a reopened room's numbers go on
+        self._alone = transport.alone
+        self._answering: str | None = None  # the room whose full state goes out now
+        self._answer_handle: asyncio.TimerHandle | None = None
         self._heard_self = -float("inf")  # when our last heartbeat came back to us
         self._last_tick: float | None = None
         self._last_beat = -float("inf")
@@ -171,9 +197,9 @@ class Replication(Backplane):
     async def start(self, listener: Listener) -> None:
         await super().start(listener)
         self._last_tick = self.clock()
-        self.transport.subscribe(self.replicas_channel)
+        await self.transport.subscribe(self.replicas_channel)
         await self.transport.start(self)
-        if self._ticking:
+        if self._ticking and not self._alone:
             self._task = asyncio.create_task(self._tick_forever(), name="replication")
 
     async def stop(self) -> None:
@@ -181,8 +207,17 @@ class Replication(Backplane):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        # After the last events, on the same path: it cannot overtake them.
-        self._send([Publish(self.replicas_channel, self._envelope({"k": "b"}))])
+        if self._answer_handle is not None:
+            self._answer_handle.cancel()  # a goodbye follows: nobody needs our state
+        # After the last events, on the same path: it cannot overtake them. Our members'
+        # fields went with their leaves; the liveness key goes after the goodbye.
+        if not self._alone:
+            self._send(
+                [
+                    Publish(self.replicas_channel, self._envelope({"k": "b"})),
+                    DelKey(self.replica_key(self.replica_id)),
+                ]
+            )
         await self.transport.stop()
         await super().stop()
 
@@ -212,6 +247,11 @@ class Replication(Backplane):
         self._last_tick = now
         if now - self._last_beat >= self.heartbeat_interval:
             self._beat(now)
+        if self._closed and self.transport.ready:
+            for room, closed in list(self._closed.items()):  # oldest first
+                if now - closed <= self.replica_timeout:
+                    break
+                del self._closed[room]
         for origin, peer in list(self.peers.items()):
             silent = now - peer.last_seen
             if peer.down_since is None:
@@ -223,8 +263,11 @@ class Replication(Backplane):
             elif silent > self.permdown_after:
                 del self.peers[origin]
                 log.info("replica forgotten", extra={"replica": origin})
-                prefix = origin + "/"
-                self._send([HashReplace(self.members_key(r), prefix, {}, 0) for r in self.links])
+                if not peer.gone:  # a replica that said goodbye deleted its fields
+                    prefix = origin + "/"
+                    self._send(
+                        [HashReplace(self.members_key(r), prefix, {}, 0) for r in self.links]
+                    )
 
     def _down(self, origin: str, peer: Peer, now: float) -> None:
         peer.down_since = now
@@ -249,6 +292,8 @@ class Replication(Backplane):
 
     def on_up(self) -> None:
         """Connected, or back after an outage or a stall: messages were lost."""
+        if self._alone:
+            return
         now = self.clock()
         for link in self.links.values():
             link.heard.clear()  # numbers from before are no basis for finding gaps
@@ -256,8 +301,17 @@ class Replication(Backplane):
             if peer.down_since is None:
                 peer.last_seen = max(peer.last_seen, now)  # we could not hear them
         self._beat(now)
+        # Rooms we closed meanwhile: the leaves that emptied them may be lost; an empty
+        # full state removes our members there (and our fields of the hash).
+        closed, self._closed = self._closed, {}
+        for room in closed:
+            if room not in self.links and not self._alone:
+                self._full_state(room, None, [])
         if self.listener is not None:
-            self.listener.on_reconnected()
+            try:
+                self.listener.on_reconnected()  # its full states are coalesced
+            except Exception:
+                log.exception("re-synchronising failed")
 
     def on_message(self, channel: str, data: bytes) -> None:
         try:
@@ -291,7 +345,8 @@ class Replication(Backplane):
                 "replica back: asking for its state",
                 extra={"replica": origin, "down_for": round(now - down_since, 1)},
             )
-            for name in self.links:
+            for name, open_link in self.links.items():
+                open_link.heard.pop(origin, None)  # asked already: a gap need not ask again
                 self._ask(name, origin)
         room = self._room_of(channel)
         link = self.links.get(room) if room is not None else None
@@ -320,66 +375,131 @@ class Replication(Backplane):
         elif kind == "f":
             members = [codec.member_from_json(m) for m in message["m"]]
             self.listener.on_full_state(room, origin, members)
-        elif kind == "q" and message.get("t", self.replica_id) == self.replica_id:
-            self.listener.on_sync_request(room)
+        elif kind == "q":
+            target = message.get("t")
+            if target is None:
+                # To everyone: sent by a replica that opens the room (its numbering here
+                # jumps if it had it open before), or that lost messages. Count from it.
+                if message.get("r") == 1 and isinstance(seq, int):
+                    link.heard[origin] = seq
+                else:
+                    link.heard.pop(origin, None)
+            if target is None or target == self.replica_id:
+                self._owe(room, link, ASKED)
         # Other kinds: a newer replica's (rolling deploy); ignored.
 
     # -- rooms -------------------------------------------------------------------------
 
     async def open_room(self, room: str) -> list[Event]:
         link = self.links[room] = Link(seq=self._sent, opening=[])
-        self.transport.subscribe(self.channel(room))
+        self._closed.pop(room, None)
+        if self._alone:
+            link.opening = None
+            return []
+        snapshot: dict[str, tuple[int, MemberInfo]] = {}
         try:
+            # Subscribed before the read: a message published meanwhile is either in
+            # the snapshot or buffered, and the buffer is sorted out below.
+            await self.transport.subscribe(self.channel(room))
             snapshot = await self._read_members(room)
         except Unavailable:
-            snapshot = {}  # the answers to the request below fill the room
-        buffered, link.opening = link.opening or [], None
-        seqs = {m.id: s for s, m in snapshot.values()}
-        events: list[Event] = [Joined(m) for _, m in snapshot.values()]
-        for origin, message in buffered:
-            seq = message.get("s")
-            if message.get("k") != "e" or not isinstance(seq, int):
-                # After the room has its snapshot.
-                asyncio.get_running_loop().call_soon(self._deliver_later, room, origin, message)
-                continue
-            # Arrived while the snapshot was read: skip what it already has.
-            if message.get("r") == 1:
-                link.heard[origin] = max(link.heard.get(origin, seq), seq)
-            try:
-                received = codec.events_from_json(message["e"])
-            except Exception:
-                log.exception("bad backplane message ignored")
-                continue
-            for event in received:
-                member_id = event.member.id if isinstance(event, Joined) else event.id
-                if seqs.get(member_id, -1) < seq:
-                    events.append(event)
-        # The subscription and the read are not atomic: a message published in between
-        # reached neither. The other replicas' answers close that gap (only differences
-        # become events).
+            pass  # the answers to the request below fill the room
+        except Exception:
+            log.exception("reading a room's members failed", extra={"room": room})
+        finally:
+            buffered, link.opening = link.opening or [], None  # never left buffering
+        events = self._merge(room, link, snapshot, buffered)
+        # The hash lags behind the messages (a moving member's state is written at most
+        # every HASH_INTERVAL), and Redis may have been away: the other replicas' answers
+        # bring their current state (only differences become events). This request
+        # also tells them where our numbering in the room starts.
         self._ask(room)
+        if link.due:
+            self._schedule()  # requests that came while we were opening
         return events
 
-    def _deliver_later(self, room: str, origin: str, message: dict[str, Any]) -> None:
-        link = self.links.get(room)
-        if link is not None and self.listener is not None:
+    def _merge(
+        self,
+        room: str,
+        link: Link,
+        snapshot: dict[str, tuple[int, MemberInfo]],
+        buffered: list[tuple[str, dict[str, Any]]],
+    ) -> list[Event]:
+        """The snapshot as events, followed by what arrived while it was read, in order,
+        less what it already has. A field of the hash holds the number of its writer's
+        last message when it was written: a message not newer is in the snapshot."""
+        events: list[Event] = [Joined(m) for _, m in snapshot.values()]
+        seqs = {m.id: s for s, m in snapshot.values()}  # member -> its record's number
+        newest: dict[str, int] = {}  # replica -> the newest number of its fields
+        present = {m.id: m.origin for _, m in snapshot.values()}  # as the events stand
+        for s, m in snapshot.values():
+            newest[m.origin] = max(newest.get(m.origin, s), s)
+        for origin, message in buffered:
+            kind, seq = message.get("k"), message.get("s")
             try:
-                self._deliver(room, link, origin, message)
+                if kind == "q":
+                    self._deliver(room, link, origin, message)
+                    continue
+                if kind not in ("e", "f"):
+                    continue
+                if message.get("r") == 1 and isinstance(seq, int):
+                    link.heard[origin] = max(link.heard.get(origin, seq), seq)
+                if kind == "e":
+                    for event in codec.events_from_json(message["e"]):
+                        member_id = event.member.id if isinstance(event, Joined) else event.id
+                        if isinstance(seq, int) and seqs.get(member_id, -1) >= seq:
+                            continue  # the snapshot has this or newer
+                        events.append(event)
+                        if isinstance(event, Joined):
+                            present[member_id] = origin
+                        elif isinstance(event, Left):
+                            present.pop(member_id, None)
+                    continue
+                # A full state older than the snapshot's fields of its sender would
+                # bring back members who left since (their leaves are in the snapshot,
+                # or buffered before it): skipped. A newer one replaces them.
+                if isinstance(seq, int) and newest.get(origin, -1) >= seq:
+                    continue
+                members = [codec.member_from_json(m) for m in message["m"]]
+                ids = {m.id for m in members if m.origin == origin}
+                for member_id, o in list(present.items()):
+                    if o == origin and member_id not in ids:
+                        events.append(Left(member_id))
+                        del present[member_id]
+                for m in members:
+                    if m.origin == origin:
+                        events.append(Joined(m))
+                        present[m.id] = origin
             except Exception:
                 log.exception("bad backplane message ignored")
+        return events
 
     def close_room(self, room: str) -> None:
         self.links.pop(room, None)
-        self.transport.unsubscribe(self.channel(room))
+        if not self._alone:
+            self.transport.unsubscribe(self.channel(room))
+            self._closed.pop(room, None)  # kept in the order they were closed
+            self._closed[room] = self.clock()
+            while len(self._closed) > MAX_CLOSED:
+                del self._closed[next(iter(self._closed))]
 
     async def _read_members(self, room: str) -> dict[str, tuple[int, MemberInfo]]:
         """The room's members hash, less our own members and those of replicas down."""
         raw = await self.transport.hgetall(self.members_key(room))
         snapshot: dict[str, tuple[int, MemberInfo]] = {}
+        bad = 0
         for name, value in raw.items():
             if not name.startswith(self.replica_id + "/"):
-                entry = codec.loads(value)
-                snapshot[name] = (entry["s"], codec.member_from_json(entry["m"]))
+                try:
+                    entry = codec.loads(value)
+                    snapshot[name] = (int(entry["s"]), codec.member_from_json(entry["m"]))
+                except Exception:
+                    bad += 1
+        if bad:
+            log.warning(
+                "unreadable fields in a room's members hash skipped",
+                extra={"room": room, "fields": bad},
+            )
         alive = await self._alive({m.origin for _, m in snapshot.values()})
         return {f: (s, m) for f, (s, m) in snapshot.items() if m.origin in alive}
 
@@ -420,8 +540,13 @@ class Replication(Backplane):
 
     # -- publishing --------------------------------------------------------------------
 
-    def _link(self, room: str) -> Link:
-        return self.links.get(room) or Link(seq=self._sent)
+    def _link(self, room: str) -> Link | None:
+        link = self.links.get(room)
+        if link is None:
+            # The hub publishes only in rooms it has open: a bug. Numbered out of any
+            # link, the message would make the others count a gap (and ask us in vain).
+            log.error("publishing in a room not open: dropped", extra={"room": room})
+        return link
 
     def _next(self, link: Link) -> int:
         self._sent += 1
@@ -431,7 +556,11 @@ class Replication(Backplane):
     def publish(
         self, room: str, events: Sequence[Event], current: Sequence[MemberInfo], gone: Sequence[str]
     ) -> None:
+        if self._alone:
+            return  # nobody to tell, nobody to read the hash
         link = self._link(room)
+        if link is None:
+            return
         seq = self._next(link)
         events_json = codec.events_to_json(events)
         message = self._envelope({"k": "e", "s": seq, "r": 1, "e": events_json})
@@ -469,10 +598,28 @@ class Replication(Backplane):
         return ops
 
     def publish_full_state(self, room: str, members: Sequence[MemberInfo]) -> None:
+        """Coalesced: while answering (:meth:`send_full_states`), sent at once; otherwise
+        marked due, and sent within SYNC_DELAY with the members as they are then."""
+        if self._alone:
+            return
         link = self._link(room)
-        seq = self._next(link)
-        link.pending.clear()  # superseded
-        link.hash_written = self.clock()
+        if link is None:
+            return
+        if self._answering == room:
+            self._full_state(room, link, members)
+        else:
+            self._owe(room, link, OWED)
+
+    def _full_state(self, room: str, link: Link | None, members: Sequence[MemberInfo]) -> None:
+        """Send our complete set of members in ``room`` (``link``: None if not open)."""
+        if link is None:
+            self._sent += 1
+            seq = self._sent
+        else:
+            seq = self._next(link)
+            link.pending.clear()  # superseded
+            link.hash_written = self.clock()
+            link.due = 0
         fields = {
             f"{m.origin}/{m.id}": codec.dumps({"s": seq, "m": codec.member_to_json(m)})
             for m in members
@@ -485,18 +632,53 @@ class Replication(Backplane):
             ]
         )
 
+    def _owe(self, room: str, link: Link, why: int) -> None:
+        link.due = max(link.due, why)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._ticking and self._answer_handle is None and self.listener is not None:
+            loop = asyncio.get_running_loop()
+            self._answer_handle = loop.call_later(SYNC_DELAY, self.send_full_states)
+
+    def send_full_states(self) -> None:
+        """Send the full states due: one per room, however many asked (called
+        SYNC_DELAY after the first request; tests call it)."""
+        self._answer_handle = None
+        for room, link in list(self.links.items()):
+            if not link.due or link.opening is not None or self.listener is None:
+                continue  # a room still opening answers once open
+            owed, seq = link.due, link.seq
+            self._answering = room
+            try:
+                self.listener.on_sync_request(room)  # publish_full_state, if it has members
+            except Exception:
+                log.exception("sending a full state failed", extra={"room": room})
+            finally:
+                self._answering = None
+            if link.seq == seq and owed == OWED and self.links.get(room) is link:
+                self._full_state(room, link, [])  # re-announced: none of ours here
+            link.due = 0
+
     def request_sync(self, room: str) -> None:
-        self._ask(room)
+        if not self._alone:
+            self._ask(room)
 
     def _ask(self, room: str, target: str | None = None) -> None:
-        """Ask every replica (or only ``target``) for its full state in ``room``."""
-        message: dict[str, Any] = {"k": "q"} if target is None else {"k": "q", "t": target}
+        """Ask every replica (or only ``target``) for its full state in ``room``, saying
+        where our numbering there stands."""
+        link = self.links.get(room)
+        message: dict[str, Any] = {"k": "q"}
+        if link is not None:
+            message.update(s=link.seq, r=1)
+        if target is not None:
+            message["t"] = target
         self._send([Publish(self.channel(room), self._envelope(message))])
 
     def _envelope(self, message: dict[str, Any]) -> bytes:
         return codec.envelope(self.replica_id, message)
 
-    def _send(self, ops: list[Op]) -> None:
+    def _send(self, ops: Sequence[Op]) -> None:
         if ops:
             self.transport.send(ops)
 

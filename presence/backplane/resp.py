@@ -31,6 +31,7 @@ MAX_BUFFERED = 8 * 1024 * 1024
 _PUSHES = (b"message", b"smessage")
 _PONG = b"pong"  # the reply to PING on a subscribed connection
 _CONFIRMATIONS = (b"subscribe", b"ssubscribe", b"unsubscribe", b"sunsubscribe")
+_SUBSCRIBED = (b"subscribe", b"ssubscribe")
 
 
 def pack(*args: str | bytes | int) -> bytes:
@@ -64,6 +65,7 @@ class RespConnection(asyncio.Protocol):
         self._replies: deque[tuple[float, Handler]] = deque()  # (sent at, handler)
         self.transport: asyncio.Transport | None = None
         self.on_reply: Callable[[], None] | None = None  # after each reply, if set
+        self._confirming: dict[bytes, deque[asyncio.Future[None]]] = {}  # by channel
         self._closing = False
 
     @classmethod
@@ -111,15 +113,34 @@ class RespConnection(asyncio.Protocol):
             await self.call("SELECT", options["db"])
         await self.call("PING")  # a subscriber's PING gets a push; before SUBSCRIBE, a reply
 
+    @property
+    def closing(self) -> bool:
+        """Closed, or closing. uvloop closes a transport the moment the peer closes the
+        socket but calls ``connection_lost`` a loop turn later: in between, writing would
+        raise RuntimeError."""
+        return self.transport is None or self.transport.is_closing()
+
     def send(self, commands: list[tuple[bytes, Handler]]) -> None:
-        """Write packed commands; each reply goes to its handler as it comes."""
-        assert self.transport is not None
+        """Write packed commands; each reply goes to its handler as it comes. Raises
+        ConnectionError if the connection is closing (lost, not yet reported)."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionError("the connection to Redis is closing")
         if self._on_message is None:
             now = time.monotonic()
             self._replies.extend((now, handler) for _, handler in commands)
         self.transport.write(b"".join(command for command, _ in commands))
         if self.transport.get_write_buffer_size() > MAX_BUFFERED:
             self.transport.abort()
+
+    async def subscribe(self, command: str, channel: str, timeout: float) -> None:
+        """Subscribe, and return once Redis confirms: from then on every message published
+        on the channel comes. Raises ConnectionError, or TimeoutError (Redis stalled)."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionError("the connection to Redis is closing")
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirming.setdefault(channel.encode(), deque()).append(confirmed)
+        self.transport.write(pack(command, channel))
+        await asyncio.wait_for(confirmed, timeout)
 
     def ping(self) -> None:
         """A PING whose reply (a push, on a subscribed connection) counts as any other."""
@@ -162,10 +183,22 @@ class RespConnection(asyncio.Protocol):
                     self._on_message(reply[-2], reply[-1])
                     continue
                 if reply[0] in _CONFIRMATIONS:
+                    if reply[0] in _SUBSCRIBED and self._confirming:
+                        self._confirmed(reply[1])
                     continue
                 if reply[0] == _PONG:
                     reply = b"PONG"
             self._reply(reply)
+
+    def _confirmed(self, channel: bytes) -> None:
+        waiting = self._confirming.get(channel)
+        while waiting:
+            confirmed = waiting.popleft()
+            if not confirmed.done():  # else given up on (timed out)
+                confirmed.set_result(None)
+                break
+        if not waiting:
+            self._confirming.pop(channel, None)
 
     def _reply(self, reply: Any) -> None:
         handler = self._replies.popleft()[1] if self._replies else None
@@ -185,5 +218,10 @@ class RespConnection(asyncio.Protocol):
             if isinstance(waiting, asyncio.Future) and not waiting.done():
                 waiting.set_exception(ConnectionError(str(error)))
         self._replies.clear()
+        for confirming in self._confirming.values():
+            for confirmed in confirming:
+                if not confirmed.done():
+                    confirmed.set_exception(ConnectionError(str(error)))
+        self._confirming.clear()
         if not self._closing:
             self._on_lost(error)

@@ -4,7 +4,8 @@ and key operations. Two implementations: in memory (one process, tests) and Redi
 Everything a replica writes (publishes, hash and key writes) goes through :meth:`send`,
 in order, on one path: a goodbye never overtakes the events before it. Writes are not
 awaited; a transport reports what became of them through its state (:attr:`ready`,
-:meth:`status`). Reads are awaited and raise :class:`Unavailable`.
+:meth:`status`). Reads are awaited and raise :class:`Unavailable`. Subscribing is
+awaited too: a room's members are read once its messages are sure to come.
 """
 
 from __future__ import annotations
@@ -58,7 +59,17 @@ class SetKey:
     ttl_ms: int
 
 
-Op = Publish | HashSet | HashDel | HashReplace | SetKey
+@dataclass(frozen=True, slots=True)
+class DelKey:
+    key: str
+
+
+Op = Publish | HashSet | HashDel | HashReplace | SetKey | DelKey
+
+
+def messages(ops: Sequence[Op | tuple[str, str]]) -> int:
+    """How many of ``ops`` are messages (publishes): what ``dropped`` counts."""
+    return sum(1 for op in ops if isinstance(op, Publish))
 
 
 class Receiver(Protocol):
@@ -76,7 +87,7 @@ class Transport(ABC):
 
     def __init__(self) -> None:
         self.receiver: Receiver | None = None
-        self.dropped = 0  # ops not sent because the transport was down
+        self.dropped = 0  # messages (publishes) not sent because the transport was down
         self.connect_failures = 0
         self.reconnects = 0
         # Why the last write was refused (Redis out of memory, read-only, ...), until one
@@ -111,8 +122,15 @@ class Transport(ABC):
     def status(self) -> dict[str, Any] | None:
         return None
 
+    # No other replica can ever hear this one (a memory bus of its own): replication
+    # publishes nothing, writes nothing, and costs next to nothing.
+    alone = False
+
     @abstractmethod
-    def subscribe(self, channel: str) -> None: ...
+    async def subscribe(self, channel: str) -> None:
+        """Receive the channel's messages; returns once those published from now on are
+        sure to come (when connected: otherwise the connection subscribes, and the
+        receiver's ``on_up`` follows). Never raises."""
 
     @abstractmethod
     def unsubscribe(self, channel: str) -> None: ...
