@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import Client, Server
 from tests.test_websocket_server import Frames, masked, raw_connect
+from tests.yjs_client import YClient
 
 pytestmark = pytest.mark.e2e
 
@@ -176,6 +177,35 @@ async def test_pings_from_a_peer_that_never_reads_do_not_flood(
     print(f"\nping flood: {attack.sent / MiB:.0f} MiB sent; {figures}")
     assert_not_flooded(figures)
     sock.close()
+
+
+async def test_queries_from_a_peer_that_never_reads_do_not_flood(
+    server_factory: Callable[..., Server],
+) -> None:
+    """The dearest request per byte: a 7-byte query-awareness frame (y-websocket message
+    type 3) gets the room's whole snapshot back, a reply for this connection only that
+    the outbox never merges. Unprotected, the frames of one read (tens of thousands)
+    were all answered into memory while the client read nothing: hundreds of MiB."""
+    server = server_factory("--seed", "15", "--ping-interval", "2")
+    # Members with a few KB of state each: a snapshot of about 8 KiB.
+    members = [
+        await YClient.connect(f"{server.ws}/yjs/flood", {"n": i, "notes": "x" * 2000}, echo=False)
+        for i in range(4)
+    ]
+    sock = raw_connect(server, "/yjs/flood", rcvbuf=4096)  # reads nothing after the 101
+    query = masked(0x2, b"\x03")
+    attack = Attack(sock, b"", query * 40000)
+    figures = await measure(server, attack)
+    print(f"\nquery flood: {attack.sent / 1024:.0f} KiB sent; {figures}")
+    assert_not_flooded(figures)
+    # It never answers a ping: the keepalive drops it (its outbox is detached).
+    deadline = time.monotonic() + 15
+    while server.metrics()["presence_connections"] > len(members):
+        assert time.monotonic() < deadline, "the silent client was not dropped"
+        await asyncio.sleep(0.2)
+    sock.close()
+    for member in members:
+        await member.close()
 
 
 async def test_a_stream_of_empty_frames_gets_its_share_of_the_loop_not_all_of_it(
