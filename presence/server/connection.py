@@ -28,6 +28,7 @@ import sys
 from typing import Any, ClassVar, Protocol
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from presence.codecs import websocket as ws
@@ -368,7 +369,13 @@ class HttpProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol (``http=`` beside ``ws=Connection``), which hands a
     WebSocket upgrade over as it came: uvicorn's own hand-over writes the request's
     version as HTTP/1.1 whatever it was, and drops what followed the request in the
-    same read (a client's first frames)."""
+    same read (a client's first frames).
+
+    It relies on uvicorn's internals: ``handle_websocket_upgrade`` is called while
+    ``HttpToolsProtocol.data_received`` handles the parser's ``HttpParserUpgrade``
+    (tests/test_websocket_uvicorn.py checks it; pyproject.toml pins uvicorn to the tested
+    range). Only this httptools-based protocol is supported, not uvicorn's h11 one:
+    ``presence serve`` always runs with ``http=HttpProtocol``."""
 
     def data_received(self, data: bytes) -> None:
         self._received = data
@@ -381,9 +388,15 @@ class HttpProtocol(HttpToolsProtocol):
         # Called while uvicorn handles the parser's HttpParserUpgrade, whose argument is
         # where the request ends in the data being parsed.
         upgrade = sys.exc_info()[1]
-        rest = b""
-        if isinstance(upgrade, httptools.HttpParserUpgrade):
-            rest = self._received[upgrade.args[0] :]
+        if not isinstance(upgrade, httptools.HttpParserUpgrade):
+            # Going on would silently drop the frames that came with the request.
+            raise RuntimeError(
+                f"uvicorn {uvicorn.__version__} calls handle_websocket_upgrade() outside "
+                "the `except httptools.HttpParserUpgrade` of HttpToolsProtocol.data_received"
+                "(), where presence's HttpProtocol (presence/server/connection.py) learns "
+                "where the upgrade request ends: it needs updating for this uvicorn"
+            )
+        rest = self._received[upgrade.args[0] :]
         self.connections.discard(self)
         version = self.parser.get_http_version()
         request = [self.scope["method"].encode(), b" ", self.url, f" HTTP/{version}\r\n".encode()]
