@@ -3,11 +3,16 @@
 # presence's own WebSocket layer (scripts/autobahn_echo.py). Cases 1-7 and 10 (framing,
 # pings, reserved bits, opcodes, fragmentation, UTF-8, closing, limits); 9 (performance)
 # and 12-13 (compression, which presence does not negotiate) are left out.
-# Prints the count of each outcome and fails on any FAILED, WRONG CODE or UNCLEAN.
+# Prints the count of each outcome and fails on any FAILED, FAILED BY CLIENT, WRONG CODE
+# or UNCLEAN.
 #
 # autobahntestsuite is Python 2.7 code: it is installed once, with the pinned set below,
 # into .autobahn/py27 (ignored by git), with $PYTHON27, python2.7 from PATH or pyenv's 2.7.
-# The server runs with $PYTHON, else .venv/bin/python, else python3.
+# That first install builds wsaccel and ujson from source: it needs a C compiler (and
+# Python 2.7's headers) besides network access to PyPI.
+# The server runs with $PYTHON, else the first Python that has presence's dependencies
+# of: this repository's .venv, the .venv of its main checkout (when this is a git
+# worktree), the active virtualenv, python3.
 # Report: .autobahn/reports/index.html
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,19 +59,32 @@ if [ "$(cat "$dir/py27/.pins" 2>/dev/null)" != "$pins" ]; then
   mv "$dir/py27.tmp" "$dir/py27"
 fi
 
-if [ -n "${PYTHON:-}" ]; then
-  python=$PYTHON
-elif [ -x .venv/bin/python ]; then
-  python=.venv/bin/python
-else
-  python=python3
-fi
+server_python() {
+  if [ -n "${PYTHON:-}" ]; then
+    echo "$PYTHON"
+    return
+  fi
+  local candidate main
+  main=$(git rev-parse --path-format=absolute --git-common-dir 2>/dev/null || true)
+  for candidate in "$root/.venv/bin/python" "${main:+$(dirname "$main")/.venv/bin/python}" \
+    "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" "$(command -v python3 || true)"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ] &&
+      "$candidate" -c 'import uvicorn, httpx, presence' >/dev/null 2>&1; then
+      echo "$candidate"
+      return
+    fi
+  done
+  echo "scripts/autobahn.sh: no Python with presence's dependencies found (set PYTHON)" >&2
+  exit 1
+}
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+python=$(server_python)
 port=$("$python" -c 'from harness.processes import free_port; print(free_port())')
+rm -rf "$dir/reports" # no index.json of an earlier run is read as this one's
 mkdir -p "$dir/reports"
 "$python" scripts/autobahn_echo.py "$port" >"$dir/server.log" 2>&1 &
 server=$!
-trap 'kill "$server" 2>/dev/null || true' EXIT
+trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
 "$python" - "$port" <<'EOF'
 import sys, time, httpx
 deadline = time.monotonic() + 30
@@ -102,7 +120,7 @@ seconds=$(($(date +%s) - started))
 "$python" - "$dir/reports/index.json" "$seconds" <<'EOF'
 import collections, json, sys
 results = json.load(open(sys.argv[1]))["presence"]
-bad = {"FAILED", "WRONG CODE", "UNCLEAN"}
+bad = {"FAILED", "FAILED BY CLIENT", "WRONG CODE", "UNCLEAN"}
 counts = collections.Counter(r["behavior"] for r in results.values())
 failures = []
 for case, r in sorted(results.items(), key=lambda c: [int(p) for p in c[0].split(".")]):

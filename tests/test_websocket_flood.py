@@ -1,8 +1,9 @@
-"""No single connection can flood a replica: a client that sends endless zero-length
-continuation frames, pings while never reading, or a stream of tiny valid frames neither
-starves the other members of its room nor grows the server's memory. Each attack runs
-against a real server while a member of the same room sends an update every 50 ms and an
-observer measures when they arrive (``-s`` prints the figures)."""
+"""No single connection can flood a replica: a client that sends messages of the most
+fragments allowed, pings or queries while never reading, or a stream of tiny valid frames
+neither starves the other members of its room nor grows the server's memory. Each attack
+runs against a real server while a member of the same room sends an update every 50 ms
+and an observer measures when they arrive (``-s`` prints the figures). A message of
+endless fragments is no flood: it is closed at once."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
+from presence.codecs.websocket import MAX_FRAGMENTS
 from tests.conftest import Client, Server
 from tests.test_websocket_server import Frames, masked, raw_connect
+from tests.yjs_client import YClient
 
 pytestmark = pytest.mark.e2e
 
@@ -151,17 +154,55 @@ def close_code(sock: socket.socket) -> int | None:
     return None
 
 
-async def test_endless_empty_continuation_frames_do_not_flood(
+async def test_endless_empty_continuation_frames_are_closed_at_once_with_1009(
     server_factory: Callable[..., Server],
 ) -> None:
+    """A message of endless empty fragments is cut off at MAX_FRAGMENTS frames (6 KiB):
+    there is no flood left to measure, only how soon it ends. The next test floods with
+    the most fragments a message may have."""
     server = server_factory("--seed", "11")
     sock = raw_connect(server, "/rooms/flood")
     empty_continuation = masked(0x0, b"", fin=False)
     attack = Attack(sock, masked(0x1, b"{", fin=False), empty_continuation * 10000)
+    started = time.monotonic()
+    attack.start()
+    code = await asyncio.to_thread(close_code, sock)
+    elapsed = time.monotonic() - started
+    attack.stop.set()
+    await asyncio.to_thread(attack.join, 5)
+    print(f"\nendless fragments: closed with {code} after {elapsed * 1000:.0f} ms")
+    assert code == 1009  # too many fragments
+    assert elapsed < 2
+    sock.close()
+
+
+async def test_messages_of_the_most_fragments_allowed_do_not_flood(
+    server_factory: Callable[..., Server],
+) -> None:
+    # Valid heartbeats (no reply) of MAX_FRAGMENTS frames each, all but two empty: the
+    # most frames per byte a client may send without being closed, at full speed.
+    server = server_factory("--seed", "16")
+    sock = raw_connect(server, "/rooms/flood")
+    message = (
+        masked(0x1, b"{", fin=False)
+        + masked(0x0, b"", fin=False) * (MAX_FRAGMENTS - 2)
+        + masked(0x0, b'"type": "heartbeat"}')
+    )
+    attack = Attack(sock, b"", message * 50)
+    before = server.metrics()["presence_messages_in_total"]
     figures = await measure(server, attack)
-    print(f"\nfragment flood: {attack.sent / MiB:.0f} MiB sent; {figures}")
+    handled = server.metrics()["presence_messages_in_total"] - before - figures.sent
+    print(
+        f"\nmost fragments: {attack.sent / MiB:.0f} MiB sent, {handled:.0f} messages of "
+        f"{MAX_FRAGMENTS} frames handled; {figures}"
+    )
     assert_not_flooded(figures)
-    assert close_code(sock) == 1009  # too many fragments
+    assert handled >= 100  # it was served too, not cut off
+    # Still open: it answers a ping (after the room's updates, which it did not read).
+    sock.sendall(masked(0x9, b"still there?"))
+    frames = Frames(sock)
+    while (frame := frames.next()) != (0xA, b"still there?"):
+        assert frame is not None and frame[0] != 0x8, f"closed: {frame}"
     sock.close()
 
 
@@ -176,6 +217,35 @@ async def test_pings_from_a_peer_that_never_reads_do_not_flood(
     print(f"\nping flood: {attack.sent / MiB:.0f} MiB sent; {figures}")
     assert_not_flooded(figures)
     sock.close()
+
+
+async def test_queries_from_a_peer_that_never_reads_do_not_flood(
+    server_factory: Callable[..., Server],
+) -> None:
+    """The dearest request per byte: a 7-byte query-awareness frame (y-websocket message
+    type 3) gets the room's whole snapshot back, a reply for this connection only that
+    the outbox never merges. Unprotected, the frames of one read (tens of thousands)
+    were all answered into memory while the client read nothing: hundreds of MiB."""
+    server = server_factory("--seed", "15", "--ping-interval", "2")
+    # Members with a few KB of state each: a snapshot of about 8 KiB.
+    members = [
+        await YClient.connect(f"{server.ws}/yjs/flood", {"n": i, "notes": "x" * 2000}, echo=False)
+        for i in range(4)
+    ]
+    sock = raw_connect(server, "/yjs/flood", rcvbuf=4096)  # reads nothing after the 101
+    query = masked(0x2, b"\x03")
+    attack = Attack(sock, b"", query * 40000)
+    figures = await measure(server, attack)
+    print(f"\nquery flood: {attack.sent / 1024:.0f} KiB sent; {figures}")
+    assert_not_flooded(figures)
+    # It never answers a ping: the keepalive drops it (its outbox is detached).
+    deadline = time.monotonic() + 15
+    while server.metrics()["presence_connections"] > len(members):
+        assert time.monotonic() < deadline, "the silent client was not dropped"
+        await asyncio.sleep(0.2)
+    sock.close()
+    for member in members:
+        await member.close()
 
 
 async def test_a_stream_of_empty_frames_gets_its_share_of_the_loop_not_all_of_it(

@@ -11,11 +11,13 @@ room's frame are built once per tick for all its sockets, and keepalive is one t
 per connection. HTTP (views, metrics, static files) stays with Starlette.
 
 No connection can flood the others. It reads its socket only while that is harmless:
-not while its member joins, not while the client leaves what we write unread (every
-ping it sends would be answered into our memory), and not while frames it sent earlier
-wait for their turn: a connection handles at most ``FRAMES_PER_TURN`` frames per turn
-of the event loop (uvloop reads up to 8 MiB from one socket in a turn: 1.4 million
-empty frames, seconds of work while every other socket waits).
+not while its member joins, not while the client leaves what we write unread, and not
+while frames it sent earlier wait for their turn: a connection handles at most
+``FRAMES_PER_TURN`` frames per turn of the event loop (uvloop reads up to 8 MiB from one
+socket in a turn: 1.4 million empty frames, seconds of work while every other socket
+waits). Nor does it handle frames already read while the client leaves what we write
+unread: each could be answered into our memory (a 7-byte y-websocket query gets the
+room's whole snapshot back); they wait until it reads again.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Iterator
 from typing import Any, ClassVar, Protocol
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from presence.codecs import websocket as ws
@@ -88,7 +90,8 @@ class Connection(asyncio.Protocol):
         self._heard = True  # a pong arrived since the last ping
         self._opening: asyncio.Task[None] | None = None
         self._turn: asyncio.Handle | None = None  # frames read wait for it
-        self._unanswered: bytes | None = None  # the last ping, while writes are blocked
+        self._reading: bool | None = None  # what the transport was last told; None: unknown
+        self._ended = False  # the transport was closed: no more frames are handled
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -123,21 +126,20 @@ class Connection(asyncio.Protocol):
         self._read_or_not()
 
     def resume_writing(self) -> None:
-        assert self.transport is not None
         self.writable = True
-        if self._unanswered is not None and self.state == "open":
-            self.transport.write(ws.frame(ws.PONG, self._unanswered))
-        self._unanswered = None
-        self._read_or_not()
         if self.outbox is not None:
             self.outbox.resume()
+        if self.state == "open" and self._turn is None and self.writable:
+            # The frames that waited for writes; in a turn of their own, as this may be
+            # called from within a write of ours.
+            self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
+        self._read_or_not()
 
     def shutdown(self) -> None:
         """uvicorn stops: tell the client, which may reconnect to another replica."""
         self.close(1012, "server shutting down")
         # No waiting for the client's reply: the server is going away.
-        if self.transport is not None:
-            self.transport.close()
+        self._end()
 
     # -- the outbox's sink ----------------------------------------------------------------
 
@@ -165,6 +167,9 @@ class Connection(asyncio.Protocol):
         if self.outbox is not None:
             self.outbox.close()
         self.transport.write(ws.close_frame(code, reason))
+        if self._turn is None:
+            # Its close frame may be read already, behind frames that waited for writes.
+            self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
         self._read_or_not()  # to hear the client's close frame
         self._set_timer(CLOSE_TIMEOUT, self._drop)
 
@@ -191,6 +196,7 @@ class Connection(asyncio.Protocol):
         self.reader.feed(frames)
         self._read_or_not()
         self._opening = asyncio.get_running_loop().create_task(self._open())
+        self._opening.add_done_callback(self._cancelled)
 
     def _route(self, path: str) -> Any:
         parts = path.split("/")
@@ -205,66 +211,71 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("could not open a connection")
             self.close(1011, "internal error")
-        self._opening = None
-        if self.state == "closed":
-            self._detach()  # it went away while joining
+        finally:  # cancelled too (then _cancelled follows)
+            self._opening = None
+            if self.state == "closed":
+                self._detach()  # it went away while joining
         if self.state != "opening":
             return
         self.state = "open"
         self._set_timer(self.hub.settings.ping_interval, self._keepalive)
         self._process()
 
+    def _cancelled(self, opening: asyncio.Task[None]) -> None:
+        if opening.cancelled():
+            # The event loop stops with the server, maybe before _open() even started: no
+            # connection_lost may follow, so the endpoint is told now.
+            self._opening = None
+            self.close(1012, "server shutting down")
+            self._end()
+            self._detach()
+
     def _read_or_not(self) -> None:
         """Read the socket while the member is in (or leaving), the client reads what we
         write, and no frames read before still wait for their turn."""
-        assert self.transport is not None
-        if self._turn is None and (
+        reading = self._turn is None and (
             self.state == "closing" or (self.state == "open" and self.writable)
-        ):
-            self.transport.resume_reading()
-        else:
-            self.transport.pause_reading()
+        )
+        if reading is not self._reading:  # the transport is told of changes only
+            assert self.transport is not None
+            self._reading = reading
+            if reading:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     def _process(self) -> None:
-        """Handle a turn's worth of the frames read; the next turn takes the rest."""
-        assert self.transport is not None
-        if self.transport.is_closing():
+        """Handle a turn's worth of the frames read; the next turn takes the rest. Called
+        with the connection open or closing."""
+        if self._ended:
             return  # a close frame or a violation ended the stream: the rest is not read
-        self._handle(self.reader.messages(FRAMES_PER_TURN))
-        if self.reader.more and self._turn is None and not self.transport.is_closing():
-            self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
-        self._read_or_not()
-
-    def _next_turn(self) -> None:
-        self._turn = None
-        if self.state in ("open", "closing"):
-            self._process()
-
-    def _handle(self, messages: Iterator[tuple[int, str | bytes]]) -> None:
+        if not self.writable and self.state == "open":
+            # The client does not read what we write: what it sent waits (resume_writing).
+            self._read_or_not()
+            return
         assert self.endpoint is not None and self.transport is not None
         metrics = self.hub.metrics
         try:
-            for opcode, payload in messages:
+            for opcode, payload in self.reader.messages(FRAMES_PER_TURN):
                 if opcode == ws.CLOSE:
                     self._closed_by_client(payload)  # type: ignore[arg-type]
-                    return
+                    break
                 if opcode == ws.PING:
                     if self.state == "open":
-                        self._pong(payload)  # type: ignore[arg-type]
-                    continue
-                if opcode == ws.PONG:
+                        self.transport.write(ws.frame(ws.PONG, payload))  # type: ignore[arg-type]
+                elif opcode == ws.PONG:
                     self._heard = True  # it reads what we send: not half-open
-                    continue
-                if self.state != "open":
-                    continue
-                metrics.messages_in += 1
-                text = self.endpoint.text
-                if text is not None and (opcode == ws.TEXT) != text:
-                    self._wrong_kind()
-                    return
-                self.endpoint.receive(payload)
-                if self.state != "open":
-                    return
+                elif self.state == "open":  # closing: data frames are skipped
+                    metrics.messages_in += 1
+                    text = self.endpoint.text
+                    if text is not None and (opcode == ws.TEXT) != text:
+                        self._wrong_kind()
+                    else:
+                        self.endpoint.receive(payload)
+                # The endpoint may have closed the connection: the loop goes on, to the
+                # client's close frame if it sent one already.
+                if not self.writable and self.state == "open":
+                    break  # the client does not read what we write: the rest waits
         except ws.ProtocolError as exc:
             metrics.error("websocket")
             self.close(exc.code, exc.reason)
@@ -272,15 +283,18 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("message handling failed")
             self.close(1011, "internal error")
+        if self.reader.more and self._turn is None and not self._ended:
+            self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
+        if not (self._reading and self._turn is None and self.writable and self.state == "open"):
+            self._read_or_not()  # (the common case, reading on, costs no call)
 
-    def _pong(self, payload: bytes) -> None:
-        assert self.transport is not None
-        if self.writable:
-            self.transport.write(ws.frame(ws.PONG, payload))
-        else:
-            # The client does not read what we send (and we stop reading it): only its
-            # last ping gets an answer, once it does (RFC 6455 5.5.3 allows it).
-            self._unanswered = payload
+    def _next_turn(self) -> None:
+        self._turn = None
+        if self.state in ("open", "closing"):
+            assert self.transport is not None
+            if self.transport.is_closing():  # it failed (connection_lost is on its way)
+                self._ended = True
+            self._process()
 
     def _wrong_kind(self) -> None:
         assert self.endpoint is not None
@@ -304,13 +318,13 @@ class Connection(asyncio.Protocol):
         self.state = "closing"
         if self.outbox is not None:
             self.outbox.close()
-        self.transport.close()
+        self._end()
         self._set_timer(CLOSE_TIMEOUT, self._drop)  # close() waits for the buffer to drain
 
     def _drop_now_if_closing(self) -> None:
         # After a protocol violation the rest of the stream is garbage: do not wait.
-        if self.transport is not None and self.state == "closing":
-            self.transport.close()
+        if self.state == "closing":
+            self._end()
 
     def _keepalive(self) -> None:
         if self.state != "open":
@@ -321,7 +335,7 @@ class Connection(asyncio.Protocol):
             # will not answer a closing handshake either. Its members leave now; the
             # close frame goes out if the socket takes it (abort() would discard it).
             self.close(1011, "keepalive ping timeout")
-            self.transport.close()
+            self._end()
             self._detach()
             return
         self._heard = False
@@ -339,7 +353,14 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_later(delay, callback)
 
+    def _end(self) -> None:
+        """Close the transport once what was written is sent; nothing more is read."""
+        self._ended = True
+        if self.transport is not None:
+            self.transport.close()
+
     def _drop(self) -> None:
+        self._ended = True
         if self.transport is not None:
             self.transport.abort() if self.state == "closing" else self.transport.close()
 
@@ -348,7 +369,13 @@ class HttpProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol (``http=`` beside ``ws=Connection``), which hands a
     WebSocket upgrade over as it came: uvicorn's own hand-over writes the request's
     version as HTTP/1.1 whatever it was, and drops what followed the request in the
-    same read (a client's first frames)."""
+    same read (a client's first frames).
+
+    It relies on uvicorn's internals: ``handle_websocket_upgrade`` is called while
+    ``HttpToolsProtocol.data_received`` handles the parser's ``HttpParserUpgrade``
+    (tests/test_websocket_uvicorn.py checks it; pyproject.toml pins uvicorn to the tested
+    range). Only this httptools-based protocol is supported, not uvicorn's h11 one:
+    ``presence serve`` always runs with ``http=HttpProtocol``."""
 
     def data_received(self, data: bytes) -> None:
         self._received = data
@@ -361,9 +388,15 @@ class HttpProtocol(HttpToolsProtocol):
         # Called while uvicorn handles the parser's HttpParserUpgrade, whose argument is
         # where the request ends in the data being parsed.
         upgrade = sys.exc_info()[1]
-        rest = b""
-        if isinstance(upgrade, httptools.HttpParserUpgrade):
-            rest = self._received[upgrade.args[0] :]
+        if not isinstance(upgrade, httptools.HttpParserUpgrade):
+            # Going on would silently drop the frames that came with the request.
+            raise RuntimeError(
+                f"uvicorn {uvicorn.__version__} calls handle_websocket_upgrade() outside "
+                "the `except httptools.HttpParserUpgrade` of HttpToolsProtocol.data_received"
+                "(), where presence's HttpProtocol (presence/server/connection.py) learns "
+                "where the upgrade request ends: it needs updating for this uvicorn"
+            )
+        rest = self._received[upgrade.args[0] :]
         self.connections.discard(self)
         version = self.parser.get_http_version()
         request = [self.scope["method"].encode(), b" ", self.url, f" HTTP/{version}\r\n".encode()]
