@@ -111,11 +111,7 @@ class Node:
         for name, room in self.rooms.items():
             local, _remote = room.take()
             if local:
-                events = local.events()
-                touched = {e.member.id if isinstance(e, Joined) else e.id for e in events}
-                current = [room.member(i) for i in touched if i in room]
-                gone = [i for i in touched if i not in room]
-                self.backplane.publish(name, events, current, gone)
+                self.backplane.publish(name, *room.outgoing(local))
 
     def sees(self, room: str = "doc") -> set[str]:
         return {m.id for m in self.rooms[room].snapshot()} if room in self.rooms else set()

@@ -318,6 +318,14 @@ class Room:
         self._local, self._remote = Batch(), Batch()
         return local, remote
 
+    def outgoing(self, local: Batch) -> tuple[list[Event], list[MemberInfo], list[str]]:
+        """What the other replicas are sent of ``local`` (from :meth:`take`): its events,
+        the latest state of each member they touched, and the ids that left."""
+        events = local.events()
+        touched = {e.member.id if isinstance(e, Joined) else e.id for e in events}
+        current = [self._members[i].info for i in touched if i in self._members]
+        return events, current, [i for i in touched if i not in self._members]
+
     @property
     def has_pending(self) -> bool:
         return bool(self._local) or bool(self._remote)

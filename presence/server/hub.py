@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar, cast
 from presence.backplane.base import Backplane
 from presence.backplane.memory import MemoryBackplane
 from presence.config import Settings
-from presence.core.events import Event, Joined, MemberInfo, State
+from presence.core.events import Event, MemberInfo, State
 from presence.core.identity import Identity, IdentityFactory
 from presence.core.room import Room, RoomError, Timing
 from presence.server.metrics import Metrics
@@ -351,11 +351,7 @@ class Hub:
                 continue
             local, remote = room.take()
             if local:
-                events = local.events()
-                touched = {e.member.id if isinstance(e, Joined) else e.id for e in events}
-                current = [room.member(i) for i in touched if i in room]
-                gone = [i for i in touched if i not in room]
-                self.backplane.publish(name, events, current, gone)
+                self.backplane.publish(name, *room.outgoing(local))
                 self.metrics.updates_coalesced += local.coalesced
             batch = local
             if remote:
