@@ -446,8 +446,8 @@ async def test_a_replica_back_with_a_gap_in_the_same_message_is_asked_once() -> 
     assert published(c, "f") == [("B", published(c, "f")[0][1])]  # one full state, B's
 
 
-async def test_one_full_state_per_replica_and_room_after_a_bus_wide_reconnect() -> None:
-    names = "ABCDEF"
+async def everyone_in_two_rooms(names: str) -> Cluster:
+    """Replicas ``names``, each with a member in rooms "doc" and "sheet" ("adoc", …)."""
     c = Cluster(*names)
     await c.start()
     for room in ("doc", "sheet"):
@@ -455,6 +455,12 @@ async def test_one_full_state_per_replica_and_room_after_a_bus_wide_reconnect() 
             await c[n].join(room, n.lower() + room)
             c.settle()
     c.run(1.0)
+    return c
+
+
+async def test_one_full_state_per_replica_and_room_after_a_bus_wide_reconnect() -> None:
+    names = "ABCDEF"
+    c = await everyone_in_two_rooms(names)
     c.sent.clear()
     for n in names:  # Redis restarted, or thawed: every replica's on_up
         c[n].backplane.on_up()
@@ -468,13 +474,7 @@ async def test_one_full_state_per_replica_and_room_after_a_bus_wide_reconnect() 
 
 async def test_a_replica_back_from_a_stall_gets_and_sends_one_full_state_per_room() -> None:
     names = "ABCDE"
-    c = Cluster(*names)
-    await c.start()
-    for room in ("doc", "sheet"):
-        for n in names:
-            await c[n].join(room, n.lower() + room)
-            c.settle()
-    c.run(1.0)
+    c = await everyone_in_two_rooms(names)
     c.stop("B")  # SIGSTOP past the timeout
     c.until(lambda: all("bdoc" not in c[n].sees() for n in "ACDE"), TIMEOUT)
     c.run(5)
