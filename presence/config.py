@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from presence.core.identity import NAME_STYLES
+from presence.core.identity import NAME_STYLES, TOKEN_MAX_AGE
 
 ENV_PREFIX = "PRESENCE_"
 
@@ -151,6 +151,13 @@ class Settings:
         "Secret that signs identity tokens. All replicas must share it; if unset, a random "
         "one is made at start-up and tokens do not survive a restart.",
         "SECRET",
+    )
+    token_max_age: float = _opt(
+        TOKEN_MAX_AGE,
+        positive_float,
+        "Seconds an identity token is accepted after it was issued (30 days); an older "
+        "one is refused like an invalid one and its client gets a new identity.",
+        "SECONDS",
     )
     admin_token: str = _opt(
         "",

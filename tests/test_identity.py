@@ -1,4 +1,8 @@
+import base64
+import hashlib
+import hmac
 import itertools
+import string
 
 import pytest
 
@@ -160,3 +164,82 @@ def test_token_with_a_changed_name_is_rejected() -> None:
     )
     with pytest.raises(InvalidToken):
         f.verify(f"{forged}.{mac}")
+
+
+# -- issue 13: strict tokens that expire ----------------------------------------------
+
+DAY = 24 * 3600.0
+STANDARD = str.maketrans("-_", "+/")
+
+
+class WallClock:
+    """An injected wall clock (tokens outlive processes: their time is the epoch's)."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sign(secret: bytes, payload: bytes) -> str:
+    """A token as a server holding ``secret`` would sign ``payload``."""
+    mac = hmac.new(secret, payload, hashlib.sha256).digest()
+    return ".".join(base64.urlsafe_b64encode(p).rstrip(b"=").decode() for p in (payload, mac))
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        lambda p, m: f"{p[:5]}!{p[5:]}.{m}",  # outside the alphabet: was skipped by decoding
+        lambda p, m: f"{p}.{m[:7]}\n{m[7:]}",
+        lambda p, m: f"{p[:5]} {p[5:]}.{m}",
+        lambda p, m: f"{p}.{m}=",  # padding: tokens are unpadded
+        lambda p, m: f"{p}==.{m}",
+        lambda p, m: f"{p}.{m}".translate(STANDARD),  # the other base64 alphabet
+    ],
+)
+def test_a_character_outside_the_tokens_encoding_is_invalid(junk) -> None:  # type: ignore[no-untyped-def]
+    f = factory()
+    # Seeds until the token has a '-' or '_' for the standard-alphabet case to change it.
+    token = next(t for t in (f.token(f.create()) for _ in range(100)) if set(t) & set("-_"))
+    with pytest.raises(InvalidToken, match="malformed"):
+        f.verify(junk(*token.split(".")))
+
+
+def test_a_token_with_unused_bits_set_is_invalid() -> None:
+    # Another spelling of the same bytes (the last character's unused low bits set).
+    f = factory()
+    payload, mac = f.token(f.create()).split(".")
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    assert len(mac) % 4 == 3  # 32 bytes: the last character carries 2 unused bits
+    other = alphabet[alphabet.index(mac[-1]) ^ 1]
+    assert base64.urlsafe_b64decode(mac[:-1] + other + "=") == base64.urlsafe_b64decode(mac + "=")
+    with pytest.raises(InvalidToken, match="malformed"):
+        f.verify(f"{payload}.{mac[:-1]}{other}")
+
+
+def test_tokens_expire_after_the_maximum_age() -> None:
+    clock = WallClock()
+    f = factory(max_age=30 * DAY, clock=clock)
+    identity = f.create()
+    token = f.token(identity)
+    clock.now += 30 * DAY
+    assert f.verify(token) == identity
+    clock.now += 1
+    with pytest.raises(InvalidToken, match="expired"):
+        f.verify(token)
+    # A fresh token for the same identity starts a new maximum age.
+    assert f.verify(f.token(identity)) == identity
+
+
+def test_a_token_without_an_issue_time_is_refused_like_an_expired_one() -> None:
+    # Tokens issued before tokens carried their issue time (version 1).
+    payload = b'{"v":1,"u":"0123456789abcdef","n":"Anonymous Io","c":"#0072B2"}'
+    with pytest.raises(InvalidToken, match="expired"):
+        factory().verify(sign(b"s3cret", payload))
+
+
+def test_the_maximum_age_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        factory(max_age=0)

@@ -65,6 +65,28 @@ async def test_room_members_and_room_list(server_factory: ServerFactory) -> None
         assert rooms == {"rooms": [{"room": "alpha", "members": 1}, {"room": "beta", "members": 2}]}
 
 
+async def test_room_list_accepts_only_a_bearer_credential(server_factory: ServerFactory) -> None:
+    # Issue 13: the bare token (no scheme) was accepted.
+    server = server_factory(*FAST, *ADMIN)
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        for header, status in [
+            ("let-me-in", 401),
+            ("Basic let-me-in", 401),
+            ("Bearer", 401),
+            ("Bearer let-me-in extra", 401),
+            ("Bearer  let-me-in", 401),
+            ("Bearerlet-me-in", 401),
+            ("Bearer let-me-inx", 401),
+            ("Bearer let-me-in", 200),
+            ("bearer let-me-in", 200),  # the scheme is case-insensitive (RFC 7235)
+            ("BEARER let-me-in", 200),
+        ]:
+            got = await http.get("/rooms", headers={"Authorization": header})
+            assert got.status_code == status, header
+            if status == 401:
+                assert got.headers["WWW-Authenticate"] == "Bearer"
+
+
 async def test_room_list_is_off_without_an_admin_token(server: Server) -> None:
     response = httpx.get(server.http + "/rooms")
     assert response.status_code == 403 and "--admin-token" in response.json()["message"]

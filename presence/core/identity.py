@@ -12,8 +12,10 @@ import base64
 import hashlib
 import hmac
 import random
+import re
 import string
-from collections.abc import Collection, Iterable, Iterator
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -169,6 +171,11 @@ ANIMALS = (
 # room keeps their colour, which their Yjs peers see as the client set it.
 DECLARED_PREFIX = "yjs:"
 
+# Tokens are good for this long unless the deployment says otherwise (--token-max-age).
+TOKEN_MAX_AGE = 30 * 24 * 3600.0
+# Each part of a token: unpadded URL-safe base64, nothing else.
+_B64 = re.compile(r"[A-Za-z0-9_-]{1,4096}")
+
 
 class InvalidToken(ValueError):
     """An identity token that was forged, altered, truncated or signed by another secret."""
@@ -260,10 +267,17 @@ class IdentityFactory:
         style: NameStyle = "jupyter",
         locale: str = "en_US",
         seed: int | None = None,
+        max_age: float = TOKEN_MAX_AGE,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not secret:
             raise ValueError("the identity secret must not be empty")
+        if not max_age > 0:
+            raise ValueError("the token max age must be positive")
         self._secret = secret
+        self._max_age = max_age
+        # The wall clock: a token outlives the process, and replicas check each other's.
+        self._clock = clock
         self._style = style
         self._faker = Faker(locale)
         self._random = random.Random(seed)
@@ -308,7 +322,13 @@ class IdentityFactory:
 
     def token(self, identity: Identity) -> str:
         payload = orjson.dumps(
-            {"v": 1, "u": identity.username, "n": identity.name, "c": identity.color}
+            {
+                "v": 2,
+                "u": identity.username,
+                "n": identity.name,
+                "c": identity.color,
+                "t": int(self._clock()),  # issued at, seconds since the epoch
+            }
         )
         return f"{_b64(payload)}.{_b64(self._mac(payload))}"
 
@@ -326,10 +346,15 @@ class IdentityFactory:
             )
         try:
             data = orjson.loads(payload)
-            if data.get("v") != 1:
+            if data.get("v") == 1:
+                # Issued before tokens carried their issue time: too old to tell its age.
+                raise InvalidToken("identity token expired (it has no issue time)")
+            if data.get("v") != 2:
                 raise InvalidToken(f"unsupported identity token version {data.get('v')!r}")
-            username, name, color = data["u"], data["n"], data["c"]
+            username, name, color, issued = data["u"], data["n"], data["c"], data["t"]
             if not all(isinstance(x, str) for x in (username, name, color)):
+                raise TypeError
+            if isinstance(issued, bool) or not isinstance(issued, int):
                 raise TypeError
             parse_hex(color)
         except InvalidToken:
@@ -337,6 +362,8 @@ class IdentityFactory:
         except (ValueError, TypeError, KeyError, AttributeError):
             # Signed by us but unreadable: only a bug on our side can produce this.
             raise InvalidToken("identity token payload is invalid") from None
+        if self._clock() - issued > self._max_age:
+            raise InvalidToken(f"identity token expired (older than {self._max_age:.0f} s)")
         return Identity(username, name, initials_of(name), color)
 
 
@@ -345,6 +372,11 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    if not text or len(text) > 4096:
-        raise ValueError("bad length")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    # Strict: the decoder alone skips characters outside the alphabet and accepts '+',
+    # '/', padding and set unused bits, so junk inside a token would still verify.
+    if not _B64.fullmatch(text):
+        raise ValueError("not unpadded URL-safe base64")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:
+        raise ValueError("not the canonical encoding")
+    return data

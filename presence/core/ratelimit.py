@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# Refilling to exactly one token in floats can fall a hair short of 1: without this
+# slack a caller that waited wait_time() would find no token.
+EPSILON = 1e-9
+
 
 class TokenBucket:
     """Allows ``rate`` events per second on average, with bursts of up to ``burst``."""
@@ -22,7 +26,7 @@ class TokenBucket:
     def allow(self, now: float) -> bool:
         """Take a token if there is one."""
         self._refill(now)
-        if self._tokens >= 1:
+        if self._tokens >= 1 - EPSILON:
             self._tokens -= 1
             return True
         return False

@@ -62,6 +62,7 @@ def make_hub(settings: Settings) -> Hub:
         style=settings.name_style,  # type: ignore[arg-type]
         locale=settings.locale,
         seed=settings.seed,
+        max_age=settings.token_max_age,
     )
     hub = Hub(settings, identities=identities, backplane=make_backplane(settings))
     replication_metrics(hub)

@@ -39,10 +39,15 @@ class RateLimitedUpdates:
 
     def _release(self) -> None:
         self.timer = None
-        patch, self.pending = self.pending, None
-        if patch is None:
+        if self.pending is None:
             return
-        self.bucket.allow(self.hub.clock())
+        now = self.hub.clock()
+        if not self.bucket.allow(now):
+            # Early (the hub's clock is not the loop's): the patch waits for its token.
+            delay = self.bucket.wait_time(now)
+            self.timer = asyncio.get_running_loop().call_later(delay, self._release)
+            return
+        patch, self.pending = self.pending, None
         # The member may have left meanwhile, or the merged state be too large: drop it.
         with contextlib.suppress(RoomError):
             self._apply(patch)

@@ -56,13 +56,22 @@ def _bad_room() -> Response:
     return _error(400, "invalid_room", f"room names are {ROOM_NAME_RULE}")
 
 
+def bearer(header: str) -> str | None:
+    """The credential of ``Authorization: Bearer <credential>``, else None: the scheme
+    is case-insensitive (RFC 7235), and a bare token or another scheme is no credential."""
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() != "bearer" or not credential or " " in credential:
+        return None
+    return credential
+
+
 async def list_rooms(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     expected = hub.settings.admin_token
     if not expected:
         return _error(403, "disabled", "set --admin-token (PRESENCE_ADMIN_TOKEN) to list rooms")
-    given = request.headers.get("authorization", "").removeprefix("Bearer ")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    given = bearer(request.headers.get("authorization", ""))
+    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
         return _error(
             401,
             "unauthorized",
