@@ -7,6 +7,7 @@ in /metrics, while the rooms already open keep relaying. ``-s`` prints the figur
 from __future__ import annotations
 
 import asyncio
+import resource
 import select
 import socket
 import statistics
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
+from harness import processes
 from presence.codecs.websocket import MAX_REQUEST_BYTES
 from tests.conftest import Client, Server
 from tests.test_websocket_flood import assert_not_flooded, measure, rss
@@ -331,3 +333,41 @@ async def test_over_the_total_limit_everyone_is_refused_and_the_rooms_go_on(
     assert metrics[refused("total")] >= 6
     assert metrics["presence_connections_limit"] == limit
     assert p99(latencies) < 0.5
+
+
+async def test_near_the_fd_limit_new_connections_are_refused_and_rooms_go_on(
+    server_factory: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: one client holding the fd limit (1,024) had everyone else refused until it
+    let go (here, at 128, a new client's upgrade was reset). With `ulimit -n 128` and the
+    default --max-connections (128 less 64), a client opening more than the process
+    can hold gets 503s, new clients too, and the room already open keeps relaying."""
+    fds = 128
+    start_as_child = processes.die_with_parent
+
+    def limited() -> None:
+        start_as_child()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fds, fds))
+
+    monkeypatch.setattr(processes, "die_with_parent", limited)
+    server = server_factory("--seed", "27", "--handshake-timeout", "60")
+    assert server.metrics()["presence_connections_limit"] == fds - 64
+    sender, observer = await room(server)
+    started = time.monotonic()
+    held = [connect(server, OTHER_IP) for _ in range(2 * fds)]  # more than it can hold
+    statuses = [ask(connect(server, source), upgrade()) for source in (OTHER_IP, "127.0.0.1")]
+    refusing = time.monotonic() - started
+    assert all(s.startswith(b"HTTP/1.1 503 ") for s in statuses), statuses
+    latencies = await relaying(sender, observer)
+    for sock in held:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while not ask(connect(server), upgrade()).startswith(b"HTTP/1.1 101 "):
+        assert time.monotonic() < deadline, "not admitted again once the others let go"
+        await asyncio.sleep(0.1)
+    print(
+        f"\nfd limit {fds}: {2 * fds} opened, refused in {refusing:.2f} s; observer p50 "
+        f"{statistics.median(latencies) * 1000:.0f} ms, p99 {p99(latencies) * 1000:.0f} ms"
+    )
+    assert p99(latencies) < 0.5
+    assert "Too many open files" not in server.output()

@@ -391,6 +391,10 @@ class Limits:
 
     def __init__(self, settings: Settings, metrics: Any) -> None:
         self.max_total = settings.max_connections or default_max_connections()
+        # Refused connections wait for their request (REFUSED_LINGER) while this many
+        # descriptors are spare: half of what the fd limit leaves over max_total.
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.lingering = max(0, min(soft, 1 << 20) - self.max_total) // 2
         self.max_per_ip = settings.max_connections_per_ip
         self.handshake_timeout = settings.handshake_timeout
         # uvicorn's own parser of --forwarded-allow-ips: the same clients as in the views.
@@ -597,8 +601,13 @@ class HttpProtocol(HttpToolsProtocol):
         self._limits.metrics.refused(reason)
         extra = b"Retry-After: 5\r\n" if status == 503 else b""
         self.transport.write(_response(status, message, extra))
-        if self._reading_head and self._head_bytes == 0:
-            # Nothing read yet: wait a moment for the request (data_received closes).
+        if (
+            self._reading_head
+            and self._head_bytes == 0
+            and self._limits.open <= self._limits.max_total + self._limits.lingering
+        ):
+            # Nothing read yet: wait a moment for the request (data_received closes),
+            # unless refusals hold too many descriptors already (a burst: closed at once).
             self._deadline = self.loop.call_later(REFUSED_LINGER, self.transport.close)
         else:
             self.transport.close()
