@@ -83,6 +83,10 @@ def serve(settings: Settings) -> None:
         # docstring); it reads its limits and ping interval from the settings.
         ws=Connection,
         http=HttpProtocol,  # hands the upgrade over as it came (its docstring)
+        # The views see the client that --forwarded-allow-ips proxies name, as the
+        # connection limits do (HttpProtocol).
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -58,6 +58,10 @@ def optional_int(text: str) -> int | None:
         raise ValueError(f"expected a whole number, got {text!r}") from None
 
 
+def optional_positive_int(text: str) -> int | None:
+    return None if text == "" else positive_int(text)
+
+
 def boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -240,6 +244,37 @@ class Settings:
         positive_float,
         "Seconds between WebSocket pings (finds half-open connections).",
         "SECONDS",
+    )
+    handshake_timeout: float = _opt(
+        5.0,
+        positive_float,
+        "Seconds a connection may take to send a whole HTTP request (for a WebSocket, its "
+        "upgrade request) from when it opens; slower ones are closed (slowloris).",
+        "SECONDS",
+    )
+    max_connections: int | None = _opt(
+        None,
+        optional_positive_int,
+        "Open TCP connections (HTTP and WebSocket) per replica; more are refused with 503. "
+        "Unset: the process's soft limit of open files, less a tenth of it (at least 64) "
+        "kept for Redis, logs and the refusals themselves.",
+        "N",
+    )
+    max_connections_per_ip: int = _opt(
+        256,
+        positive_int,
+        "Open TCP connections per client IP per replica; more are refused with 503. The "
+        "client IP is the peer's, or the X-Forwarded-For client when the peer is one of "
+        "--forwarded-allow-ips.",
+        "N",
+    )
+    forwarded_allow_ips: str = _opt(
+        "127.0.0.1,::1",
+        str,
+        "Proxies (comma-separated IPs or networks, or *) whose X-Forwarded-For header "
+        "names the client (for the per-IP limit and the HTTP views). Set it to the "
+        "load balancer's address when there is one.",
+        "IPS",
     )
     log_level: str = _opt(
         "info", choice("debug", "info", "warning", "error"), "Log level.", "LEVEL"

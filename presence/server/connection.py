@@ -23,15 +23,19 @@ room's whole snapshot back); they wait until it reads again.
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
+import resource
 import sys
 from typing import Any, ClassVar, Protocol
 
 import httptools
 import uvicorn
+from uvicorn.middleware.proxy_headers import _TrustedHosts
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from presence.codecs import websocket as ws
+from presence.config import Settings
 from presence.server.hub import Hub
 from presence.server.json_ws import JsonEndpoint
 from presence.server.outbox import Outbox
@@ -43,6 +47,10 @@ log = logging.getLogger("presence.ws")
 CLOSE_TIMEOUT = 10.0
 # A connection's share of an event loop turn; the rest of what it sent waits for the next.
 FRAMES_PER_TURN = 128
+# How long a refused connection may stay open for its request to arrive (the refusal is
+# written at once; closing with the request unread would reset the connection, and the
+# client might never read why).
+REFUSED_LINGER = 0.5
 
 
 class Endpoint(Protocol):
@@ -92,6 +100,7 @@ class Connection(asyncio.Protocol):
         self._turn: asyncio.Handle | None = None  # frames read wait for it
         self._reading: bool | None = None  # what the transport was last told; None: unknown
         self._ended = False  # the transport was closed: no more frames are handled
+        self.slot: Slot | None = None  # its place in the connection limits (HttpProtocol)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -113,6 +122,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = "closed"
         self.connections.discard(self)
+        if self.slot is not None:
+            self.slot.release()
         for handle in (self._timer, self._turn):
             if handle is not None:
                 handle.cancel()
@@ -365,11 +376,125 @@ class Connection(asyncio.Protocol):
             self.transport.abort() if self.state == "closing" else self.transport.close()
 
 
+def default_max_connections() -> int:
+    """The process's soft limit of open files, less a tenth of it (at least 64): what is
+    kept is for Redis, logs, and connections being refused."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, soft - max(64, soft // 10))
+
+
+class Limits:
+    """The open TCP connections of this process (HTTP and WebSocket), in all and per
+    client IP, against ``--max-connections`` and ``--max-connections-per-ip``."""
+
+    def __init__(self, settings: Settings, metrics: Any) -> None:
+        self.max_total = settings.max_connections or default_max_connections()
+        # Refused connections wait for their request (REFUSED_LINGER) while this many
+        # descriptors are spare: half of what the fd limit leaves over max_total.
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.lingering = max(0, min(soft, 1 << 20) - self.max_total) // 2
+        self.max_per_ip = settings.max_connections_per_ip
+        self.handshake_timeout = settings.handshake_timeout
+        # uvicorn's own parser of --forwarded-allow-ips: the same clients as in the views.
+        self.proxies = _TrustedHosts(settings.forwarded_allow_ips)
+        self.metrics = metrics
+        self.open = 0
+        self.per_ip: dict[str, int] = {}
+        metrics.gauges["connections_open"] = (
+            "Open TCP connections, HTTP and WebSocket (against --max-connections).",
+            lambda: self.open,
+        )
+        metrics.gauges["connections_limit"] = (
+            "--max-connections: connections beyond it are refused with 503.",
+            lambda: self.max_total,
+        )
+
+    @classmethod
+    def of(cls, app_state: dict[str, Any]) -> Limits:
+        """The limits of the process that ``app_state`` (uvicorn's, one for all
+        connections) belongs to."""
+        limits: Limits | None = app_state.get("connection_limits")
+        if limits is None:
+            hub = app_state["hub"]
+            settings = hub.settings if isinstance(hub.settings, Settings) else Settings()
+            limits = app_state["connection_limits"] = cls(settings, hub.metrics)
+        return limits
+
+
+class Slot:
+    """One open connection's place in the :class:`Limits`, from ``connection_made`` to
+    ``connection_lost`` (an upgraded connection's :class:`Connection` releases it)."""
+
+    __slots__ = ("ip", "limits")
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits: Limits | None = limits
+        self.ip: str | None = None
+        limits.open += 1
+
+    @property
+    def over_total(self) -> bool:
+        return self.limits is not None and self.limits.open > self.limits.max_total
+
+    def claim(self, ip: str) -> bool:
+        """Count the connection as ``ip``'s; False if that puts ``ip`` over its limit."""
+        limits = self.limits
+        if limits is None:
+            return True
+        if ip != self.ip:
+            self._forget_ip()
+            self.ip = ip
+            limits.per_ip[ip] = limits.per_ip.get(ip, 0) + 1
+        return limits.per_ip[ip] <= limits.max_per_ip
+
+    def release(self) -> None:
+        if self.limits is not None:
+            self._forget_ip()
+            self.limits.open -= 1
+            self.limits = None
+
+    def _forget_ip(self) -> None:
+        if self.limits is not None and self.ip is not None:
+            left = self.limits.per_ip[self.ip] - 1
+            if left:
+                self.limits.per_ip[self.ip] = left
+            else:
+                del self.limits.per_ip[self.ip]
+            self.ip = None
+
+
+def _response(status: int, message: str, extra: bytes = b"") -> bytes:
+    body = (message + "\n").encode()
+    return (
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()
+        + b"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+        + extra
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol (``http=`` beside ``ws=Connection``), which hands a
     WebSocket upgrade over as it came: uvicorn's own hand-over writes the request's
     version as HTTP/1.1 whatever it was, and drops what followed the request in the
     same read (a client's first frames).
+
+    It also guards the way in, which uvicorn leaves open (its keep-alive timeout runs
+    only between requests, and its parser takes headers of any size):
+
+    - a request's headers are counted as they arrive: past ``ws.MAX_REQUEST_BYTES``
+      the answer is 431, without reading on;
+    - a connection that has not sent a whole request within ``--handshake-timeout``
+      of opening (or of its next request's first byte) is closed: an upgrade is
+      complete once its request is;
+    - ``--max-connections`` and ``--max-connections-per-ip`` (:class:`Limits`): one
+      more is answered 503 with Retry-After, WebSocket upgrades too (browsers report a
+      failed connection, close code 1006, and reconnect with their backoff). The
+      client's IP is known when it connects, unless the peer is a proxy of
+      ``--forwarded-allow-ips``: then it is counted when its request's headers name it.
 
     It relies on uvicorn's internals: ``handle_websocket_upgrade`` is called while
     ``HttpToolsProtocol.data_received`` handles the parser's ``HttpParserUpgrade``
@@ -377,12 +502,126 @@ class HttpProtocol(HttpToolsProtocol):
     range). Only this httptools-based protocol is supported, not uvicorn's h11 one:
     ``presence serve`` always runs with ``http=HttpProtocol``."""
 
+    _received = b""
+    _refused = False
+    _upgraded = False
+    _reading_head = True  # the headers of a request are due
+    _head_bytes = 0  # ... and this many bytes of them have arrived
+    _deadline: asyncio.TimerHandle | None = None
+    _slot: Slot | None = None
+    _behind_proxy = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        limits = Limits.of(self.app_state)
+        self._limits = limits
+        self._slot = Slot(limits)
+        peer = self.client[0] if self.client else None
+        self._behind_proxy = peer in limits.proxies
+        if self._slot.over_total:
+            self._refuse(503, "total", "too many connections to this server; retry later")
+        elif peer is not None and not self._behind_proxy and not self._slot.claim(peer):
+            self._refuse(503, "per_ip", "too many connections from your address; retry later")
+        else:
+            self._deadline = self.loop.call_later(limits.handshake_timeout, self._too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        if self._slot is not None:
+            self._slot.release()
+        super().connection_lost(exc)
+
+    def eof_received(self) -> None:
+        if self._refused:
+            self.transport.close()
+
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            self.transport.close()  # its request is read: the reply is all it gets
+            return
+        if self._reading_head:
+            self._head_bytes += len(data)
         self._received = data
         try:
             super().data_received(data)
         finally:
             self._received = b""
+        if (
+            self._reading_head
+            and self._head_bytes > ws.MAX_REQUEST_BYTES
+            and not (self._refused or self._upgraded or self.transport.is_closing())
+        ):
+            # Before any more is read: httptools keeps a header line of any length.
+            self._refuse(431, "header_too_large", "request headers too large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None and not self._refused:
+            # The next request on a kept-alive connection; the first one's deadline runs
+            # from connection_made, not from its first byte.
+            self._deadline = self.loop.call_later(self._limits.handshake_timeout, self._too_slow)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._head_bytes = 0
+        slot = self._slot
+        if self._behind_proxy and slot is not None and not slot.claim(self._client_ip()):
+            self._refuse(503, "per_ip", "too many connections from your address; retry later")
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._cancel_deadline()
+        self._reading_head = True
+        self._head_bytes = 0
+        if not self._refused:
+            super().on_message_complete()
+
+    def _client_ip(self) -> str:
+        """The client behind the proxy that connected, as uvicorn's ProxyHeadersMiddleware
+        finds it for the views."""
+        assert self.client is not None
+        forwarded = b", ".join(v for name, v in self.headers if name == b"x-forwarded-for")
+        if forwarded:
+            host, _port = self._limits.proxies.get_trusted_client_address(
+                forwarded.decode("latin-1")
+            )
+            if host:
+                return str(host)
+        return str(self.client[0])
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        """Answer ``status`` and close; cheap, and the socket is not kept."""
+        self._refused = True
+        self._cancel_deadline()
+        self._limits.metrics.refused(reason)
+        extra = b"Retry-After: 5\r\n" if status == 503 else b""
+        self.transport.write(_response(status, message, extra))
+        if (
+            self._reading_head
+            and self._head_bytes == 0
+            and self._limits.open <= self._limits.max_total + self._limits.lingering
+        ):
+            # Nothing read yet: wait a moment for the request (data_received closes),
+            # unless refusals hold too many descriptors already (a burst: closed at once).
+            self._deadline = self.loop.call_later(REFUSED_LINGER, self.transport.close)
+        else:
+            self.transport.close()
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not (self._upgraded or self.transport.is_closing()):
+            self._limits.metrics.refused("handshake_timeout")
+            self.transport.close()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def handle_websocket_upgrade(self) -> None:
         # Called while uvicorn handles the parser's HttpParserUpgrade, whose argument is
@@ -396,7 +635,11 @@ class HttpProtocol(HttpToolsProtocol):
                 "(), where presence's HttpProtocol (presence/server/connection.py) learns "
                 "where the upgrade request ends: it needs updating for this uvicorn"
             )
+        if self._refused:
+            return  # answered 503 already
         rest = self._received[upgrade.args[0] :]
+        self._upgraded = True
+        self._cancel_deadline()
         self.connections.discard(self)
         version = self.parser.get_http_version()
         request = [self.scope["method"].encode(), b" ", self.url, f" HTTP/{version}\r\n".encode()]
@@ -406,6 +649,8 @@ class HttpProtocol(HttpToolsProtocol):
         protocol = self.ws_protocol_class(  # type: ignore[call-arg, misc]
             config=self.config, server_state=self.server_state, app_state=self.app_state
         )
+        # The connection's place in the limits: the WebSocket releases it when it closes.
+        protocol.slot, self._slot = self._slot, None  # type: ignore[union-attr]
         protocol.connection_made(self.transport)
         protocol.data_received(b"".join(request) + rest)
         self.transport.set_protocol(protocol)

@@ -13,12 +13,17 @@ class Metrics:
     updates_coalesced: int = 0
     slow_client_disconnects: int = 0
     protocol_errors: dict[str, int] = field(default_factory=dict)
+    # Connections refused or closed before their request was complete, by reason.
+    connections_refused: dict[str, int] = field(default_factory=dict)
     # Values read at scrape time from their owners, so they can never drift.
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
     counters: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
 
     def error(self, code: str) -> None:
         self.protocol_errors[code] = self.protocol_errors.get(code, 0) + 1
+
+    def refused(self, reason: str) -> None:
+        self.connections_refused[reason] = self.connections_refused.get(reason, 0) + 1
 
     def render(self) -> str:
         lines: list[str] = []
@@ -58,5 +63,13 @@ class Metrics:
             "counter",
             "Invalid client messages, by error code.",
             [(f'{{code="{code}"}}', n) for code, n in sorted(self.protocol_errors.items())],
+        )
+        metric(
+            "connections_refused_total",
+            "counter",
+            "Connections refused (503: over the 'total' or 'per_ip' limit; 431: "
+            "'header_too_large') or closed before their request was complete "
+            "('handshake_timeout').",
+            [(f'{{reason="{r}"}}', n) for r, n in sorted(self.connections_refused.items())],
         )
         return "\n".join(lines) + "\n"
