@@ -191,6 +191,14 @@ class Settings:
         "identities (by default a client's own 'user' is kept).",
         "BOOL",
     )
+    yjs_id_grace: float = _opt(
+        30.0,
+        positive_float,
+        "Seconds a Yjs client ID stays reserved after it left (its socket closed, its "
+        "state went null or expired): only the same socket, or one with the same "
+        "identity token, may take it back meanwhile.",
+        "SECONDS",
+    )
     idle_after: float = _opt(
         3.0,
         positive_float,

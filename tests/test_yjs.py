@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import httpx
 import orjson
 import pytest
 from pycrdt import create_awareness_message, write_var_uint
@@ -21,9 +22,20 @@ ServerFactory = Callable[..., Server]
 
 
 async def yjoin(
-    server: Server, state: dict[str, object] | None = None, room: str = "doc", **kw: object
+    server: Server,
+    state: dict[str, object] | None = None,
+    room: str = "doc",
+    token: str | None = None,
+    **kw: object,
 ) -> YClient:
-    return await YClient.connect(f"{server.ws}/yjs/{room}", state, **kw)  # type: ignore[arg-type]
+    url = f"{server.ws}/yjs/{room}" + (f"?token={token}" if token else "")
+    return await YClient.connect(url, state, **kw)  # type: ignore[arg-type]
+
+
+def new_token(server: Server) -> str:
+    """A fresh identity token, as an app gets one from ``GET /identity``."""
+    token: str = httpx.get(f"{server.http}/identity").json()["token"]
+    return token
 
 
 def has(client: YClient, other: int, **fields: object) -> Callable[[], bool]:
@@ -232,13 +244,15 @@ async def test_echoes_are_dropped_not_relayed(server_factory: ServerFactory) -> 
 
 
 async def test_a_reconnecting_client_is_visible_at_once(server: Server) -> None:
-    a = await yjoin(server, {"n": 1})
+    # Its app passes an identity token (the provider's params): the same URL reconnects.
+    token = new_token(server)
+    a = await yjoin(server, {"n": 1}, token=token)
     b = await yjoin(server, {"n": 2})
     await b.until(has(b, a.id))
     a.abort()
     await b.until(lambda: a.id not in b.states)
     # Same client ID and the same clock as before the drop, as a stock client resends.
-    again = await yjoin(server, None, client_id=a.id)
+    again = await yjoin(server, None, token=token, client_id=a.id)
     again.awareness._meta[a.id] = dict(a.awareness._meta[a.id])
     again.awareness._states[a.id] = {"n": 1}
     await again.send_update([a.id])

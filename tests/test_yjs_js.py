@@ -167,8 +167,12 @@ class Room:
     ids: dict[str, int] = field(default_factory=dict)
     live: set[str] = field(default_factory=set)  # providers to destroy at the end
 
-    def connect(self, peer: str, state: dict[str, Any] | None = None) -> int:
+    def connect(
+        self, peer: str, state: dict[str, Any] | None = None, *, token: str | None = None
+    ) -> int:
         args: dict[str, Any] = {} if state is None else {"state": state}
+        if token is not None:
+            args["params"] = {"token": token}  # the provider's params: its URL's query
         url = f"{self.server.ws}/yjs"
         reply = self.node(
             "connect", peer=self._p(peer), version=self.version, url=url, room=self.name, **args
@@ -272,7 +276,9 @@ def test_an_abrupt_leave_is_seen_at_once(room: Room) -> None:
 
 
 def test_a_client_that_reconnects_is_seen_again_at_once(room: Room) -> None:
-    a = room.connect("a", OWNERS)
+    # Its app passes an identity token: the client ID is reserved for it after a drop.
+    token = httpx.get(f"{room.server.http}/identity").json()["token"]
+    a = room.connect("a", OWNERS, token=token)
     b = room.connect("b", {"n": 2})
     room.wait({"a": {b: {"n": 2}}, "b": {a: OWNERS}})
     room.log("a"), room.log("b")

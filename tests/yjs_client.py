@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,9 @@ from pycrdt import (
 class YClient:
     def __init__(self, ws: websockets.ClientConnection, client_id: int | None, echo: bool) -> None:
         self.ws = ws
-        doc = Doc(client_id=client_id) if client_id is not None else Doc()
+        # A 32-bit client ID, as Yjs makes them (pycrdt's own default has 53 bits, which
+        # presence refuses from Yjs sockets).
+        doc = Doc(client_id=client_id if client_id is not None else random.randrange(1, 1 << 32))
         self.awareness = Awareness(doc)
         self.echo = echo
         self.received: list[bytes] = []

@@ -28,10 +28,10 @@ SYNC = int(YMessageType.SYNC)
 AWARENESS = int(YMessageType.AWARENESS)
 AUTH = 2
 QUERY_AWARENESS = 3
-# JSON members get client IDs above the 32-bit range of JavaScript Yjs clients, derived
-# from their member id, so that every replica gives a member the same ID. Yjs clients of
-# yrs (pycrdt) draw from 53 bits: a collision with a live JSON member is a 2^-53 chance,
-# and no connection may take a JSON member's ID (presence.server.yjs_ws).
+# JSON members get client IDs above the 32-bit range of Yjs clients, derived from their
+# member id, so that every replica gives a member the same ID. Yjs sockets may only use
+# 32-bit client IDs (presence.server.yjs_ws): yrs clients (pycrdt) draw from 53 bits by
+# default, and must be given 32-bit ones (``Doc(client_id=...)``), as Yjs makes them.
 JSON_CLIENT_BASE = 1 << 32
 MAX_CLIENT_ID = (1 << 53) - 1  # what a JavaScript number holds exactly
 SERVER_FIELDS = ("presence",)  # set by the server in relayed states; stripped from input

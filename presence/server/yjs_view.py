@@ -3,8 +3,8 @@
 
 It holds what only Yjs needs: the clocks announced for each client ID, the clocks each
 connection was told (to recognise the copies stock clients send back), the renewals
-that keep peers from timing states out, and that a Yjs client ID expires alone (its
-socket stays open).
+that keep peers from timing states out, that a Yjs client ID expires alone (its
+socket stays open), and which departed client IDs are still reserved (:class:`Holds`).
 
 Clocks: the server re-announces states (idle marks, renewals, a reconnecting client), so
 the clocks peers see are the server's, not the clients': each announcement gets
@@ -15,7 +15,10 @@ another replica, so a returning client is never ignored as "old".
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -29,6 +32,62 @@ if TYPE_CHECKING:
     from presence.server.hub import Hub
 
 
+# Client IDs one socket may keep reserved at once after they left it; beyond that its
+# oldest reservation lapses (a socket churning IDs only weakens its own protection).
+MAX_HELD_PER_SOCKET = 64
+
+
+@dataclass(slots=True)
+class Hold:
+    """A departed client ID, reserved until ``until`` (the hub's clock) for the socket
+    that had it while that socket is open, and for sockets with the same identity token."""
+
+    owner: Outbox[bytes] | None  # None once that socket closed
+    key: str | None  # the username of that socket's identity token, if it had one
+    until: float
+
+
+class Holds:
+    """The reserved client IDs of one replica's rooms. Kept by the hub, not the room's
+    view: an empty room is forgotten, its reservations must not be."""
+
+    def __init__(self, grace: float, clock: Callable[[], float]) -> None:
+        self.grace = grace
+        self.clock = clock
+        # In the order they lapse: every hold lasts ``grace`` from when it was made.
+        self.held: OrderedDict[tuple[str, int], Hold] = OrderedDict()
+
+    def _prune(self, now: float) -> None:
+        while self.held:
+            key, hold = next(iter(self.held.items()))
+            if hold.until > now:
+                return
+            del self.held[key]
+
+    def hold(self, room: str, client_id: int, owner: Outbox[bytes], key: str | None) -> None:
+        now = self.clock()
+        self._prune(now)
+        self.held.pop((room, client_id), None)
+        self.held[(room, client_id)] = Hold(owner, key, now + self.grace)
+
+    def get(self, room: str, client_id: int) -> Hold | None:
+        self._prune(self.clock())
+        return self.held.get((room, client_id))
+
+    def discard(self, room: str, client_id: int) -> None:
+        self.held.pop((room, client_id), None)
+
+
+_holds: weakref.WeakKeyDictionary[Hub, Holds] = weakref.WeakKeyDictionary()
+
+
+def holds_of(hub: Hub) -> Holds:
+    found = _holds.get(hub)
+    if found is None:
+        found = _holds[hub] = Holds(hub.settings.yjs_id_grace, hub.clock)
+    return found
+
+
 class YjsView:
     def __init__(self, room: Room, hub: Hub, *, wall: Callable[[], float] = time.time) -> None:
         self.room = room
@@ -38,22 +97,73 @@ class YjsView:
         self.told: dict[Outbox[bytes], dict[int, int]] = {}
         self.renew_every = hub.settings.expire_after / 2
         self.last_renewal = hub.clock()
+        self.holds = holds_of(hub)
+        # Per connection: its identity token's username (or None), and the client IDs
+        # it released that are still reserved for it, oldest first.
+        self.keys: dict[Outbox[bytes], str | None] = {}
+        self.released: dict[Outbox[bytes], OrderedDict[int, None]] = {}
 
     # -- connections ---------------------------------------------------------------------
 
-    def attach(self, outbox: Outbox[bytes]) -> dict[int, int]:
-        """A Yjs connection of the room; returns the clocks it will have been told."""
+    def attach(self, outbox: Outbox[bytes], key: str | None = None) -> dict[int, int]:
+        """A Yjs connection of the room (``key``: its identity token's username); returns
+        the clocks it will have been told."""
+        self.keys[outbox] = key
+        self.released[outbox] = OrderedDict()
         return self.told.setdefault(outbox, {})
 
     def detach(self, outbox: Outbox[bytes]) -> None:
+        """The connection closed: its client IDs, and those it released, stay reserved
+        for its identity token only, until their holds lapse."""
+        self.release(outbox, [yjs.client_id_of(m) for m in outbox.members])
+        for client_id in self.released.pop(outbox, {}):
+            hold = self.holds.get(self.room.name, client_id)
+            if hold is not None and hold.owner is outbox:
+                hold.owner = None
+        self.keys.pop(outbox, None)
         self.told.pop(outbox, None)
+
+    # -- client IDs ----------------------------------------------------------------------
+
+    def release(self, outbox: Outbox[bytes], client_ids: Iterable[int]) -> None:
+        """Client IDs left ``outbox`` (null, expiry, close): reserve them for it."""
+        released = self.released.get(outbox)
+        if released is None:
+            return
+        for client_id in client_ids:
+            self.holds.hold(self.room.name, client_id, outbox, self.keys.get(outbox))
+            released.pop(client_id, None)
+            released[client_id] = None
+            if len(released) > MAX_HELD_PER_SOCKET:
+                oldest, _ = released.popitem(last=False)
+                hold = self.holds.get(self.room.name, oldest)
+                if hold is not None and hold.owner is outbox:
+                    self.holds.discard(self.room.name, oldest)
+
+    def may_bind(self, outbox: Outbox[bytes], client_id: int) -> bool:
+        """Whether ``outbox`` may take ``client_id`` (no member has it): not while it is
+        reserved for another socket, unless this one has the same identity token."""
+        hold = self.holds.get(self.room.name, client_id)
+        if hold is None or hold.owner is outbox:
+            return True
+        return hold.key is not None and hold.key == self.keys.get(outbox)
+
+    def bound(self, outbox: Outbox[bytes], client_id: int) -> None:
+        """``outbox`` took ``client_id``: its hold, if any, is over."""
+        self.holds.discard(self.room.name, client_id)
+        released = self.released.get(outbox)
+        if released is not None:
+            released.pop(client_id, None)
 
     # -- RoomObserver --------------------------------------------------------------------
 
     def expired(self, outbox: Outbox[Any], member_ids: set[str]) -> bool:
         # A client ID times out alone, as in y-protocols: its socket stays open, and its
-        # next state brings it back.
-        return outbox in self.told
+        # next state brings it back (it stays reserved for that socket meanwhile).
+        if outbox not in self.told:
+            return False
+        self.release(outbox, [yjs.client_id_of(m) for m in member_ids])
+        return True
 
     def swept(self, now: float) -> None:
         """Re-announce every state before the peers' 30 s timeout drops it."""

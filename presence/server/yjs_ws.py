@@ -2,7 +2,11 @@
 
 Each Yjs client ID is a member of the room (id ``y<clientID>``), bound to the connection
 that introduced it: other connections can neither change nor remove it, and when that
-connection closes, cleanly or not, its client IDs are removed for everyone at once.
+connection closes, cleanly or not, its client IDs are removed for everyone at once. A
+client ID that left stays reserved for ``yjs_id_grace`` seconds: only its socket, or a
+socket with the same identity token (a stock client reconnecting), may take it back
+meanwhile (:class:`~presence.server.yjs_view.Holds`). Client IDs are 32-bit, as Yjs
+makes them: those above are JSON members' and never a Yjs socket's.
 
 A Yjs state is a whole state: it replaces the member's (``Room.replace``), ``null``
 fields included, so that Yjs peers get it as its owner set it. The room's Yjs-only
@@ -62,10 +66,12 @@ class YjsClient:
         outbox: Outbox[bytes],
         identity: Identity | None,
         told: dict[int, int],
+        view: YjsView,
     ) -> None:
         self.hub = hub
         self.room = room
         self.outbox = outbox
+        self.view = view
         self.identity = identity  # from ?token=, for states that carry no ``user``
         self.told = told  # the clock of each client ID's last state sent to this socket
         self.clocks: dict[int, int] = {}
@@ -73,6 +79,13 @@ class YjsClient:
         self.updates: dict[str, RateLimitedStates] = {}
 
     def receive(self, entry: yjs.Entry) -> None:
+        if entry.client_id >= yjs.JSON_CLIENT_BASE:
+            # Yjs makes 32-bit client IDs; above are the IDs JSON members appear under,
+            # never a Yjs client's to take. Not an error when it is an echo: stock
+            # clients send back the JSON members' states they receive.
+            if entry.client_id not in self.told:
+                self.hub.metrics.error("client_id_range")
+            return
         member_id = yjs.member_id_of(entry.client_id)
         mine = member_id in self.outbox.members
         if member_id in self.room and not mine:
@@ -84,13 +97,10 @@ class YjsClient:
             # A copy of a state we relayed to this client, arriving after its owner left:
             # adopting it would make this connection the owner of someone else's ID.
             return
-        if (
-            not mine
-            and entry.client_id >= yjs.JSON_CLIENT_BASE
-            and self._json_member_holds(entry.client_id)
-        ):
-            # The ID a JSON member appears under: never a Yjs client's to take. Not an
-            # error: stock clients send back the JSON members' states they receive.
+        if not mine and not self.view.may_bind(self.outbox, entry.client_id):
+            # Reserved for the socket that just had it (issue 13: another socket took a
+            # reconnecting client's ID 205 ms after its drop, and kept it).
+            self.hub.metrics.error("client_id_held")
             return
         last = self.clocks.get(entry.client_id)
         if last is not None and entry.clock <= last:
@@ -106,6 +116,7 @@ class YjsClient:
             if mine:
                 self._forget(member_id)
                 self.hub.leave(self.room.name, member_id, self.outbox)
+                self.view.release(self.outbox, [entry.client_id])
             return
         for field in yjs.SERVER_FIELDS:
             state.pop(field, None)
@@ -124,18 +135,8 @@ class YjsClient:
             # A new client ID, or one that went null or reconnected: bind it here.
             identity = self._identity_of(state.get("user"), entry.client_id)
             self.hub.admit(self.room, self.outbox, member_id, identity, state, len(entry.state))
+            self.view.bound(self.outbox, entry.client_id)
         self.sent[entry.client_id] = entry.state
-
-    def _json_member_holds(self, client_id: int) -> bool:
-        """Whether a JSON member of the room, on any replica, appears under
-        ``client_id``. Yjs clients of JavaScript have 32-bit client IDs, those of yrs
-        (pycrdt) up to 2^53: above 2^32 a new client ID may be either. A scan of the
-        room, only for an ID of that range that no Yjs member holds and whose entry is
-        not an echo (a new binding, or a forgery): never on the path of moves or echoes."""
-        return any(
-            not member_id.startswith("y") and yjs.client_id_of(member_id) == client_id
-            for member_id in self.room
-        )
 
     def _identity_of(self, user: Any, client_id: int) -> Identity | None:
         """The client's own ``user``, if it has a usable one; else the token's or None
@@ -202,11 +203,11 @@ class YjsEndpoint:
             metrics=hub.metrics,
         )
         connection.outbox = outbox
-        told = view.attach(outbox)
+        told = view.attach(outbox, identity.username if identity is not None else None)
         hub.attach(room, outbox)
         # Stock clients never ask (query-awareness): push the room's states on join.
         outbox.push([view.full(view.snapshot(), outbox)])
-        self.client = YjsClient(hub, room, outbox, identity, told)
+        self.client = YjsClient(hub, room, outbox, identity, told, view)
 
     def receive(self, data: bytes) -> None:
         assert self.outbox is not None and self.client is not None and self.view is not None

@@ -2,8 +2,10 @@
 // by tests/test_yjs_js.py over stdin/stdout: one JSON command per line in, one JSON reply
 // per line out ({id, ok: true, ...} or {id, ok: false, error}).
 //
-//   {"id", "cmd": "connect", "peer", "version": "v1"|"v3", "url", "room", "state"?}
-//       a provider; replies once it is synced, with its clientID
+//   {"id", "cmd": "connect", "peer", "version": "v1"|"v3", "url", "room", "state"?,
+//    "params"?}
+//       a provider (params: its URL query, such as an identity token); replies once it
+//       is synced, with its clientID
 //   {"id", "cmd": "set", "peer", "state"}           awareness.setLocalState(state)
 //   {"id", "cmd": "states", "peer"}                 the others' states it holds, by clientID
 //   {"id", "cmd": "wait", "expect": {peer: {clientID: state|null}}, "timeout"}
@@ -89,12 +91,13 @@ const until = (providers, check, timeout, what) => new Promise((resolve, reject)
 })
 
 const commands = {
-  async connect ({ peer: name, version, url, room, state }) {
+  async connect ({ peer: name, version, url, room, state, params = {} }) {
     const doc = new Y.Doc()
     // disableBc: providers of one process would otherwise talk over a BroadcastChannel.
     const provider = new PROVIDERS[version](url, room, doc, {
       WebSocketPolyfill: WebSocket,
-      disableBc: true
+      disableBc: true,
+      params
     })
     if (state !== undefined) provider.awareness.setLocalState(state)
     // Which clients appear and disappear. y-protocols reports a client it held before as
