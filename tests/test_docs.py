@@ -43,6 +43,7 @@ QUOTED = [
     ("docs/protocol.md", "`slow_client_timeout` (10 s)", "slow_client_timeout"),
     ("docs/protocol.md", "`ping_interval` (20 s)", "ping_interval"),
     ("docs/protocol.md", "`expire_after` (30 s, as y-protocols)", "expire_after"),
+    ("docs/protocol.md", "`yjs_id_grace` (30 s", "yjs_id_grace"),
     ("docs/benchmarks.md", "defaults (5 ms flush interval", "flush_interval"),
     ("README.md", "within `--replica-timeout` (5 s)", "replica_timeout"),
 ]
