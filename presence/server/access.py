@@ -17,6 +17,7 @@ import jwt
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from presence.config import Settings
 from presence.core.access import (
     AccessError,
     Grant,
@@ -31,7 +32,6 @@ from presence.core.access import (
 from presence.core.room import is_valid_room_name
 
 if TYPE_CHECKING:
-    from presence.config import Settings
     from presence.server.connection import Connection
 
 # The query parameter of the room token (``token`` is the identity token's).
@@ -49,13 +49,12 @@ class Access:
     clock: Callable[[], float] = time.time
 
     @staticmethod
-    @lru_cache(maxsize=8)
-    def of(settings: Settings) -> Access:
-        return Access(
-            getattr(settings, "auth", "none"),
-            getattr(settings, "secret", ""),
-            parse_origins(getattr(settings, "allowed_origins", "")),
-        )
+    def of(settings: Any) -> Access:
+        """The rules of ``settings`` (a :class:`Settings`, or a stand-in of a test that
+        has no auth settings: no tokens, any origin)."""
+        if isinstance(settings, Settings):
+            return _access_of(settings)
+        return Access("none", "", frozenset())
 
     def origin_allowed(self, origin: str | None) -> bool:
         return origin_allowed(origin, self.origins)
@@ -82,6 +81,11 @@ class Access:
     def until_expiry(self, grant: Grant | None) -> float | None:
         """Seconds left of ``grant``; None if it does not expire."""
         return None if grant is None else max(0.0, grant.expires - self.clock())
+
+
+@lru_cache(maxsize=8)
+def _access_of(settings: Settings) -> Access:
+    return Access(settings.auth, settings.secret, parse_origins(settings.allowed_origins))
 
 
 # -- WebSockets -----------------------------------------------------------------------------
