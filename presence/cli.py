@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from presence import __version__
 from presence.config import ConfigError, Settings
+from presence.core.access import ROLES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,58 @@ def build_parser() -> argparse.ArgumentParser:
             const="true" if switch else None,
             help=f"{help_} [{var}] (default: {_shown(default)})",
         )
+    token = commands.add_parser(
+        "token",
+        help="print a room token (for --auth token)",
+        description="Print a room token signed with the service's secret (--secret or "
+        "PRESENCE_SECRET), for operators and tests; applications mint their own "
+        "(docs/protocol.md, Access).",
+    )
+    token.add_argument("--room", required=True, help="the room (or, with --prefix, prefix)")
+    token.add_argument(
+        "--prefix", action="store_true", help="good for every room whose name starts with --room"
+    )
+    token.add_argument(
+        "--ttl", default="1h", type=duration, help="lifetime: 90s, 30m, 1h, 7d (default: 1h)"
+    )
+    token.add_argument("--role", choices=ROLES, default="member")
+    token.add_argument("--name", help="name to show for the member")
+    token.add_argument("--color", help="colour to show for the member (#rrggbb)")
+    token.add_argument("--username", help="stable id of the person")
+    token.add_argument("--secret", help="default: PRESENCE_SECRET")
     return parser
+
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``1h``, ``7d`` in seconds."""
+    unit = UNITS.get(text[-1:])
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 90s, 30m, 1h, 7d: {text!r}"
+        ) from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def mint(args: argparse.Namespace, now: float) -> str:
+    import jwt
+
+    claims: dict[str, Any] = {
+        "room_prefix" if args.prefix else "room": args.room,
+        "exp": int(now + args.ttl),
+        "role": args.role,
+    }
+    for key in ("name", "color", "username"):
+        if getattr(args, key) is not None:
+            claims[key] = getattr(args, key)
+    return jwt.encode(claims, args.secret, algorithm="HS256")
 
 
 def _shown(default: object) -> str:
@@ -47,6 +100,12 @@ def _shown(default: object) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "token":
+        args.secret = args.secret or os.environ.get("PRESENCE_SECRET", "")
+        if not args.secret:
+            parser.exit(2, "presence: error: set PRESENCE_SECRET (or --secret) to sign tokens\n")
+        print(mint(args, time.time()))
+        return
     flags = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         settings = Settings.load(flags)

@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from presence.core.access import parse_origins
 from presence.core.identity import NAME_STYLES, TOKEN_MAX_AGE
 
 ENV_PREFIX = "PRESENCE_"
@@ -106,6 +107,11 @@ def locale(text: str) -> str:
     return text
 
 
+def origins(text: str) -> str:
+    parse_origins(text)  # raises ValueError
+    return text
+
+
 def _opt(default: Any, parse: Callable[[str], Any], help: str, metavar: str = "") -> Any:
     return field(default=default, metadata={"parse": parse, "help": help, "metavar": metavar})
 
@@ -162,6 +168,22 @@ class Settings:
         "Seconds an identity token is accepted after it was issued (30 days); an older "
         "one is refused like an invalid one and its client gets a new identity.",
         "SECONDS",
+    )
+    auth: str = _opt(
+        "none",
+        choice("none", "token"),
+        "Who may use a room: 'none' (whoever knows its name) or 'token' (every WebSocket, "
+        "REST and SSE request carries a room token signed with --secret; docs/protocol.md, "
+        "Access). 'token' needs --secret.",
+        "MODE",
+    )
+    allowed_origins: str = _opt(
+        "",
+        origins,
+        "Origins (comma-separated, like https://example.com) whose pages may open "
+        "WebSockets and SSE streams; others get 403. Requests without an Origin header "
+        "are allowed. Unset: any origin.",
+        "ORIGINS",
     )
     admin_token: str = _opt(
         "",
@@ -313,6 +335,10 @@ class Settings:
             raise ConfigError(
                 f"replica_permdown ({self.replica_permdown:g}s) must be longer than "
                 f"replica_timeout ({self.replica_timeout:g}s)"
+            )
+        if self.auth == "token" and not self.secret:
+            raise ConfigError(
+                "--auth token needs --secret (PRESENCE_SECRET): room tokens are signed with it"
             )
         if self.max_state_bytes < 64:
             raise ConfigError("max_state_bytes must be at least 64")

@@ -22,6 +22,7 @@ from presence.backplane.memory import MemoryBackplane
 from presence.backplane.replication import Replication
 from presence.config import Settings
 from presence.core.identity import IdentityFactory, InvalidToken
+from presence.server.access import Access, guarded
 from presence.server.hub import Hub, new_replica_id
 from presence.server.identities import post_identities
 from presence.server.views import list_rooms, room_events, room_members
@@ -145,6 +146,7 @@ def app_from_env() -> Starlette:
 
 def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
     hub = hub or make_hub(settings)
+    access = Access.of(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Hub]]:
@@ -158,15 +160,23 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
             log.info("presence stopped", extra={"replica": hub.replica_id})
 
     app = Starlette(
-        # Pages on other origins may load the client modules and read the views;
-        # WebSockets are not subject to CORS.
-        middleware=[Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET"])],
+        # Pages on other origins (those of --allowed-origins, if set) may load the client
+        # modules and read the views; WebSockets are not subject to CORS (their Origin
+        # is checked in server/connection.py).
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=sorted(access.origins) or ["*"],
+                allow_methods=["GET"],
+                allow_headers=["Authorization"],
+            )
+        ],
         routes=[
             Route("/", index),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
             Route("/rooms", list_rooms),
-            Route("/rooms/{room}", room_members),
-            Route("/rooms/{room}/events", room_events),
+            Route("/rooms/{room}", guarded(room_members)),
+            Route("/rooms/{room}/events", guarded(room_events, stream=True)),
             Route("/identity", identity),
             Route("/identities", post_identities, methods=["POST"]),
             Route("/healthz", healthz),

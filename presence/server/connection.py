@@ -36,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from presence.codecs import websocket as ws
 from presence.config import Settings
+from presence.server.access import Access
 from presence.server.hub import Hub
 from presence.server.json_ws import JsonEndpoint
 from presence.server.outbox import Outbox
@@ -193,6 +194,9 @@ class Connection(asyncio.Protocol):
         try:
             request = ws.parse_request(head)
             endpoint_class = self._route(request.path)
+            if not Access.of(self.hub.settings).origin_allowed(request.headers.get("origin")):
+                self.hub.metrics.refused("origin")
+                raise ws.HandshakeError(403, "this origin may not use this service")
             response = ws.accept(request)
         except ws.HandshakeError as exc:
             self.transport.write(ws.reject(exc.status, str(exc)))

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from presence.codecs import json as codec
+from presence.core.access import AccessError
 from presence.core.identity import InvalidToken
 from presence.core.room import ROOM_NAME_RULE, RoomError, is_valid_room_name
+from presence.server.access import Admission, refused
 from presence.server.hub import Hub, Membership, RoomFull
 from presence.server.outbox import Outbox
 from presence.server.updates import RateLimitedUpdates
@@ -35,14 +37,34 @@ class JsonEndpoint:
         self.membership: Membership | None = None
         self.updates: RateLimitedUpdates | None = None
         self.errors = 0
+        self.admission: Admission | None = None
 
     async def open(self) -> None:
         hub, connection = self.hub, self.connection
         if not is_valid_room_name(self.room):
             connection.close(1008, f"invalid room name: use {ROOM_NAME_RULE}")
             return
+        token = connection.query.get("token")
         try:
-            membership = await hub.join(self.room, self.outbox, connection.query.get("token"))
+            self.admission = Admission(connection, self.room)
+        except AccessError as exc:
+            connection.send([codec.error(exc.code, exc.message)])
+            refused(connection, exc)
+            return
+        grant = self.admission.grant
+        try:
+            if grant is not None and grant.has_identity:
+                # The token's name, colour, username in place of the usual ones.
+                room = await hub.open(self.room)
+                claimed = grant.identity(
+                    lambda: (
+                        hub.identities.verify(token)
+                        if token
+                        else hub.identities.create(room.names(), room.colors())
+                    )
+                )
+                token = hub.identities.token(claimed) if claimed else token
+            membership = await hub.join(self.room, self.outbox, token)
         except InvalidToken as exc:
             hub.metrics.error("invalid_token")
             connection.send([codec.error("invalid_token", str(exc))])
@@ -88,6 +110,8 @@ class JsonEndpoint:
             self.outbox.push([codec.error(exc.code, str(exc))])
 
     def closed(self) -> None:
+        if self.admission is not None:
+            self.admission.cancel()
         if self.updates is not None:
             self.updates.cancel()
         self.hub.disconnect(self.room, self.outbox)

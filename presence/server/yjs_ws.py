@@ -19,10 +19,12 @@ import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from presence.codecs import yjs
+from presence.core.access import AccessError
 from presence.core.colors import parse_hex, pick_color
 from presence.core.events import State
 from presence.core.identity import DECLARED_PREFIX, Identity, InvalidToken, initials_of
 from presence.core.room import ROOM_NAME_RULE, Room, RoomError, is_valid_room_name
+from presence.server.access import Admission, refused
 from presence.server.hub import Hub, RoomFull
 from presence.server.outbox import Outbox
 from presence.server.updates import RateLimitedUpdates
@@ -180,11 +182,17 @@ class YjsEndpoint:
         self.outbox: Outbox[bytes] | None = None
         self.client: YjsClient | None = None
         self.view: YjsView | None = None
+        self.admission: Admission | None = None
 
     async def open(self) -> None:
         hub, connection = self.hub, self.connection
         if not is_valid_room_name(self.room):
             connection.close(1008, f"invalid room name: use {ROOM_NAME_RULE}")
+            return
+        try:
+            self.admission = Admission(connection, self.room)
+        except AccessError as exc:
+            refused(connection, exc)
             return
         token = connection.query.get("token")
         try:
@@ -194,6 +202,13 @@ class YjsEndpoint:
             connection.close(1008, f"invalid identity token: {exc}"[:120])
             return
         room = await hub.open(self.room)
+        if self.admission.grant is not None:  # the token's name, colour, username
+            identity = (
+                self.admission.grant.identity(
+                    lambda: identity or hub.identities.create(room.names(), room.colors())
+                )
+                or identity
+            )
         view = self.view = hub.observer(room, YjsView)
         outbox = self.outbox = Outbox(
             connection,
@@ -240,6 +255,8 @@ class YjsEndpoint:
             self.connection.close(1007, f"malformed message: {exc}")
 
     def closed(self) -> None:
+        if self.admission is not None:
+            self.admission.cancel()
         if self.client is not None:
             self.client.close()
         if self.outbox is not None:

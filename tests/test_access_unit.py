@@ -1,0 +1,179 @@
+"""Room tokens' claims to decisions (presence.core.access), with the time given; the
+server side's PyJWT checks with an injected clock; origins; the CLI's durations."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import jwt
+import pytest
+
+from presence.cli import duration, mint
+from presence.config import ConfigError, Settings
+from presence.core.access import AccessError, decide, origin_allowed, parse_origins
+from presence.core.identity import Identity
+from presence.server.access import Access
+
+pytestmark = pytest.mark.unit
+
+NOW = 1_800_000_000.0
+SECRET = "unit-test-secret-of-thirty-two-bytes!"
+BASE = Identity("u-1", "Anonymous Io", "AI", "#1f77b4")
+
+
+def refusal(claims: dict[str, Any], room: str = "r1", want: str = "join") -> AccessError:
+    with pytest.raises(AccessError) as info:
+        decide(claims, room, want, NOW)  # type: ignore[arg-type]
+    return info.value
+
+
+def test_exact_room_member_may_join_and_view() -> None:
+    claims = {"room": "r1", "exp": NOW + 60}
+    for want in ("join", "view"):
+        grant = decide(claims, "r1", want, NOW)  # type: ignore[arg-type]
+        assert grant.role == "member" and grant.expires == NOW + 60
+
+
+def test_expiry_is_decided_by_the_given_clock() -> None:
+    claims = {"room": "r1", "exp": NOW + 60}
+    assert decide(claims, "r1", "join", NOW + 59.9)
+    for now in (NOW + 60, NOW + 61):
+        with pytest.raises(AccessError) as info:
+            decide(claims, "r1", "join", now)
+        assert (info.value.status, info.value.code, info.value.close_code) == (
+            401,
+            "token_expired",
+            4401,
+        )
+
+
+def test_other_room_is_403() -> None:
+    exc = refusal({"room": "r1", "exp": NOW + 60}, room="r2")
+    assert (exc.status, exc.code, exc.close_code) == (403, "other_room", 4403)
+
+
+def test_prefix_matches_rooms_that_start_with_it() -> None:
+    claims = {"room_prefix": "team-7.", "exp": NOW + 60}
+    assert decide(claims, "team-7.doc", "join", NOW)
+    assert refusal(claims, room="team-70.doc").code == "other_room"
+    assert refusal(claims, room="team-7").code == "other_room"
+
+
+def test_viewer_may_view_but_not_join() -> None:
+    claims = {"room": "r1", "exp": NOW + 60, "role": "viewer"}
+    assert decide(claims, "r1", "view", NOW).role == "viewer"
+    exc = refusal(claims, want="join")
+    assert (exc.status, exc.code, exc.close_code) == (403, "read_only", 4403)
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"room": "r1"},
+        {"room": "r1", "exp": "tomorrow"},
+        {"room": "r1", "exp": True},
+        {"room": "r1", "exp": float("inf")},
+        {"exp": NOW + 60},
+        {"room": "r1", "room_prefix": "r", "exp": NOW + 60},
+        {"room": "", "exp": NOW + 60},
+        {"room_prefix": "", "exp": NOW + 60},
+        {"room": 7, "exp": NOW + 60},
+        {"room": "r1", "exp": NOW + 60, "role": "admin"},
+        {"room": "r1", "exp": NOW + 60, "name": ""},
+        {"room": "r1", "exp": NOW + 60, "name": "x" * 101},
+        {"room": "r1", "exp": NOW + 60, "color": "red"},
+        {"room": "r1", "exp": NOW + 60, "username": 42},
+    ],
+)
+def test_malformed_claims_are_an_invalid_token(claims: dict[str, Any]) -> None:
+    exc = refusal(claims)
+    assert (exc.status, exc.code) == (401, "invalid_token"), exc.message
+
+
+def test_claimed_identity_replaces_the_parts_it_names() -> None:
+    grant = decide({"room": "r1", "exp": NOW + 60, "name": "Ada Lovelace"}, "r1", "join", NOW)
+    assert grant.identity(lambda: BASE) == Identity("u-1", "Ada Lovelace", "AL", "#1f77b4")
+    grant = decide(
+        {"room": "r1", "exp": NOW + 60, "color": "#AABBCC", "username": "ada"}, "r1", "join", NOW
+    )
+    assert grant.identity(lambda: BASE) == Identity("ada", "Anonymous Io", "AI", "#aabbcc")
+    plain = decide({"room": "r1", "exp": NOW + 60}, "r1", "join", NOW)
+    assert plain.identity(lambda: pytest.fail("not needed")) is None
+
+
+def test_origins() -> None:
+    allowed = parse_origins(" https://App.example.com, http://localhost:3000 ,")
+    assert allowed == {"https://app.example.com", "http://localhost:3000"}
+    assert origin_allowed(None, allowed)  # not a browser
+    assert origin_allowed("https://app.example.com", allowed)
+    assert not origin_allowed("https://evil.example", allowed)
+    assert not origin_allowed("null", allowed)
+    assert origin_allowed("https://anything.example", frozenset())  # unset: any
+    for bad in ("example.com", "https://example.com/", "ftp://x", "https://a.com/path"):
+        with pytest.raises(ValueError):
+            parse_origins(bad)
+
+
+def test_settings() -> None:
+    assert (Settings().auth, Settings().allowed_origins) == ("none", "")
+    with pytest.raises(ConfigError, match="--auth token needs --secret"):
+        Settings(auth="token")
+    with pytest.raises(ConfigError, match="--allowed-origins"):
+        Settings.load({"allowed_origins": "example.com"}, env={})
+
+
+def server_side(now: float) -> Access:
+    return Access("token", SECRET, frozenset(), clock=lambda: now)
+
+
+def test_pyjwt_checks_signature_algorithm_and_exp() -> None:
+    access = server_side(NOW)
+    good = jwt.encode({"room": "r1", "exp": 4_000_000_000}, SECRET, algorithm="HS256")
+    grant = access.check(good, "r1", "join")
+    assert grant is not None and access.until_expiry(grant) == 4_000_000_000 - NOW
+    assert Access("none", "", frozenset()).check(None, "r1", "join") is None
+
+    def code(token: str | None) -> str:
+        with pytest.raises(AccessError) as info:
+            access.check(token, "r1", "join")
+        assert info.value.status == 401
+        return info.value.code
+
+    assert code(None) == "missing_token"
+    assert code("") == "missing_token"
+    assert code("not.a.jwt") == "invalid_token"
+    foreign = jwt.encode({"room": "r1", "exp": 4_000_000_000}, "x" * 32, algorithm="HS256")
+    assert code(foreign) == "invalid_token"
+    assert code(jwt.encode({"room": "r1"}, SECRET, algorithm="HS256")) == "invalid_token"
+    unsigned = jwt.encode({"room": "r1", "exp": 4_000_000_000}, None, algorithm="none")
+    assert code(unsigned) == "invalid_token"
+    hs512 = jwt.encode({"room": "r1", "exp": 4_000_000_000}, SECRET * 2, algorithm="HS512")
+    assert code(hs512) == "invalid_token"
+    past = jwt.encode({"room": "r1", "exp": 1_000_000_000}, SECRET, algorithm="HS256")
+    assert code(past) == "token_expired"
+    # PyJWT checks exp against the real time; the decision against the injected clock.
+    soon = jwt.encode({"room": "r1", "exp": 4_000_000_000}, SECRET, algorithm="HS256")
+    with pytest.raises(AccessError, match="expired"):
+        server_side(4_000_000_000).check(soon, "r1", "join")
+
+
+def test_durations_and_minting() -> None:
+    assert [duration(t) for t in ("90", "90s", "30m", "1h", "7d")] == [
+        90,
+        90,
+        1800,
+        3600,
+        604800,
+    ]
+    for bad in ("", "h", "-1h", "0", "soon"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            duration(bad)
+    args = argparse.Namespace(
+        room="team.", prefix=True, ttl=60.0, role="viewer", name="Ann", color=None,
+        username=None, secret=SECRET,
+    )  # fmt: skip
+    claims = jwt.decode(
+        mint(args, NOW), SECRET, algorithms=["HS256"], options={"verify_exp": False}
+    )
+    assert claims == {"room_prefix": "team.", "exp": NOW + 60, "role": "viewer", "name": "Ann"}
