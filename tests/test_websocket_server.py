@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import itertools
 import os
 import socket
@@ -160,9 +161,13 @@ async def test_the_keepalive_close_frame_waits_behind_unread_data(
     for task in tasks:
         task.cancel()
     frames = Frames(sock)
-    last = None
+    last, seen, drained = None, collections.Counter[int](), time.monotonic() + 30
     while (frame := frames.next()) is not None:
         last = frame
+        seen[frame[0]] += 1
+        # What waited for it is bounded (merged while it did not read): a stream that
+        # never ends is a bug, and says what it was made of.
+        assert time.monotonic() < drained, f"still sending after 30 s: opcodes {seen}"
     assert last is not None
     assert last[0] == 0x8, f"the last frame is no close frame but opcode {last[0]}"
     assert ws.parse_close(last[1]) == (1011, "keepalive ping timeout")
