@@ -10,10 +10,13 @@ import socket
 import time
 from collections.abc import Callable
 
+import httpx
+import orjson
 import pytest
 
 from tests.conftest import FAST, Client, Server
 from tests.test_websocket_flood import rss
+from tests.yjs_client import YClient
 
 pytestmark = pytest.mark.e2e
 
@@ -62,10 +65,11 @@ async def test_an_event_stream_that_stops_reading_is_closed(
 ) -> None:
     """A dashboard that opens a room's event stream and never reads, while 4 members send
     12 KB states 20 times a second: once the server's buffers for it are full it is
-    judged slow after --slow-client-timeout, and its TCP connection is closed then (reset:
-    what waits for it cannot be sent), while an observer member keeps getting every
-    update. Before, the hub counted it as a slow client and forgot it, but the response
-    stayed blocked on the full socket: the connection was held open for good."""
+    judged slow after --slow-client-timeout, and its TCP connection is closed then
+    (aborted: what waits for it in the server is dropped), while an observer member
+    keeps getting every update. Before, the hub counted it as a slow client and forgot
+    it, but the response stayed blocked on the full socket: the connection was held open
+    for good."""
     server = server_factory(*FAST, "--expire-after", "120", "--slow-client-timeout", str(SLOW))
     room = f"{server.ws}/rooms/stream"
     senders = [await Client.connect(room) for _ in range(SENDERS)]
@@ -134,3 +138,101 @@ async def test_an_event_stream_that_stops_reading_is_closed(
     assert how in ("reset", "eof")
     assert len(received) >= 0.9 * sent
     assert peak - resting < 50
+
+
+MEMBERS = 100
+BIG = 16_000  # bytes of one member's state: under max_state_bytes and max_message_bytes
+
+
+ROOM_STATE_TOO_LARGE = 'presence_protocol_errors_total{code="room_state_too_large"}'
+
+
+async def fill_room(server: Server, room: str) -> tuple[list[Client], int]:
+    """MEMBERS members that each send a BIG state, read like frontends; returns them and
+    how many states were refused with room_state_too_large, once each was either
+    refused or is in the room."""
+    url = f"{server.ws}/rooms/{room}"
+    members = await asyncio.gather(*(Client.connect(url, max_size=None) for _ in range(MEMBERS)))
+    errors: list[str] = []
+
+    async def read(member: Client) -> None:
+        while True:
+            message = await member.recv(timeout=120)
+            if message["type"] == "error":
+                errors.append(message["code"])
+
+    readers = [asyncio.create_task(read(m)) for m in members]
+    blob = "x" * (BIG - len('{"blob":""}'))
+    await asyncio.gather(*(m.update(blob=blob) for m in members))
+    deadline = time.monotonic() + 60
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        while True:
+            body = (await http.get(f"/rooms/{room}")).json()
+            admitted = sum(1 for m in body["members"] if m["state"])
+            if admitted + len(errors) >= MEMBERS or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+    for reader in readers:
+        reader.cancel()
+    assert admitted + len(errors) == MEMBERS, (admitted, errors)
+    assert set(errors) <= {"room_state_too_large"}, errors
+    return members, len(errors)
+
+
+async def snapshot_sizes(server: Server, room: str) -> tuple[int, int]:
+    """The bytes of a new joiner's welcome and of GET /rooms/{room}."""
+    joiner = await Client.connect(f"{server.ws}/rooms/{room}", max_size=None)
+    welcome = len(orjson.dumps(joiner.welcome))
+    await joiner.close()
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        rest = len((await http.get(f"/rooms/{room}")).content)
+    return welcome, rest
+
+
+@pytest.mark.parametrize("budget", [None, 512 * 1024, 64 * 1024])
+async def test_what_one_snapshot_of_a_room_of_large_states_costs_is_bounded(
+    server_factory: Callable[..., Server], budget: int | None
+) -> None:
+    """100 members each send a 16 KB state. Without a budget (as before: the budget set
+    beyond them) every joiner's welcome and every GET /rooms/{room} is 1.6 MB; with the
+    default of 512 KiB, or 64 KiB, the states that would grow the room past it are
+    refused with room_state_too_large, and both stay within the budget and the members'
+    identities (under 300 bytes each)."""
+    args = ["--max-room-state-bytes", str(budget or 100 * MiB)]
+    server = server_factory(*FAST, "--expire-after", "120", *args)
+    members, refused = await fill_room(server, "big")
+    welcome, rest = await snapshot_sizes(server, "big")
+    errors = server.metrics().get(ROOM_STATE_TOO_LARGE, 0)
+    for member in members:
+        await member.close()
+    print(
+        f"\nbudget {budget}: {refused} of {MEMBERS} states refused; "
+        f"welcome {welcome} bytes, GET /rooms/big {rest} bytes"
+    )
+    assert errors == refused
+    if budget is None:
+        assert refused == 0 and welcome > MEMBERS * BIG and rest > MEMBERS * BIG
+        return
+    assert refused == MEMBERS - budget // BIG
+    assert welcome < budget + (MEMBERS + 1) * 300
+    assert rest < budget + MEMBERS * 300
+
+
+async def test_a_yjs_state_past_the_budget_is_ignored_and_counted(
+    server_factory: Callable[..., Server],
+) -> None:
+    """A Yjs client's state that would grow the room past its budget is ignored (not
+    relayed, the client is no member), counted in presence_protocol_errors_total."""
+    server = server_factory(*FAST, "--max-room-state-bytes", "20000")
+    first = await YClient.connect(f"{server.ws}/yjs/y", {"blob": "x" * 15_000})
+    second = await YClient.connect(f"{server.ws}/yjs/y", {"blob": "y" * 5_000})
+    small = await YClient.connect(f"{server.ws}/yjs/y", {"cursor": 1})
+    await small.until(lambda: first.id in small.states)
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        body = (await http.get("/rooms/y")).json()
+    errors = server.metrics().get(ROOM_STATE_TOO_LARGE, 0)
+    for client in (first, second, small):
+        await client.close()
+    assert second.id not in small.states
+    assert len(body["members"]) == 2
+    assert errors == 1
