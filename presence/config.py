@@ -260,6 +260,14 @@ class Settings:
     max_room_members: int = _opt(
         500, positive_int, "Members per room; one more is refused with close code 1013.", "N"
     )
+    max_room_state_bytes: int = _opt(
+        512 * 1024,
+        positive_int,
+        "The states of a room's members together, JSON-encoded: a state that would "
+        "grow them past it is refused (room_state_too_large). Bounds what a snapshot of "
+        "the room (a welcome, GET /rooms/{room}) costs, beyond the members' identities.",
+        "BYTES",
+    )
     send_backlog: int = _opt(
         32, positive_int, "Batches queued for a client before its backlog is merged.", "N"
     )

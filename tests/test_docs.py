@@ -39,6 +39,7 @@ QUOTED = [
     ("docs/protocol.md", "`rate_limit` per second (30)", "rate_limit"),
     ("docs/protocol.md", "`max_depth` (16)", "max_depth"),
     ("docs/protocol.md", "`max_state_bytes` (16 KiB)", "max_state_bytes"),
+    ("docs/protocol.md", "`max_room_state_bytes` (512 KiB)", "max_room_state_bytes"),
     ("docs/protocol.md", "`max_message_bytes` (16 KiB)", "max_message_bytes"),
     ("docs/protocol.md", "`slow_client_timeout` (10 s)", "slow_client_timeout"),
     ("docs/protocol.md", "`ping_interval` (20 s)", "ping_interval"),

@@ -1,5 +1,6 @@
 """The room's rules, driven by explicit times: no sleeps anywhere."""
 
+import orjson
 import pytest
 
 from presence.core.colors import PALETTE
@@ -15,7 +16,14 @@ from presence.core.events import (
     apply_patch,
 )
 from presence.core.identity import DECLARED_PREFIX, Identity
-from presence.core.room import Room, StateTooLarge, Timing, UnknownMember, is_valid_room_name
+from presence.core.room import (
+    Room,
+    RoomStateTooLarge,
+    StateTooLarge,
+    Timing,
+    UnknownMember,
+    is_valid_room_name,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -412,3 +420,112 @@ def test_a_resync_tells_json_values_apart() -> None:
     assert room.member("m").state["d"]["n"] == 1.0 and isinstance(
         room.member("m").state["d"]["n"], float
     )
+
+
+# -- the room's state budget (max_room_state_bytes) --------------------------------------
+
+
+def blob(n: int) -> dict[str, str]:
+    """A state of exactly ``n`` bytes of JSON."""
+    state = {"b": ""}
+    state["b"] = "x" * (n - len(orjson.dumps(state)))
+    assert len(orjson.dumps(state)) == n
+    return state
+
+
+def counted(room: Room) -> int:
+    """What the room's states weigh, encoded afresh: what ``state_bytes`` must equal."""
+    return sum(len(orjson.dumps(m.state)) for m in room.snapshot() if m.state)
+
+
+def test_updates_that_would_grow_the_room_past_its_budget_are_refused() -> None:
+    room = new_room(max_state_bytes=1000, max_room_state_bytes=2500)
+    room.join("a", ident("Ann"), now=0)
+    room.join("b", ident("Bo"), now=0)
+    room.join("c", ident("Cy"), now=0)
+    assert room.state_bytes == 0  # empty states cost nothing: joining is never refused
+    room.update("a", blob(1000), now=1)
+    room.update("b", blob(1000), now=1)
+    events(room)
+    with pytest.raises(RoomStateTooLarge) as refused:
+        room.update("c", blob(600), now=2)
+    assert refused.value.code == "room_state_too_large"
+    assert room.member("c").state == {} and events(room) == []  # dropped, nothing sent
+    room.update("c", blob(500), now=2)  # exactly the budget
+    assert room.state_bytes == counted(room) == 2500
+    with pytest.raises(RoomStateTooLarge):
+        room.update("c", {"more": 1}, now=3)
+    room.update("a", blob(400), now=3)  # shrinking is always allowed
+    room.update("c", blob(1000), now=3)  # ... and frees room for others
+    assert room.state_bytes == counted(room) == 2400
+    room.leave("b")
+    assert room.state_bytes == counted(room) == 1400
+    room.tick(now=100)  # everybody expires
+    assert room.state_bytes == 0
+
+
+def test_a_member_state_over_its_own_limit_is_state_too_large_first() -> None:
+    room = new_room(max_state_bytes=100, max_room_state_bytes=150)
+    room.join("a", ident("Ann"), now=0)
+    with pytest.raises(StateTooLarge):
+        room.update("a", blob(101), now=1)
+    room.update("a", blob(100), now=1)
+    room.join("b", ident("Bo"), now=1)
+    with pytest.raises(RoomStateTooLarge):
+        room.update("b", blob(51), now=1)
+
+
+def test_whole_states_count_their_size_as_sent_and_joins_with_a_state_are_refused() -> None:
+    room = new_room(max_state_bytes=1000, max_room_state_bytes=1500)
+    room.join("y1", ident("Ann"), now=0, state={"cursor": 1}, size=900)  # as sent
+    assert room.state_bytes == 900
+    with pytest.raises(RoomStateTooLarge):
+        room.join("y2", ident("Bo"), now=0, state={"cursor": 2}, size=700)
+    assert "y2" not in room and room.state_bytes == 900
+    room.join("y2", ident("Bo"), now=0, state={"cursor": 2}, size=600)
+    with pytest.raises(RoomStateTooLarge):
+        room.replace("y1", {"cursor": 3}, now=1, size=901)
+    assert room.member("y1").state == {"cursor": 1}
+    room.replace("y1", {"cursor": 3}, now=1, size=100)
+    room.replace("y2", {"cursor": 4}, now=1)  # no size: its JSON's
+    assert room.state_bytes == 100 + len(orjson.dumps({"cursor": 4}))
+    room.replace("y2", {}, now=2)
+    assert room.state_bytes == 100
+
+
+def test_other_replicas_states_count_but_are_never_refused() -> None:
+    """A remote state is applied whatever the total (refusing it would leave this replica
+    out of step with the others); it counts against local growth."""
+    room = new_room(max_state_bytes=1000, max_room_state_bytes=1500)
+    room.join("a", ident("Ann"), now=0)
+    room.apply([Joined(MemberInfo("z", ident("Zed"), blob(1000), False, "B"))])
+    assert room.state_bytes == 1000
+    with pytest.raises(RoomStateTooLarge):
+        room.update("a", blob(600), now=1)
+    room.apply([Joined(MemberInfo("w", ident("Wu"), blob(900), False, "B"))])
+    room.apply([Updated("w", blob(1000))])  # over budget: applied all the same
+    assert room.state_bytes == counted(room) == 2000
+    with pytest.raises(RoomStateTooLarge):
+        room.update("a", {"x": 1}, now=1)
+    room.apply([Left("w")])
+    assert room.state_bytes == counted(room) == 1000
+    room.sync_origin("B", [MemberInfo("v", ident("Vi"), blob(300), False, "B")])
+    assert room.state_bytes == counted(room) == 300
+    room.update("a", blob(1000), now=2)
+    room.drop_origin("B")
+    assert room.state_bytes == counted(room) == 1000
+
+
+def test_a_snapshot_stays_within_the_budget_whatever_members_send() -> None:
+    """100 members with 16 KiB states: 1.6 MB of states without a budget; with one of
+    64 KiB, the snapshot's states stay within it."""
+    room = new_room(max_room_state_bytes=64 * 1024)
+    refused = 0
+    for i in range(100):
+        room.join(f"m{i}", ident(f"M{i}"), now=0)
+        try:
+            room.update(f"m{i}", blob(16 * 1024), now=0)
+        except RoomStateTooLarge:
+            refused += 1
+    assert refused == 96
+    assert room.state_bytes == counted(room) == 64 * 1024

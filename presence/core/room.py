@@ -65,6 +65,10 @@ class StateTooLarge(RoomError):
     code = "state_too_large"
 
 
+class RoomStateTooLarge(RoomError):
+    code = "room_state_too_large"
+
+
 class UnknownMember(RoomError):
     code = "unknown_member"
 
@@ -74,6 +78,12 @@ class _Member:
     info: MemberInfo
     last_update: float
     last_seen: float
+    size: int = 0  # its state's bytes, as counted against the room's budget
+
+
+def _size(state: State) -> int:
+    """What a state counts against the room's budget: its JSON's length; 0 if empty."""
+    return len(orjson.dumps(state)) if state else 0
 
 
 class Room:
@@ -84,11 +94,18 @@ class Room:
         timing: Timing = Timing(),
         replica: str = "local",
         max_state_bytes: int = 16 * 1024,
+        max_room_state_bytes: int = 512 * 1024,
     ) -> None:
         self.name = name
         self.timing = timing
         self.replica = replica
         self.max_state_bytes = max_state_bytes
+        # The budget of all members' states together, what a snapshot of the room costs
+        # (beyond identities). A local member's state may not grow the total past it;
+        # other replicas' states count, and are applied whatever the total (their
+        # replica checked them against its own view): see docs/security.md.
+        self.max_room_state_bytes = max_room_state_bytes
+        self.state_bytes = 0  # the sum of the members' sizes, kept as they change
         self._members: dict[str, _Member] = {}
         # Local members' identities as they came (a token's name and colour); what they
         # show may differ while another member holds the same name, initials or colour.
@@ -148,11 +165,11 @@ class Room:
         if member_id in self._members:
             raise RoomError(f"member {member_id!r} is already in room {self.name!r}")
         state = dict(state or {})
-        self._check_size(state, size)
+        size = self._check_size(state, size)
         self._wanted[member_id] = identity
         shown = _distinct(self._members).settle(member_id, identity, None)
         info = MemberInfo(member_id, shown, state, False, self.replica)
-        self._members[member_id] = _Member(info, now, now)
+        self._put(member_id, _Member(info, now, now, size))
         self._emit(Joined(info))
         return shown
 
@@ -160,7 +177,7 @@ class Room:
         member = self._local_member(member_id)
         state = dict(member.info.state)
         apply_patch(state, patch)
-        self._check_size(state)
+        self._resize(member, self._check_size(state, None, member))
         member.info.state = state
         member.last_update = member.last_seen = now
         self._emit(Updated(member_id, patch))
@@ -178,7 +195,7 @@ class Room:
         if not patch:
             member.last_seen = now
             return
-        self._check_size(state, size)
+        self._resize(member, self._check_size(state, size, member))
         member.info.state = dict(state)
         member.last_update = member.last_seen = now
         nulls = NO_NULLS
@@ -192,19 +209,50 @@ class Room:
             member.info.idle = False
             self._emit(Active(member.info.id))
 
-    def _check_size(self, state: State, size: int | None = None) -> None:
+    def _check_size(self, state: State, size: int | None, member: _Member | None = None) -> int:
+        """The size ``state`` counts (``size``: its length as sent, if known), if it fits
+        the member's limit, and the room's budget in place of ``member``'s state (a
+        state that does not grow is let through even when the room is over budget)."""
+        if not state:
+            return 0
         if size is None:
             size = len(orjson.dumps(state))
         if size > self.max_state_bytes:
             raise StateTooLarge(
                 f"the state would exceed {self.max_state_bytes} bytes; send smaller fields"
             )
+        old = 0 if member is None else member.size
+        if size > old and self.state_bytes - old + size > self.max_room_state_bytes:
+            raise RoomStateTooLarge(
+                f"the room's states would exceed {self.max_room_state_bytes} bytes "
+                "together; send a smaller state"
+            )
+        return size
+
+    def _put(self, member_id: str, member: _Member) -> None:
+        """Add or replace a member, counting its state."""
+        old = self._members.get(member_id)
+        if old is not None:
+            self.state_bytes -= old.size
+        self._members[member_id] = member
+        self.state_bytes += member.size
+
+    def _remove(self, member_id: str) -> bool:
+        member = self._members.pop(member_id, None)
+        if member is None:
+            return False
+        self.state_bytes -= member.size
+        return True
+
+    def _resize(self, member: _Member, size: int) -> None:
+        self.state_bytes += size - member.size
+        member.size = size
 
     def heartbeat(self, member_id: str, now: float) -> None:
         self._local_member(member_id).last_seen = now
 
     def leave(self, member_id: str) -> None:
-        if self._members.pop(member_id, None) is not None:
+        if self._remove(member_id):
             self._emit(Left(member_id))
             self._wanted.pop(member_id, None)
             self._settle()
@@ -238,7 +286,8 @@ class Room:
                 if event.member.origin == self.replica:
                     continue  # only we speak for our members
                 known = event.member.id in self._members
-                self._members[event.member.id] = _Member(event.member.copy(), 0.0, 0.0)
+                info = event.member.copy()
+                self._put(info.id, _Member(info, 0.0, 0.0, _size(info.state)))
                 self._remote.add(Joined(event.member, again=known))
                 membership_changed = True
                 continue
@@ -247,10 +296,11 @@ class Room:
                 continue  # unknown (we joined after it left) or not theirs to change
             if isinstance(event, Updated):
                 apply_patch(member.info.state, event.patch, event.nulls)
+                self._resize(member, _size(member.info.state))
             elif isinstance(event, Idle | Active):
                 member.info.idle = isinstance(event, Idle)
             else:
-                del self._members[event.id]
+                self._remove(event.id)
                 membership_changed = True
             self._remote.add(event)
         if membership_changed:
@@ -268,12 +318,12 @@ class Room:
         for member_id in [
             m for m, v in self._members.items() if v.info.origin == origin and m not in incoming
         ]:
-            del self._members[member_id]
+            self._remove(member_id)
             self._remote.add(Left(member_id))
         for member_id, info in incoming.items():
             known = self._members.get(member_id)
             if known is None or not _same_member(known.info, info):
-                self._members[member_id] = _Member(info.copy(), 0.0, 0.0)
+                self._put(member_id, _Member(info.copy(), 0.0, 0.0, _size(info.state)))
                 self._remote.add(Joined(info, again=known is not None))
         self._settle()
 
@@ -283,7 +333,7 @@ class Room:
     def drop_origin(self, replica: str) -> None:
         """Remove every member of a replica that is gone (crashed or restarted)."""
         for member_id in [m for m, v in self._members.items() if v.info.origin == replica]:
-            del self._members[member_id]
+            self._remove(member_id)
             self._remote.add(Left(member_id))
         self._settle()
 

@@ -248,6 +248,7 @@ class Hub:
             timing=self.timing,
             replica=self.replica_id,
             max_state_bytes=self.settings.max_state_bytes,
+            max_room_state_bytes=self.settings.max_room_state_bytes,
         )
         self.outboxes[name] = set()
         opened = self._opening[name] = asyncio.get_running_loop().create_future()

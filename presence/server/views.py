@@ -21,12 +21,20 @@ from presence.server.outbox import Outbox
 
 
 class _StreamSink:
-    """An outbox's sink for an event stream: holds one round of chunks at a time."""
+    """An outbox's sink for an event stream: holds one round of chunks at a time.
 
-    def __init__(self) -> None:
+    While the response is stuck writing a round to a client that stopped reading, the
+    next round waits here and the rest in the outbox; once the hub judges the stream
+    slow (--slow-client-timeout), :meth:`close` ends it. If the response is stuck in a
+    write, that write cannot finish: the connection is reset (``transport.abort()``, the
+    server's buffers for it freed), as closing it would wait for the client forever."""
+
+    def __init__(self, transport: asyncio.Transport | None = None) -> None:
         self.chunks: list[str] = []
         self.ready = asyncio.Event()
         self.closed = False
+        self.writing = False  # the response is writing a round (the client may not read)
+        self.transport = transport
 
     @property
     def writable(self) -> bool:
@@ -39,6 +47,18 @@ class _StreamSink:
     def close(self, code: int, reason: str) -> None:
         self.closed = True
         self.ready.set()
+        if self.writing and self.transport is not None:
+            self.transport.abort()
+
+
+def _transport(request: Request) -> asyncio.Transport | None:
+    """The connection of ``request``, if the server is uvicorn: ASGI has no way to reach
+    it, but uvicorn's ``receive`` is a method of its request cycle, which holds it (its
+    middleware leave ``receive`` as it is). None elsewhere: then a stream that stops
+    reading leaves the room, and its connection stays open until the client closes it."""
+    cycle = getattr(request.receive, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    return transport if callable(getattr(transport, "abort", None)) else None
 
 
 def _room_name(request: Request) -> str | None:
@@ -104,8 +124,8 @@ async def room_events(request: Request) -> Response:
         return _bad_room()
     # The stream is a connection with no member of its own: it gets the room's batches
     # like any other; while the dashboard is slow to read they wait in the outbox, which
-    # coalesces them (and the hub cuts a stream that stops reading).
-    sink = _StreamSink()
+    # coalesces them (and the hub cuts a stream that stops reading: _StreamSink).
+    sink = _StreamSink(_transport(request))
     outbox: Outbox[str] = Outbox(
         sink,
         sse.ENCODER,
@@ -123,13 +143,17 @@ async def room_events(request: Request) -> Response:
                 try:
                     await asyncio.wait_for(sink.ready.wait(), 15)
                 except TimeoutError:
+                    sink.writing = True
                     yield sse.KEEPALIVE
+                    sink.writing = False
                     continue
                 chunk = "".join(sink.chunks)
                 sink.chunks.clear()
                 sink.ready.clear()
                 if chunk:
+                    sink.writing = True
                     yield chunk  # returns once the response took it
+                    sink.writing = False
                 outbox.resume()
         finally:
             hub.disconnect(name, outbox)
