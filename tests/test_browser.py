@@ -7,6 +7,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 
+import jwt
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
@@ -324,3 +325,46 @@ def overlaps(p: dict[str, float], q: dict[str, float]) -> bool:
         and p["y"] < q["y"] + q["height"]
         and q["y"] < p["y"] + p["height"]
     )
+
+
+async def test_the_client_fetches_a_new_room_token_when_its_own_expires(
+    browser: Browser, server_factory: ServerFactory
+) -> None:
+    server = server_factory("--auth", "token", "--seed", "13")  # secret: test-secret
+    page = await (await browser.new_context()).new_page()
+    await page.goto(f"{server.http}/healthz")  # any page of the service's origin
+    issued: list[float] = []
+
+    def issue(room: str) -> str:  # what the application's backend does
+        issued.append(time.monotonic())
+        claims = {"room": room, "exp": int(time.time()) + 2}
+        return jwt.encode(claims, "test-secret", algorithm="HS256")
+
+    await page.expose_function("issueToken", issue)
+    await page.evaluate(
+        """async () => {
+        const { PresenceClient } = await import("/static/presence.js");
+        const watch = (client) => {
+          client.closes = [];
+          client.addEventListener("status", (e) => {
+            if (e.detail.status === "closed") client.closes.push(e.detail.code);
+          });
+          return client;
+        };
+        window.client = watch(new PresenceClient("tokens", {
+          accessToken: (room) => window.issueToken(room),
+        }));
+        window.refused = watch(new PresenceClient("tokens", {
+          accessToken: "not-a-token", storageKey: "presence:other",
+        }));
+      }"""
+    )
+    await page.wait_for_function("client.status === 'open'")
+    # Its token lasts 2 s: the server closes the socket with 4401 when it expires, and
+    # the client asks for a new one and is back.
+    await page.wait_for_function(
+        "client.closes.includes(4401) && client.status === 'open'", timeout=15000
+    )
+    assert len(issued) >= 2
+    # A token given as a string is refused once, and not tried again.
+    assert await page.evaluate("[refused.status, refused.closes]") == ["closed", [4401]]

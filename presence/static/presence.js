@@ -9,7 +9,9 @@
 // "update", "idle", "active" and "leave" {member}, "me" {me} (own identity changed),
 // "status" {status: "connecting" | "open" | "closed", code, reason}.
 
-const NO_RETRY = new Set([1003, 1007, 1009]); // our own bug: retrying will not help
+// Our own bug, or a room token for another room or only to view: retrying will not help.
+const NO_RETRY = new Set([1003, 1007, 1009, 4403]);
+const TOKEN_REFUSED = 4401; // missing, invalid or expired room token (--auth token)
 
 export class PresenceClient extends EventTarget {
   /**
@@ -18,6 +20,10 @@ export class PresenceClient extends EventTarget {
    * @param {string} [options.url] WebSocket base, default: this page's host + "/rooms/"
    * @param {number} [options.rate] most updates per second (default: one per animation frame)
    * @param {string} [options.storageKey] where the identity token is kept
+   * @param {string | ((room: string) => Promise<string>)} [options.accessToken] the room
+   *   token, for a service run with --auth token: a function is asked for a fresh one
+   *   at every connection, so that an expired token (close 4401) is replaced; a string
+   *   is used as is, and the client stops when it is refused
    */
   constructor(room, options = {}) {
     super();
@@ -26,6 +32,7 @@ export class PresenceClient extends EventTarget {
     this.base = options.url ?? `${scheme}//${location.host}/rooms/`;
     this.rate = options.rate ?? null;
     this.storageKey = options.storageKey ?? "presence:token";
+    this.accessToken = options.accessToken ?? null;
     this.me = null;
     this.members = new Map(); // id -> {id, user, state, idle}
     this.timing = { idle_after: 3, expire_after: 30, heartbeat_interval: 10 };
@@ -66,10 +73,23 @@ export class PresenceClient extends EventTarget {
     } catch { /* storage disabled: identity lasts for this page only */ }
   }
 
-  _connect() {
-    const token = this.token;
-    const url = this.base + encodeURIComponent(this.room) + (token ? `?token=${encodeURIComponent(token)}` : "");
+  async _connect() {
     this._setStatus("connecting");
+    const params = new URLSearchParams();
+    if (this.token) params.set("token", this.token);
+    let access = this.accessToken;
+    if (typeof access === "function") {
+      try {
+        access = await access(this.room);
+      } catch (error) {
+        console.warn(`presence: no room token: ${error}`);
+        return this._onClose({ code: TOKEN_REFUSED, reason: "no room token" });
+      }
+    }
+    if (access) params.set("access_token", access);
+    if (this._closed) return;
+    const query = params.toString();
+    const url = this.base + encodeURIComponent(this.room) + (query ? `?${query}` : "");
     const socket = new WebSocket(url);
     this._socket = socket;
     socket.onmessage = (e) => this._receive(JSON.parse(e.data));
@@ -83,6 +103,8 @@ export class PresenceClient extends EventTarget {
     for (const member of left) this._emit("leave", { member });
     this._setStatus("closed", event.code, event.reason);
     if (this._closed || NO_RETRY.has(event.code)) return;
+    // A refused room token given as a string would be refused again.
+    if (event.code === TOKEN_REFUSED && typeof this.accessToken !== "function") return;
     // Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... 10 s.
     const delay = Math.min(10000, 500 * 2 ** this._retries) * (0.5 + Math.random() / 2);
     this._retries += 1;
