@@ -166,7 +166,9 @@ class Settings:
         TOKEN_MAX_AGE,
         positive_float,
         "Seconds an identity token is accepted after it was issued (30 days); an older "
-        "one is refused like an invalid one and its client gets a new identity.",
+        "one is refused like an invalid one and its client gets a new identity. Every "
+        "welcome issues a fresh token, so a client that keeps it is limited by how "
+        "long it stays away, not by its first visit.",
         "SECONDS",
     )
     auth: str = _opt(
@@ -311,7 +313,8 @@ class Settings:
         str,
         "Proxies (comma-separated IPs or networks, or *) whose X-Forwarded-For header "
         "names the client (for the per-IP limit and the HTTP views). Set it to the "
-        "load balancer's address when there is one.",
+        "load balancer's address when there is one. With *, the last address of the "
+        "header is the client: the proxy must set it, not append to the client's.",
         "IPS",
     )
     log_level: str = _opt(

@@ -298,6 +298,19 @@ async def test_behind_a_proxy_the_forwarded_client_is_counted(
     first = connect(limited, OTHER_IP)
     status = ask(connect(limited, OTHER_IP), upgrade("X-Forwarded-For: 10.0.0.9"))
     assert status.startswith(b"HTTP/1.1 503 "), status
+    # Trusting every proxy ("*"), the entry the nearest proxy added counts, not what a
+    # client wrote before it: new made-up addresses each time do not get it more places.
+    everyone_trusting = server_factory(
+        "--seed", "27", "--max-connections-per-ip", "2", "--forwarded-allow-ips", "*"
+    )
+    for sock in held:
+        sock.close()
+    held = [connect(everyone_trusting) for _ in range(2)]
+    for i, sock in enumerate(held):
+        status = ask(sock, upgrade(f"X-Forwarded-For: 6.6.6.{i}, 10.0.0.1"))
+        assert status.startswith(b"HTTP/1.1 101 "), status
+    status = ask(connect(everyone_trusting), upgrade("X-Forwarded-For: 6.6.6.9, 10.0.0.1"))
+    assert status.startswith(b"HTTP/1.1 503 "), status
     for sock in [*held, first]:
         sock.close()
 

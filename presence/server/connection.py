@@ -591,9 +591,12 @@ class HttpProtocol(HttpToolsProtocol):
         assert self.client is not None
         forwarded = b", ".join(v for name, v in self.headers if name == b"x-forwarded-for")
         if forwarded:
-            host, _port = self._limits.proxies.get_trusted_client_address(
-                forwarded.decode("latin-1")
-            )
+            proxies = self._limits.proxies
+            if proxies.always_trust:
+                # uvicorn takes the leftmost entry then, which the client itself may have
+                # written (a proxy appends to what it got): the one our proxy added is last.
+                return forwarded.decode("latin-1").rsplit(",", 1)[-1].strip()
+            host, _port = proxies.get_trusted_client_address(forwarded.decode("latin-1"))
             if host:
                 return str(host)
         return str(self.client[0])
