@@ -100,6 +100,15 @@ async def test_views_need_a_token_and_viewers_only_view(server_factory: ServerFa
         ):
             r = await http.get("/rooms/doc", **credentials)  # type: ignore[arg-type]
             assert r.status_code == 200 and [m["id"] for m in r.json()["members"]] == [member.id]
+        # An auth proxy's own Authorization (not Bearer) leaves the query parameter in use.
+        r = await http.get(
+            "/rooms/doc",
+            params={"access_token": viewer},
+            headers={"Authorization": "Basic dXNlcjpwYXNz"},
+        )
+        assert r.status_code == 200, r.text
+        r = await http.get("/rooms/doc", headers={"Authorization": "Basic dXNlcjpwYXNz"})
+        assert (r.status_code, r.json()["error"]) == (401, "missing_token")
         r = await http.get("/rooms/doc/events")
         assert r.status_code == 401
         async with http.stream("GET", "/rooms/doc/events", params={"access_token": viewer}) as s:
@@ -136,6 +145,58 @@ async def test_the_token_identity_is_shown(server_factory: ServerFactory) -> Non
     for c in (a, b):
         await c.ws.close()
     await y.ws.close()
+
+
+async def test_a_yjs_client_shows_the_identity_its_token_claims(
+    server_factory: ServerFactory,
+) -> None:
+    """Stock clients always send a ``user``: the parts the token claims override it (for
+    Yjs and JSON peers alike), the rest of it is kept."""
+    server = guarded(server_factory)
+    claimed = token(name="Mallory Claimed", color="#117733", username="mallory")
+    own = {
+        "name": "Eve",
+        "display_name": "Eve",
+        "initials": "EV",
+        "color": "#ff0000",
+        "colorLight": "#ff000033",
+        "username": "eve",
+        "avatar_url": "https://example.com/eve.png",
+    }
+    y = await YClient.connect(
+        f"{server.ws}/yjs/doc?access_token={claimed}", {"user": own, "cursor": 1}
+    )
+    watcher = await YClient.connect(f"{server.ws}/yjs/doc?access_token={token()}", {"x": 1})
+    j = await Client.connect(f"{server.ws}/rooms/doc?access_token={token()}")
+    shown = {
+        "name": "Mallory Claimed",
+        "display_name": "Mallory Claimed",
+        "initials": "MC",
+        "color": "#117733",
+        "colorLight": "#11773333",
+        "username": "mallory",
+        "avatar_url": "https://example.com/eve.png",  # not claimed: the client's
+    }
+    await watcher.until(lambda: watcher.states.get(y.id, {}).get("user") == shown)
+    assert watcher.states[y.id]["cursor"] == 1
+    member = j.members[f"y{y.id}"]
+    assert member["user"]["name"] == "Mallory Claimed" and member["user"]["initials"] == "MC"
+    assert (member["user"]["color"], member["user"]["username"]) == ("#117733", "mallory")
+    assert member["state"]["user"]["name"] == "Mallory Claimed"
+    # A later state cannot rename it either; a user that is no object gives way.
+    await y.set({"user": {**own, "name": "Eve again", "display_name": "Eve again"}, "cursor": 2})
+    await watcher.until(lambda: watcher.states.get(y.id, {}).get("cursor") == 2)
+    assert watcher.states[y.id]["user"] == shown
+    await j.until(lambda m: m["type"] == "update")
+    assert j.members[f"y{y.id}"]["state"]["user"]["name"] == "Mallory Claimed"
+    other = await YClient.connect(
+        f"{server.ws}/yjs/doc?access_token={token(color='#332288')}", {"user": "Eve"}
+    )
+    await watcher.until(lambda: isinstance(watcher.states.get(other.id, {}).get("user"), dict))
+    assert watcher.states[other.id]["user"]["color"] == "#332288"
+    for c in (y, watcher, other):
+        await c.ws.close()
+    await j.ws.close()
 
 
 async def test_a_token_that_expires_closes_its_socket_and_stream(

@@ -4,16 +4,18 @@ server side's PyJWT checks with an injected clock; origins; the CLI's durations.
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 import jwt
 import pytest
+from starlette.requests import Request
 
 from presence.cli import duration, mint
 from presence.config import ConfigError, Settings
 from presence.core.access import AccessError, decide, origin_allowed, parse_origins
 from presence.core.identity import Identity
-from presence.server.access import Access
+from presence.server.access import Access, request_token
 
 pytestmark = pytest.mark.unit
 
@@ -156,6 +158,36 @@ def test_pyjwt_checks_signature_algorithm_and_exp() -> None:
     soon = jwt.encode({"room": "r1", "exp": 4_000_000_000}, SECRET, algorithm="HS256")
     with pytest.raises(AccessError, match="expired"):
         server_side(4_000_000_000).check(soon, "r1", "join")
+
+
+def test_an_iat_in_the_future_is_no_refusal() -> None:
+    """A backend whose clock runs a few seconds ahead mints an ``iat`` "from the
+    future": PyJWT (leeway 0) would refuse it; the service does not check ``iat``."""
+    access = Access("token", SECRET, frozenset())
+    ahead = jwt.encode(
+        {"room": "r1", "iat": int(time.time()) + 5, "exp": int(time.time()) + 60},
+        SECRET,
+        algorithm="HS256",
+    )
+    assert access.check(ahead, "r1", "join") is not None
+    with pytest.raises(jwt.ImmatureSignatureError):  # what PyJWT's default would do
+        jwt.decode(ahead, SECRET, algorithms=["HS256"])
+
+
+def http_request(authorization: str | None, query: str = "") -> Request:
+    headers = [] if authorization is None else [(b"authorization", authorization.encode())]
+    return Request({"type": "http", "headers": headers, "query_string": query.encode()})
+
+
+def test_request_token_bearer_header_else_the_query_parameter() -> None:
+    assert request_token(http_request("Bearer h.e.ader", "access_token=q.u.ery")) == "h.e.ader"
+    assert request_token(http_request("bearer h.e.ader")) == "h.e.ader"
+    assert request_token(http_request(None, "access_token=q.u.ery")) == "q.u.ery"
+    assert request_token(http_request(None)) is None
+    # Another scheme (an auth proxy's Basic) is not ours: the query parameter applies.
+    for header in ("Basic dXNlcjpwYXNz", "Negotiate abc", "Bearer", "garbage"):
+        assert request_token(http_request(header, "access_token=q.u.ery")) == "q.u.ery"
+        assert request_token(http_request(header)) is None
 
 
 def test_durations_and_minting() -> None:

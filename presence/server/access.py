@@ -68,7 +68,12 @@ class Access:
             raise missing()
         try:
             claims = jwt.decode(
-                token, self.secret, algorithms=ALGORITHMS, options={"require": ["exp"]}
+                token,
+                self.secret,
+                algorithms=ALGORITHMS,
+                # ``iat`` is not checked: a backend whose clock runs ahead would mint
+                # tokens "from the future" that PyJWT refuses (it has no leeway here).
+                options={"require": ["exp"], "verify_iat": False},
             )
         except jwt.ExpiredSignatureError:
             raise expired() from None
@@ -124,13 +129,11 @@ def refused(connection: Connection, exc: AccessError) -> None:
 
 def request_token(request: Request) -> str | None:
     """``Authorization: Bearer <token>``, else ``?access_token=`` (EventSource cannot set
-    headers)."""
+    headers). Another scheme (``Basic`` from an auth proxy in front) is not ours: the
+    query parameter applies then."""
     from presence.server.views import bearer
 
-    header = request.headers.get("authorization")
-    if header:
-        return bearer(header)
-    return request.query_params.get(PARAMETER)
+    return bearer(request.headers.get("authorization", "")) or request.query_params.get(PARAMETER)
 
 
 def _refusal(exc: AccessError) -> Response:

@@ -19,8 +19,8 @@ import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from presence.codecs import yjs
-from presence.core.access import AccessError
-from presence.core.colors import parse_hex, pick_color
+from presence.core.access import AccessError, Grant
+from presence.core.colors import Colors, parse_hex, pick_color
 from presence.core.events import State
 from presence.core.identity import DECLARED_PREFIX, Identity, InvalidToken, initials_of
 from presence.core.room import ROOM_NAME_RULE, Room, RoomError, is_valid_room_name
@@ -69,12 +69,15 @@ class YjsClient:
         identity: Identity | None,
         told: dict[int, int],
         view: YjsView,
+        grant: Grant | None = None,
     ) -> None:
         self.hub = hub
         self.room = room
         self.outbox = outbox
         self.view = view
         self.identity = identity  # from ?token=, for states that carry no ``user``
+        # The room token's: its claimed name, colour, username override the client's.
+        self.grant = grant if grant is not None and grant.has_identity else None
         self.told = told  # the clock of each client ID's last state sent to this socket
         self.clocks: dict[int, int] = {}
         self.sent: dict[int, bytes] = {}  # each client ID's last state, as it came
@@ -124,6 +127,7 @@ class YjsClient:
             state.pop(field, None)
         if self.hub.settings.yjs_anonymous:
             state.pop("user", None)
+        self._claim(state)
         if mine:
             limiter = self.updates.get(member_id)
             if limiter is None:
@@ -140,14 +144,54 @@ class YjsClient:
             self.view.bound(self.outbox, entry.client_id)
         self.sent[entry.client_id] = entry.state
 
-    def _identity_of(self, user: Any, client_id: int) -> Identity | None:
-        """The client's own ``user``, if it has a usable one; else the token's or None
-        (the hub then makes an anonymous one)."""
+    def _claim(self, state: State) -> None:
+        """The parts of the identity the room token claims in place of the client's own
+        in ``state``'s ``user`` (what Yjs peers see); the rest of it is kept. A ``user``
+        that is no object is dropped: peers get the member's identity instead."""
+        grant = self.grant
+        if grant is None or "user" not in state:
+            return
+        user = state["user"]
         if not isinstance(user, dict):
+            del state["user"]
+            return
+        user = state["user"] = dict(user)
+        if grant.name is not None:
+            user["name"] = grant.name
+            for key, value in (("display_name", grant.name), ("initials", initials_of(grant.name))):
+                if key in user:
+                    user[key] = value
+        if grant.color is not None:
+            colors = Colors.of(grant.color)
+            user["color"] = colors.color
+            for key, value in (
+                ("colorLight", colors.color_light),
+                ("color_light", colors.color_light),
+                ("text_color", colors.text_color),
+            ):
+                if key in user:
+                    user[key] = value
+        if grant.username is not None:
+            user["username"] = grant.username
+
+    def _identity_of(self, user: Any, client_id: int) -> Identity | None:
+        """The client's own ``user``, if it has a usable one, with the parts the room
+        token claims in place; else the token's (claims included) or None (the hub then
+        makes an anonymous one)."""
+        declared = self._declared(user, client_id)
+        if declared is None:
             return self.identity
+        if self.grant is None:
+            return declared
+        return self.grant.identity(lambda: declared) or declared
+
+    def _declared(self, user: Any, client_id: int) -> Identity | None:
+        """The identity the client's own ``user`` declares, if it is usable."""
+        if not isinstance(user, dict):
+            return None
         name = user.get("display_name") or user.get("name")
         if not isinstance(name, str) or not name.strip():
-            return self.identity
+            return None
         name = name.strip()[:100]
         color = user.get("color")
         try:
@@ -222,7 +266,7 @@ class YjsEndpoint:
         hub.attach(room, outbox)
         # Stock clients never ask (query-awareness): push the room's states on join.
         outbox.push([view.full(view.snapshot(), outbox)])
-        self.client = YjsClient(hub, room, outbox, identity, told, view)
+        self.client = YjsClient(hub, room, outbox, identity, told, view, self.admission.grant)
 
     def receive(self, data: bytes) -> None:
         assert self.outbox is not None and self.client is not None and self.view is not None
