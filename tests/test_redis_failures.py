@@ -272,7 +272,8 @@ async def test_connections_killed_again_and_again_under_uvloop(
     await a.until(sees(a, late), timeout=10)
     for r in (r1, r2):
         assert r.metrics()["presence_backplane_replicas"] == 1  # heartbeats flow
-        assert not [e for e in logged(r) if e["level"] in ("error", "critical")]
+        errors = [e for e in logged(r) if e["level"] in ("error", "critical")]
+        assert not errors, "\n".join(map(str, errors))
     print(
         f"\n{kills} connections killed in {ROUNDS} rounds; relay and /readyz back "
         f"{recovered:.2f} s after"

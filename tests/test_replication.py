@@ -777,3 +777,16 @@ async def test_a_paused_process_does_not_take_redis_for_stalled() -> None:
     await asyncio.sleep(0.25)
     assert not t._stalled and t.state == "up" and receiver.ups == 0
     watcher.cancel()
+
+
+def test_a_transport_uvloop_has_closed_counts_as_the_network_failing() -> None:
+    # What uvloop raises on a write to a connection the peer closed a loop turn ago:
+    # a reconnection like any other, not a bug logged as an error (it failed CI once).
+    closed = RuntimeError(
+        "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+    )
+    network_error = redis_transport._network_error
+    assert network_error(closed)
+    assert network_error(ConnectionResetError()) and network_error(redis_transport.RedisError())
+    assert not network_error(RuntimeError("dictionary changed size during iteration"))
+    assert not network_error(KeyError("x"))

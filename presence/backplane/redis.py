@@ -247,7 +247,7 @@ class RedisTransport(Transport):
                     # waiting on the set event below would spin without yielding.
                     raise ConnectionError("a Redis connection was lost while connecting")
             except Exception as exc:
-                if not isinstance(exc, RedisError | OSError):
+                if not _network_error(exc):
                     log.exception("connecting to redis failed unexpectedly")
                 self.connect_failures += 1
                 self._down(exc)
@@ -424,7 +424,7 @@ class RedisTransport(Transport):
             pass  # Redis stalled: the health check tells, on_up re-synchronises
         except Exception as exc:
             # Lost: the reconnection subscribes to self.channels, on_up re-synchronises.
-            if not isinstance(exc, RedisError | OSError):
+            if not _network_error(exc):
                 log.exception("subscribing failed")
             self._connection_lost(exc)
 
@@ -465,7 +465,7 @@ class RedisTransport(Transport):
                 # before telling us, a bug), the writer goes on: what was lost is
                 # re-synced on reconnection.
                 self.dropped += messages(batch)
-                if isinstance(exc, RedisError | OSError):
+                if _network_error(exc):
                     log.warning("redis write failed: %s", exc)
                 else:
                     log.exception("redis write failed")
@@ -520,7 +520,9 @@ class RedisTransport(Transport):
     async def _read(self, command: Any) -> Any:
         try:
             return await command
-        except (RedisError, OSError) as exc:
+        except Exception as exc:
+            if not _network_error(exc):
+                raise
             raise Unavailable(f"redis unavailable ({_safe(self.url)}): {exc}") from exc
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
@@ -608,6 +610,15 @@ def _with_host(url: str, host: str, port: int) -> str:
     parts = urlsplit(url)
     credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
     return urlunsplit(parts._replace(netloc=f"{credentials}{host}:{port}"))
+
+
+def _network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the network failing, not a bug: under uvloop, writing on a
+    connection the peer has just closed raises RuntimeError ("the handler is closed"),
+    in our code and in redis-py's alike, a loop turn before the loss is reported."""
+    if isinstance(exc, RedisError | OSError):
+        return True
+    return isinstance(exc, RuntimeError) and "handler is closed" in str(exc)
 
 
 def _safe(url: str) -> str:
