@@ -112,6 +112,13 @@ def origins(text: str) -> str:
     return text
 
 
+def base_path(text: str) -> str:
+    path = text.strip().rstrip("/")
+    if path and (not path.startswith("/") or "//" in path or any(c in path for c in "?#% ")):
+        raise ValueError(f"expected a path like /services/presence, got {text!r}")
+    return path
+
+
 def _opt(default: Any, parse: Callable[[str], Any], help: str, metavar: str = "") -> Any:
     return field(default=default, metadata={"parse": parse, "help": help, "metavar": metavar})
 
@@ -173,10 +180,11 @@ class Settings:
     )
     auth: str = _opt(
         "none",
-        choice("none", "token"),
-        "Who may use a room: 'none' (whoever knows its name) or 'token' (every WebSocket, "
+        choice("none", "token", "jupyterhub"),
+        "Who may use a room: 'none' (whoever knows its name), 'token' (every WebSocket, "
         "REST and SSE request carries a room token signed with --secret; docs/protocol.md, "
-        "Access). 'token' needs --secret.",
+        "Access) or 'jupyterhub' (a hub service: the owner of a hub server and those it is "
+        "shared with; docs/jupyter.md). 'token' needs --secret.",
         "MODE",
     )
     allowed_origins: str = _opt(
@@ -184,8 +192,30 @@ class Settings:
         origins,
         "Origins (comma-separated, like https://example.com) whose pages may open "
         "WebSockets and SSE streams; others get 403. Requests without an Origin header "
-        "are allowed. Unset: any origin.",
+        "are allowed. Unset: any origin, but with --auth jupyterhub only the hub's own.",
         "ORIGINS",
+    )
+    base_path: str = _opt(
+        "",
+        base_path,
+        "Path under which every route is served (like /services/presence), for a proxy "
+        "that does not strip it. With --auth jupyterhub: the hub's service prefix.",
+        "PATH",
+    )
+    jupyterhub_recheck: float = _opt(
+        10.0,
+        positive_float,
+        "With --auth jupyterhub: seconds the hub's answers (who a token is, what is shared "
+        "with whom) are kept, and between checks of open connections; a revoked share "
+        "closes its sockets within twice this.",
+        "SECONDS",
+    )
+    jupyterhub_anonymous: bool = _opt(
+        False,
+        boolean,
+        "With --auth jupyterhub: show hub users under anonymous names and colours (the "
+        "same for a user every time; needs --secret) instead of their hub names.",
+        "BOOL",
     )
     admin_token: str = _opt(
         "",
@@ -351,6 +381,11 @@ class Settings:
             raise ConfigError(
                 "--auth token needs --secret (PRESENCE_SECRET): room tokens are signed with it"
             )
+        if self.jupyterhub_anonymous and not self.secret:
+            raise ConfigError(
+                "--jupyterhub-anonymous needs --secret (PRESENCE_SECRET): a hub user's "
+                "anonymous name comes from it, the same on every replica and after restarts"
+            )
         if self.max_state_bytes < 64:
             raise ConfigError("max_state_bytes must be at least 64")
 
@@ -404,4 +439,29 @@ class Settings:
                 values[name] = parse(raw)
             except ValueError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
+        if values.get("auth") == "jupyterhub":
+            _as_hub_service(values, env)
         return cls(**values)
+
+
+# What a hub gives the services it starts (JupyterHub's Spawner.get_env).
+HUB_API_URL, HUB_API_TOKEN = "JUPYTERHUB_API_URL", "JUPYTERHUB_API_TOKEN"
+
+
+def _as_hub_service(values: dict[str, Any], env: Mapping[str, str]) -> None:
+    """``--auth jupyterhub``: where to listen, and the path, from the hub's variables
+    unless set; refuses to start outside a hub."""
+    missing = [var for var in (HUB_API_URL, HUB_API_TOKEN) if not env.get(var)]
+    if missing:
+        raise ConfigError(
+            f"--auth jupyterhub: {' and '.join(missing)} not set. Run presence as a "
+            "JupyterHub service (c.JupyterHub.services, docs/jupyter.md), or set them to "
+            "the hub's API URL and the service's API token"
+        )
+    if "base_path" not in values and env.get("JUPYTERHUB_SERVICE_PREFIX"):
+        values["base_path"] = base_path(env["JUPYTERHUB_SERVICE_PREFIX"])
+    url = urlsplit(env.get("JUPYTERHUB_SERVICE_URL", ""))
+    if "host" not in values and url.hostname:
+        values["host"] = url.hostname
+    if "port" not in values and url.port:
+        values["port"] = url.port

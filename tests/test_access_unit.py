@@ -15,7 +15,7 @@ from presence.cli import duration, mint
 from presence.config import ConfigError, Settings
 from presence.core.access import AccessError, decide, origin_allowed, parse_origins
 from presence.core.identity import Identity
-from presence.server.access import Access, request_token
+from presence.server.access import Access
 
 pytestmark = pytest.mark.unit
 
@@ -111,7 +111,11 @@ def test_origins() -> None:
     assert origin_allowed("https://app.example.com", allowed)
     assert not origin_allowed("https://evil.example", allowed)
     assert not origin_allowed("null", allowed)
-    assert origin_allowed("https://anything.example", frozenset())  # unset: any
+    assert origin_allowed("https://anything.example", None)  # unset: any
+    # The service's own pages (their origin is the Host they ask), whatever the list.
+    assert origin_allowed("http://presence.example:8000", frozenset(), "presence.example:8000")
+    assert not origin_allowed("http://evil.example", frozenset(), "presence.example:8000")
+    assert not origin_allowed("null", frozenset(), "null")
     for bad in ("example.com", "https://example.com/", "ftp://x", "https://a.com/path"):
         with pytest.raises(ValueError):
             parse_origins(bad)
@@ -132,13 +136,13 @@ def server_side(now: float) -> Access:
 def test_pyjwt_checks_signature_algorithm_and_exp() -> None:
     access = server_side(NOW)
     good = jwt.encode({"room": "r1", "exp": 4_000_000_000}, SECRET, algorithm="HS256")
-    grant = access.check(good, "r1", "join")
+    grant = access.check_token(good, "r1", "join")
     assert grant is not None and access.until_expiry(grant) == 4_000_000_000 - NOW
-    assert Access("none", "", frozenset()).check(None, "r1", "join") is None
+    assert Access("none", "", frozenset()).check_token(None, "r1", "join") is None
 
     def code(token: str | None) -> str:
         with pytest.raises(AccessError) as info:
-            access.check(token, "r1", "join")
+            access.check_token(token, "r1", "join")
         assert info.value.status == 401
         return info.value.code
 
@@ -157,7 +161,7 @@ def test_pyjwt_checks_signature_algorithm_and_exp() -> None:
     # PyJWT checks exp against the real time; the decision against the injected clock.
     soon = jwt.encode({"room": "r1", "exp": 4_000_000_000}, SECRET, algorithm="HS256")
     with pytest.raises(AccessError, match="expired"):
-        server_side(4_000_000_000).check(soon, "r1", "join")
+        server_side(4_000_000_000).check_token(soon, "r1", "join")
 
 
 def test_an_iat_in_the_future_is_no_refusal() -> None:
@@ -169,9 +173,13 @@ def test_an_iat_in_the_future_is_no_refusal() -> None:
         SECRET,
         algorithm="HS256",
     )
-    assert access.check(ahead, "r1", "join") is not None
+    assert access.check_token(ahead, "r1", "join") is not None
     with pytest.raises(jwt.ImmatureSignatureError):  # what PyJWT's default would do
         jwt.decode(ahead, SECRET, algorithms=["HS256"])
+
+
+def request_token(request: Request) -> str | None:
+    return Access("token", SECRET, None).token_of(request.headers, request.query_params)
 
 
 def http_request(authorization: str | None, query: str = "") -> Request:

@@ -7,6 +7,7 @@ import signal
 import time
 
 import httpx
+import orjson
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
@@ -391,10 +392,18 @@ async def test_invalid_room_name_is_closed_with_1008(server: Server, room: str) 
     await assert_room_still_works(server)
 
 
-async def test_room_path_with_a_slash_is_not_a_room(server: Server) -> None:
-    with pytest.raises(websockets.InvalidStatus) as info:
-        await websockets.connect(f"{server.ws}/rooms/a%2Fb")
-    assert info.value.response.status_code == 404
+async def test_a_room_name_may_hold_slashes_encoded_or_not(server: Server) -> None:
+    # A hub server's rooms are named alice/<server>:<room>; clients encode "/" or not.
+    async with websockets.connect(f"{server.ws}/rooms/alice/:doc") as a:
+        assert orjson.loads(await a.recv())["room"] == "alice/:doc"
+        async with websockets.connect(f"{server.ws}/rooms/alice%2F%3Adoc") as b:
+            assert orjson.loads(await b.recv())["room"] == "alice/:doc"
+            assert orjson.loads(await a.recv())["type"] == "join"
+    for bad in ("a%2F%2Fb", "a/", "a/events"):
+        async with websockets.connect(f"{server.ws}/rooms/{bad}") as ws:
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+        assert ws.close_code == 1008 and "invalid room name" in ws.close_reason
 
 
 @pytest.mark.parametrize("path", ["/", "/nowhere/x", "/rooms", "/rooms/", "/yjs"])

@@ -284,7 +284,13 @@ def test_merged_batches_equal_sequential_delivery() -> None:
         ("", False),
         ("x" * 129, False),
         ("a b", False),
-        ("a/b", False),
+        ("a/b", True),  # a hub server's room: alice/:doc
+        ("alice@example.org/gpu:doc", True),
+        ("/a", False),
+        ("a/", False),
+        ("a//b", False),
+        ("a/events", False),  # GET /rooms/a/events is the stream of room a
+        ("events", True),
         ("é", False),
         ("{room}", False),
     ],

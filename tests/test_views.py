@@ -170,4 +170,4 @@ def test_client_modules_load_from_other_origins(server: Server) -> None:
         assert "javascript" in response.headers["content-type"]
         assert response.headers["access-control-allow-origin"] == "*"
     page = httpx.get(server.http + "/")
-    assert page.status_code == 200 and 'src="/static/demo.js"' in page.text
+    assert page.status_code == 200 and 'src="static/demo.js"' in page.text

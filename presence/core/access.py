@@ -12,12 +12,17 @@ allow is decided here, with the time given by the caller:
   and SSE views, no WebSocket);
 - ``name``, ``color`` (``#rrggbb``), ``username``: the identity to show, each optional;
   what is given replaces that part of the member's identity.
+
+With ``--auth jupyterhub`` a room belongs to a hub user's server: ``<owner>/<server>:<room>``
+(``<server>`` empty for the default one). Its owner may enter, and whoever it is shared
+with (JupyterHub >= 5 shares, to them or to one of their groups); the hub's answers are
+fetched by :mod:`presence.server.jupyterhub_auth`, judged here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,8 +35,9 @@ MAX_IDENTITY_CHARS = 100
 
 
 class AccessError(Exception):
-    """A request refused: ``status`` 401 (no usable token: get a new one) or 403 (a good
-    token that does not allow this); ``code`` names the reason for programs."""
+    """A request refused: ``status`` 401 (no usable token: get a new one), 403 (a good
+    token that does not allow this) or 503 (the hub that would tell is unreachable);
+    ``code`` names the reason for programs."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -41,8 +47,8 @@ class AccessError(Exception):
 
     @property
     def close_code(self) -> int:
-        """The WebSocket close code: 4401 or 4403."""
-        return 4000 + self.status
+        """The WebSocket close code: 4401 or 4403; 1013 (try again later) for a 503."""
+        return 1013 if self.status == 503 else 4000 + self.status
 
 
 def missing() -> AccessError:
@@ -130,6 +136,49 @@ def decide(claims: Mapping[str, Any], room: str, want: Want, now: float) -> Gran
     return grant
 
 
+# -- JupyterHub ------------------------------------------------------------------------------
+
+
+def server_of(room: str) -> tuple[str, str]:
+    """The hub server ``(owner, server name)`` a room belongs to; raises
+    :class:`AccessError` if the name is not ``<owner>/<server>:<room>``."""
+    owner, slash, rest = room.partition("/")
+    server, colon, name = rest.partition(":")
+    if not (owner and slash and colon and name) or "/" in server:
+        raise AccessError(
+            403,
+            "other_room",
+            "rooms here belong to a hub server: name them <owner>/<server>:<room> "
+            "(<server> empty for the default server)",
+        )
+    return owner, server
+
+
+def may_enter(user: str, room: str, shares: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether hub user ``user`` may enter ``room``: they own its server, or one of
+    ``shares`` (``GET /hub/api/users/{user}/shared`` items, which include the shares
+    granted to the user's groups) is of that server and grants access to it."""
+    owner, server = server_of(room)
+    if user == owner:
+        return True
+    for share in shares:
+        shared = share.get("server") or {}
+        if (
+            (shared.get("user") or {}).get("name") == owner
+            and shared.get("name") == server
+            and any(str(scope).startswith("access:servers") for scope in share.get("scopes") or ())
+        ):
+            return True
+    return False
+
+
+def not_shared(user: str, room: str) -> AccessError:
+    owner, server = server_of(room)
+    return AccessError(
+        403, "not_shared", f"the server {owner}/{server} is not shared with the hub user {user}"
+    )
+
+
 def parse_origins(text: str) -> frozenset[str]:
     """``--allowed-origins``: comma-separated origins like ``https://example.com`` or
     ``http://localhost:3000`` (scheme, host and port; no path); empty: any origin."""
@@ -150,7 +199,16 @@ def parse_origins(text: str) -> frozenset[str]:
     return frozenset(origins)
 
 
-def origin_allowed(origin: str | None, allowed: frozenset[str]) -> bool:
-    """Requests without an Origin header (programs, not browsers) are allowed; so is any
-    origin when no list is set."""
-    return origin is None or not allowed or origin.strip().lower() in allowed
+def origin_allowed(
+    origin: str | None, allowed: frozenset[str] | None, host: str | None = None
+) -> bool:
+    """Whether a request with this ``Origin`` may go on: one without (a program, not a
+    browser), any origin where ``allowed`` is None, one of ``allowed``, or a page of this
+    very service (its host and port are the request's ``Host``)."""
+    if origin is None or allowed is None:
+        return True
+    origin = origin.strip().lower()
+    if origin in allowed:
+        return True
+    _, sep, netloc = origin.partition("://")
+    return bool(sep) and host is not None and netloc == host.strip().lower()

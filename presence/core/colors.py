@@ -13,6 +13,7 @@ higher WCAG contrast; the palette is filtered so that this is always >= 4.5:1.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -134,6 +135,13 @@ class Colors:
     @classmethod
     def of(cls, color: str) -> Colors:
         return cls(color=color, text_color=text_color_for(color), color_light=color + "33")
+
+
+def stable_color(key: str) -> str:
+    """A palette colour for ``key`` (a hub user's name), the same everywhere and always;
+    the palette has fewer colours than a hub has users, so two keys can share one."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return PALETTE[int.from_bytes(digest[:4], "big") % len(PALETTE)]
 
 
 def pick_color(in_use: Iterable[str], palette: Sequence[str] = PALETTE) -> str:

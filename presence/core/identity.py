@@ -315,6 +315,17 @@ class IdentityFactory:
         color = pick_color(in_use) if in_use else self._random.choice(PALETTE)
         return Identity(self.new_id(), name, initials_of(name), color)
 
+    def derived(self, key: str) -> Identity:
+        """The identity of ``key``, the same for every call and on every replica that
+        shares the secret, and telling nothing of ``key`` without it (an anonymous face
+        for a known user: ``--auth jupyterhub --jupyterhub-anonymous``)."""
+        digest = self._mac(b"derived:" + key.encode())
+        seed = int.from_bytes(digest[:8], "big")
+        self._faker.seed_instance(seed)
+        name = self._name()
+        self._faker.seed_instance(self._random.getrandbits(64))  # back to its own draws
+        return Identity(digest[8:16].hex(), name, initials_of(name), PALETTE[seed % len(PALETTE)])
+
     # -- tokens ------------------------------------------------------------------------
 
     def _mac(self, payload: bytes) -> bytes:

@@ -34,8 +34,14 @@ from presence.core.events import (
 )
 from presence.core.identity import Identity
 
-ROOM_NAME_RULE = "1 to 128 characters: letters, digits and - _ . : ~"
-_ROOM_NAME = re.compile(r"[A-Za-z0-9_.:~-]{1,128}")
+ROOM_NAME_RULE = (
+    "1 to 128 characters: letters, digits, - _ . : ~ @ + and / (between the others; "
+    "not ending in /events)"
+)
+# "/" lets a room name its owner (``alice/:doc`` with --auth jupyterhub); it never starts,
+# ends or doubles, and "/events" cannot end a name: GET /rooms/{room}/events is the stream.
+_SEGMENT = r"[A-Za-z0-9_.:~@+-]+"
+_ROOM_NAME = re.compile(rf"(?=.{{1,128}}$){_SEGMENT}(?:/{_SEGMENT})*(?<!/events)", re.DOTALL)
 
 
 def is_valid_room_name(name: str) -> bool:

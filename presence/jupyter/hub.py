@@ -14,10 +14,9 @@ palette instead of its 7 shared colours:
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-from presence.core.colors import PALETTE
+from presence.core.colors import stable_color
 from presence.core.identity import initials_of
 
 
@@ -27,11 +26,7 @@ def hub_identity(username: str, display_name: str | None = None) -> dict[str, st
     The colour comes from a hash of the username: a hub has more users than the palette
     has colours, so two users can share one; their names and initials tell them apart.
     """
-    digest = hashlib.sha256(username.encode()).digest()
-    return {
-        "initials": initials_of(display_name or username),
-        "color": PALETTE[int.from_bytes(digest[:4], "big") % len(PALETTE)],
-    }
+    return {"initials": initials_of(display_name or username), "color": stable_color(username)}
 
 
 def post_auth_hook(authenticator: Any, handler: Any, auth_model: dict[str, Any]) -> dict[str, Any]:

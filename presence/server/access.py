@@ -1,16 +1,20 @@
 """``--auth`` and ``--allowed-origins`` at the doors: WebSockets, the REST and SSE views.
 
 The room token's signature and encoding are checked with PyJWT (HS256 only, ``exp``
-required); what its claims allow is :func:`presence.core.access.decide`.
+required); what its claims allow is :func:`presence.core.access.decide`. With
+``--auth jupyterhub`` the hub answers (:mod:`presence.server.jupyterhub_auth`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import jwt
@@ -29,10 +33,13 @@ from presence.core.access import (
     origin_allowed,
     parse_origins,
 )
+from presence.core.identity import IdentityFactory
 from presence.core.room import is_valid_room_name
+from presence.server.views import bearer
 
 if TYPE_CHECKING:
     from presence.server.connection import Connection
+    from presence.server.jupyterhub_auth import JupyterHubAuth
 
 # The query parameter of the room token (``token`` is the identity token's).
 PARAMETER = "access_token"
@@ -41,12 +48,15 @@ ALGORITHMS = ["HS256"]
 
 @dataclass(frozen=True)
 class Access:
-    """A deployment's rules: ``mode`` 'none' or 'token', its secret, allowed origins."""
+    """A deployment's rules: ``mode`` ('none', 'token' or 'jupyterhub'), the secret of
+    room tokens, the origins allowed besides the service's own (None: any), and in
+    'jupyterhub' mode the hub that answers."""
 
     mode: str
     secret: str
-    origins: frozenset[str]
+    origins: frozenset[str] | None
     clock: Callable[[], float] = time.time
+    jupyterhub: JupyterHubAuth | None = None
 
     @staticmethod
     def of(settings: Any) -> Access:
@@ -54,14 +64,36 @@ class Access:
         has no auth settings: no tokens, any origin)."""
         if isinstance(settings, Settings):
             return _access_of(settings)
-        return Access("none", "", frozenset())
+        return Access("none", "", None)
 
-    def origin_allowed(self, origin: str | None) -> bool:
-        return origin_allowed(origin, self.origins)
+    async def start(self) -> None:
+        if self.jupyterhub is not None:
+            await self.jupyterhub.start()
 
-    def check(self, token: str | None, room: str, want: Want) -> Grant | None:
+    async def stop(self) -> None:
+        if self.jupyterhub is not None:
+            await self.jupyterhub.stop()
+
+    def origin_allowed(self, origin: str | None, host: str | None) -> bool:
+        return origin_allowed(origin, self.origins, host)
+
+    def token_of(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        """The credential a request carries, where this mode looks for it."""
+        if self.jupyterhub is not None:
+            return self.jupyterhub.token_of(headers, query)
+        # Another scheme (``Basic`` from an auth proxy in front) is not ours: the query
+        # parameter applies then (EventSource cannot set headers anyway).
+        return bearer(headers.get("authorization", "")) or query.get(PARAMETER)
+
+    async def check(self, token: str | None, room: str, want: Want) -> Grant | None:
         """The grant of ``token`` for ``want`` in ``room`` (None: no tokens here);
         raises :class:`AccessError`."""
+        if self.jupyterhub is not None:
+            return await self.jupyterhub.check(token, room, want)
+        return self.check_token(token, room, want)
+
+    def check_token(self, token: str | None, room: str, want: Want) -> Grant | None:
+        """:meth:`check` of a room token (``--auth token``; None in 'none' mode)."""
         if self.mode != "token":
             return None
         if not token:
@@ -85,38 +117,68 @@ class Access:
 
     def until_expiry(self, grant: Grant | None) -> float | None:
         """Seconds left of ``grant``; None if it does not expire."""
-        return None if grant is None else max(0.0, grant.expires - self.clock())
+        if grant is None or math.isinf(grant.expires):
+            return None
+        return max(0.0, grant.expires - self.clock())
 
 
-@lru_cache(maxsize=8)
+@cache
 def _access_of(settings: Settings) -> Access:
-    return Access(settings.auth, settings.secret, parse_origins(settings.allowed_origins))
+    origins = parse_origins(settings.allowed_origins)
+    if settings.auth != "jupyterhub":
+        return Access(settings.auth, settings.secret, origins or None)
+    from presence.server.jupyterhub_auth import HubService, JupyterHubAuth
+
+    service = HubService.from_env(os.environ)
+    if not origins and service.public_origin:
+        origins = frozenset([service.public_origin])  # and, as always, the service's own
+    anonymous = None
+    if settings.jupyterhub_anonymous:
+        anonymous = IdentityFactory(settings.secret.encode()).derived
+    hub = JupyterHubAuth(service, recheck=settings.jupyterhub_recheck, anonymous=anonymous)
+    return Access(settings.auth, settings.secret, origins, jupyterhub=hub)
 
 
 # -- WebSockets -----------------------------------------------------------------------------
 
 
 class Admission:
-    """A socket let into a room: its grant, and the timer that closes it with 4401 when
-    the token expires (cancel it when the socket closes)."""
+    """A socket let into a room: its grant, and what closes it when that ends: the timer
+    of its token's expiry (4401), the hub's answer changing (4403: a share revoked).
+    Cancel it when the socket closes."""
 
-    def __init__(self, connection: Connection, room: str, want: Want = "join") -> None:
+    def __init__(self, grant: Grant | None) -> None:
+        self.grant = grant
+        self._timer: asyncio.TimerHandle | None = None
+        self._unwatch: Callable[[], None] | None = None
+
+    @staticmethod
+    async def of(connection: Connection, room: str, want: Want = "join") -> Admission:
         """Raises :class:`AccessError`: close the socket with its ``close_code``."""
         access = Access.of(connection.hub.settings)
-        self.grant = access.check(connection.query.get(PARAMETER), room, want)
-        left = access.until_expiry(self.grant)
-        self._timer = (
-            None
-            if left is None
-            else asyncio.get_running_loop().call_later(
+        token = access.token_of(connection.headers, connection.query)
+        admission = Admission(await access.check(token, room, want))
+        left = access.until_expiry(admission.grant)
+        if left is not None:
+            admission._timer = asyncio.get_running_loop().call_later(
                 left, connection.close, 4401, "token expired"
             )
-        )
+        if access.jupyterhub is not None and token:
+
+            def revoke(exc: AccessError) -> None:
+                connection.hub.metrics.refused("access_revoked")
+                connection.close(exc.close_code, f"access revoked: {exc.message}"[:120])
+
+            admission._unwatch = access.jupyterhub.watch(token, room, revoke)
+        return admission
 
     def cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
 
 
 def refused(connection: Connection, exc: AccessError) -> None:
@@ -125,15 +187,6 @@ def refused(connection: Connection, exc: AccessError) -> None:
 
 
 # -- HTTP -----------------------------------------------------------------------------------
-
-
-def request_token(request: Request) -> str | None:
-    """``Authorization: Bearer <token>``, else ``?access_token=`` (EventSource cannot set
-    headers). Another scheme (``Basic`` from an auth proxy in front) is not ours: the
-    query parameter applies then."""
-    from presence.server.views import bearer
-
-    return bearer(request.headers.get("authorization", "")) or request.query_params.get(PARAMETER)
 
 
 def _refusal(exc: AccessError) -> Response:
@@ -147,49 +200,70 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def guarded(handler: Handler, *, stream: bool = False) -> Handler:
-    """``handler`` (a view of one room) behind the room token and, for a stream, the
-    Origin check; a stream ends when its token expires."""
+    """``handler`` (a view of one room) behind the room's access rules and, for a
+    stream, the Origin check; a stream ends when its access does (token expired,
+    share revoked)."""
 
     async def view(request: Request) -> Response:
         access = Access.of(request.app.state.hub.settings)
-        if stream and not access.origin_allowed(request.headers.get("origin")):
-            request.app.state.hub.metrics.refused("origin")
+        metrics = request.app.state.hub.metrics
+        if stream and not access.origin_allowed(
+            request.headers.get("origin"), request.headers.get("host")
+        ):
+            metrics.refused("origin")
             return JSONResponse(
                 {"error": "origin", "message": "this origin may not use this service"},
                 status_code=403,
             )
         room = request.path_params["room"]
-        grant = None
+        grant, token = None, None
         if is_valid_room_name(room):  # else the view answers 400
+            token = access.token_of(request.headers, request.query_params)
             try:
-                grant = access.check(request_token(request), room, "view")
+                grant = await access.check(token, room, "view")
             except AccessError as exc:
-                request.app.state.hub.metrics.refused("access_" + exc.code)
+                metrics.refused("access_" + exc.code)
                 return _refusal(exc)
         response = await handler(request)
+        if not isinstance(response, StreamingResponse):
+            return response
+        ended = asyncio.Event()
         left = access.until_expiry(grant)
-        if left is not None and isinstance(response, StreamingResponse):
-            response.body_iterator = until(response.body_iterator, left)
+        if left is not None:
+            asyncio.get_running_loop().call_later(left, ended.set)
+        unwatch = None
+        if access.jupyterhub is not None and token:
+            unwatch = access.jupyterhub.watch(token, room, lambda _: ended.set())
+        response.body_iterator = until(response.body_iterator, ended, unwatch)
         return response
 
     return view
 
 
-async def until(stream: AsyncIterable[Any], seconds: float) -> AsyncIterator[Any]:
-    """``stream`` for ``seconds``, then the end (the stream is closed)."""
+async def until(
+    stream: AsyncIterable[Any], ended: asyncio.Event, finally_: Callable[[], None] | None = None
+) -> AsyncIterator[Any]:
+    """``stream`` until ``ended`` is set, then the end (the stream is closed)."""
     chunks = aiter(stream)
-    deadline = asyncio.get_running_loop().time() + seconds
     try:
-        while True:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
+        while not ended.is_set():
+            next_chunk = asyncio.ensure_future(anext(chunks))
+            stop = asyncio.ensure_future(ended.wait())
+            await asyncio.wait((next_chunk, stop), return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not next_chunk.done():
+                next_chunk.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await next_chunk
                 return
             try:
-                chunk = await asyncio.wait_for(anext(chunks), left)
-            except (StopAsyncIteration, TimeoutError):
+                chunk = next_chunk.result()
+            except StopAsyncIteration:
                 return
             yield chunk
     finally:
+        if finally_ is not None:
+            finally_()
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -14,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from presence.backplane.base import Backplane
@@ -25,6 +25,7 @@ from presence.core.identity import IdentityFactory, InvalidToken
 from presence.server.access import Access, guarded
 from presence.server.hub import Hub, new_replica_id
 from presence.server.identities import post_identities
+from presence.server.jupyterhub_auth import hub_routes
 from presence.server.views import list_rooms, room_events, room_members
 
 log = logging.getLogger("presence.app")
@@ -97,6 +98,10 @@ def replication_metrics(hub: Hub) -> None:
 
 async def index(request: Request) -> Response:
     """The demo page: live cursors, the room's members, a link to share."""
+    settings = request.app.state.hub.settings
+    hub = Access.of(settings).jupyterhub
+    if hub is not None and not hub.token_of(request.headers, request.query_params):
+        return hub.login(request, settings.base_path, str(request.url.path))  # then back
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
@@ -151,14 +156,32 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Hub]]:
         await hub.start()
+        await access.start()
         log.info("presence ready", extra={"replica": hub.replica_id})
         try:
             # The state reaches the WebSocket connections (server/connection.py) too.
             yield {"hub": hub}
         finally:
+            await access.stop()
             await hub.stop()
             log.info("presence stopped", extra={"replica": hub.replica_id})
 
+    routes: list[BaseRoute] = [
+        Route("/", index),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        Route("/rooms", list_rooms),
+        Route("/rooms/{room:path}/events", guarded(room_events, stream=True)),
+        Route("/rooms/{room:path}", guarded(room_members)),
+        Route("/identity", identity),
+        Route("/identities", post_identities, methods=["POST"]),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+    ]
+    if access.jupyterhub is not None:
+        routes += hub_routes(access.jupyterhub, settings.base_path)
+    if settings.base_path:
+        routes = [Mount(settings.base_path, routes=routes)]
     app = Starlette(
         # Pages on other origins (those of --allowed-origins, if set) may load the client
         # modules and read the views; WebSockets are not subject to CORS (their Origin
@@ -166,23 +189,12 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
         middleware=[
             Middleware(
                 CORSMiddleware,
-                allow_origins=sorted(access.origins) or ["*"],
+                allow_origins=["*"] if access.origins is None else sorted(access.origins),
                 allow_methods=["GET"],
                 allow_headers=["Authorization"],
             )
         ],
-        routes=[
-            Route("/", index),
-            Mount("/static", StaticFiles(directory=STATIC), name="static"),
-            Route("/rooms", list_rooms),
-            Route("/rooms/{room}", guarded(room_members)),
-            Route("/rooms/{room}/events", guarded(room_events, stream=True)),
-            Route("/identity", identity),
-            Route("/identities", post_identities, methods=["POST"]),
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/metrics", metrics),
-        ],
+        routes=routes,
         lifespan=lifespan,
     )
     app.state.hub = hub

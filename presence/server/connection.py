@@ -95,6 +95,7 @@ class Connection(asyncio.Protocol):
         self.state = "connecting"  # -> opening -> open -> closing -> closed
         self.writable = True
         self.query: dict[str, str] = {}
+        self.headers: dict[str, str] = {}
         self._timer: asyncio.TimerHandle | None = None  # keepalive, or the close timeout
         self._heard = True  # a pong arrived since the last ping
         self._opening: asyncio.Task[None] | None = None
@@ -194,7 +195,8 @@ class Connection(asyncio.Protocol):
         try:
             request = ws.parse_request(head)
             endpoint_class = self._route(request.path)
-            if not Access.of(self.hub.settings).origin_allowed(request.headers.get("origin")):
+            origin, host = request.headers.get("origin"), request.headers.get("host")
+            if not Access.of(self.hub.settings).origin_allowed(origin, host):
                 self.hub.metrics.refused("origin")
                 raise ws.HandshakeError(403, "this origin may not use this service")
             response = ws.accept(request)
@@ -204,8 +206,8 @@ class Connection(asyncio.Protocol):
             return
         self.transport.write(response)
         self.state = "opening"
-        self.query = request.query
-        room = request.path.split("/", 2)[2]
+        self.query, self.headers = request.query, request.headers
+        room = self._path(request.path).split("/", 2)[2]
         self.endpoint = endpoint_class(self, self.hub, room)
         # Messages wait until the member has joined, those read already too.
         self.reader.feed(frames)
@@ -213,8 +215,15 @@ class Connection(asyncio.Protocol):
         self._opening = asyncio.get_running_loop().create_task(self._open())
         self._opening.add_done_callback(self._cancelled)
 
+    def _path(self, path: str) -> str:
+        """``path`` below ``--base-path`` (unchanged without one; "" outside it)."""
+        base: str = getattr(self.hub.settings, "base_path", "")
+        if not base:
+            return path
+        return path[len(base) :] if path.startswith(base + "/") else ""
+
     def _route(self, path: str) -> Any:
-        parts = path.split("/")
+        parts = self._path(path).split("/", 2)  # a room's name may hold "/"
         if len(parts) == 3 and parts[0] == "" and parts[1] in self.routes and parts[2]:
             return self.routes[parts[1]]
         raise ws.HandshakeError(404, f"no WebSocket endpoint at {path[:100]}")

@@ -46,7 +46,7 @@ class JsonEndpoint:
             return
         token = connection.query.get("token")
         try:
-            self.admission = Admission(connection, self.room)
+            self.admission = await Admission.of(connection, self.room)
         except AccessError as exc:
             connection.send([codec.error(exc.code, exc.message)])
             refused(connection, exc)

@@ -234,7 +234,7 @@ class YjsEndpoint:
             connection.close(1008, f"invalid room name: use {ROOM_NAME_RULE}")
             return
         try:
-            self.admission = Admission(connection, self.room)
+            self.admission = await Admission.of(connection, self.room)
         except AccessError as exc:
             refused(connection, exc)
             return

@@ -11,7 +11,10 @@ document.querySelector("#new-room").addEventListener("click", () => {
   location.search = `?room=${crypto.randomUUID().slice(0, 13)}`;
 });
 
-const client = new PresenceClient(room);
+// The page may be served below a path (--base-path, a hub's /services/presence/).
+const url = new URL("rooms/", location.href);
+url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+const client = new PresenceClient(room, { url: url.href });
 const board = document.querySelector("#board");
 const notes = document.querySelector("#notes");
 new CursorOverlay(client, board);
