@@ -211,6 +211,11 @@ async def test_a_browser_logs_in_with_the_hub_and_its_cookie_opens_its_rooms(
         ws_url(hub, "/rooms/carol/:scratch"), additional_headers=headers
     ) as ws:
         assert (await closed(ws, 10))[0] == 4403
+    # The views take the cookie from a person opening them, not from a page's script
+    # (other users' servers serve pages of the hub's origin too).
+    view = f"{hub.presence}/rooms/alice/:scratch"
+    assert http.get(view, headers={"Sec-Fetch-Mode": "navigate"}).status_code == 200
+    assert http.get(view, headers={"Sec-Fetch-Mode": "cors"}).status_code == 401
     # A forged state is no login.
     forged = http.get(f"{hub.presence}/oauth_callback?code=x&state=y")
     assert forged.status_code == 400

@@ -232,3 +232,61 @@ def test_settings_outside_and_inside_a_hub() -> None:
         Settings.load({"auth": "jupyterhub", "jupyterhub_anonymous": "true"}, env=env)
     with pytest.raises(ConfigError, match="--base-path"):
         Settings.load({"base_path": "services/x"}, env={})
+
+
+def test_where_a_request_carries_its_hub_token() -> None:
+    auth, _, _ = auth_with_fake()
+    cookie = {"cookie": 'a={"x": 1}; other=b c; service-presence=from-cookie'}
+    assert auth.token_of({"authorization": "token t1", **cookie}, {}) == "t1"
+    assert auth.token_of({"authorization": "Bearer t2"}, {"access_token": "q"}) == "t2"
+    assert auth.token_of({"authorization": "Basic x"}, {"access_token": "q"}) == "q"
+    # Another app's odd cookies on the hub's domain do not hide ours.
+    assert auth.token_of(cookie, {}) == "from-cookie"
+    # The HTTP views take the cookie only from a person navigating there, not from a
+    # script of another user's server on the hub's origin.
+    assert auth.token_of(cookie, {}, http=True) is None
+    assert auth.token_of({**cookie, "sec-fetch-mode": "cors"}, {}, http=True) is None
+    assert auth.token_of({**cookie, "sec-fetch-mode": "navigate"}, {}, http=True) == "from-cookie"
+
+
+def test_only_a_hub_service_counts_its_own_host_as_an_allowed_origin() -> None:
+    from presence.server.access import Access
+
+    auth, _, _ = auth_with_fake()
+    host, same = "hub.example:8000", "http://hub.example:8000"
+    assert Access("jupyterhub", "", frozenset(), jupyterhub=auth).origin_allowed(same, host)
+    # Elsewhere Origin == Host is also what a DNS-rebinding page sends: not enough.
+    assert not Access("token", "", frozenset(["https://app.example"])).origin_allowed(same, host)
+
+
+async def test_the_login_never_sends_a_browser_elsewhere() -> None:
+    import base64
+
+    import orjson
+    from starlette.requests import Request
+
+    auth, _, _ = auth_with_fake()
+
+    def request(query: str, cookie: str = "") -> Request:
+        headers = [(b"cookie", cookie.encode())] if cookie else []
+        scope = {"type": "http", "headers": headers, "query_string": query.encode()}
+        return Request({**scope, "scheme": "http", "server": ("hub", 80), "path": "/login"})
+
+    for wanted in ("https://evil.example/", "//evil.example", "/\\evil.example", "evil"):
+        response = auth.login(request(f"next={wanted}"), "/services/presence")
+        state = response.headers["location"].split("state=")[1]
+        padded = state + "=" * (-len(state) % 4)
+        assert orjson.loads(base64.urlsafe_b64decode(padded))["next"] == "/services/presence/"
+
+    # A state cookie planted by a page of the same origin, with its own "next": the
+    # callback checks that too (it answers before asking the hub when the code is bad).
+    planted = base64.urlsafe_b64encode(orjson.dumps({"next": "https://evil.example"}))
+    state = planted.decode().rstrip("=")
+    from presence.server.jupyterhub_auth import _local
+
+    assert _local("https://evil.example", "/p") == "/p/"
+    assert _local("/p/?room=alice/:x", "/p") == "/p/?room=alice/:x"
+    mismatch = await auth.callback(
+        request(f"code=c&state={state}", "service-presence-oauth-state=other"), "/p"
+    )
+    assert mismatch.status_code == 400

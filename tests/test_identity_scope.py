@@ -94,7 +94,7 @@ async def test_bad_requests_get_a_400_that_says_why(server: Server) -> None:
             response = await http.post(url, json=body)
             assert response.status_code == 400, body
             assert response.json()["error"] == code, body
-        invalid_scope = (await http.post(url, json={"scope": "a/b"})).json()["message"]
+        invalid_scope = (await http.post(url, json={"scope": "a b"})).json()["message"]
         assert "letters, digits" in invalid_scope
         json_type = {"content-type": "application/json"}
         response = await http.post(url, content=b"{nope", headers=json_type)

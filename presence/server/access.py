@@ -75,12 +75,17 @@ class Access:
             await self.jupyterhub.stop()
 
     def origin_allowed(self, origin: str | None, host: str | None) -> bool:
-        return origin_allowed(origin, self.origins, host)
+        # The request's own host counts as allowed only for a hub service, whose public
+        # address the hub may not say; elsewhere it would let DNS rebinding through.
+        return origin_allowed(origin, self.origins, host if self.jupyterhub else None)
 
-    def token_of(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
-        """The credential a request carries, where this mode looks for it."""
+    def token_of(
+        self, headers: Mapping[str, str], query: Mapping[str, str], *, http: bool = False
+    ) -> str | None:
+        """The credential a request carries (a WebSocket's, or with ``http`` a REST or
+        SSE view's), where this mode looks for it."""
         if self.jupyterhub is not None:
-            return self.jupyterhub.token_of(headers, query)
+            return self.jupyterhub.token_of(headers, query, http=http)
         # Another scheme (``Basic`` from an auth proxy in front) is not ours: the query
         # parameter applies then (EventSource cannot set headers anyway).
         return bearer(headers.get("authorization", "")) or query.get(PARAMETER)
@@ -134,7 +139,12 @@ def _access_of(settings: Settings) -> Access:
         origins = frozenset([service.public_origin])  # and, as always, the service's own
     anonymous = None
     if settings.jupyterhub_anonymous:
-        anonymous = IdentityFactory(settings.secret.encode()).derived
+        faces = IdentityFactory(
+            settings.secret.encode(),
+            style=settings.name_style,  # type: ignore[arg-type]
+            locale=settings.locale,
+        )
+        anonymous = faces.derived
     hub = JupyterHubAuth(service, recheck=settings.jupyterhub_recheck, anonymous=anonymous)
     return Access(settings.auth, settings.secret, origins, jupyterhub=hub)
 
@@ -218,52 +228,64 @@ def guarded(handler: Handler, *, stream: bool = False) -> Handler:
         room = request.path_params["room"]
         grant, token = None, None
         if is_valid_room_name(room):  # else the view answers 400
-            token = access.token_of(request.headers, request.query_params)
+            token = access.token_of(request.headers, request.query_params, http=True)
             try:
                 grant = await access.check(token, room, "view")
             except AccessError as exc:
                 metrics.refused("access_" + exc.code)
                 return _refusal(exc)
         response = await handler(request)
-        if not isinstance(response, StreamingResponse):
-            return response
-        ended = asyncio.Event()
         left = access.until_expiry(grant)
-        if left is not None:
-            asyncio.get_running_loop().call_later(left, ended.set)
-        unwatch = None
-        if access.jupyterhub is not None and token:
-            unwatch = access.jupyterhub.watch(token, room, lambda _: ended.set())
-        response.body_iterator = until(response.body_iterator, ended, unwatch)
+        hub = access.jupyterhub if token else None
+        if not isinstance(response, StreamingResponse) or (left is None and hub is None):
+            return response
+
+        def arm(ended: asyncio.Event) -> Callable[[], None]:
+            """Set ``ended`` when the token expires or the hub revokes; returns the
+            function that disarms both."""
+            timer = None if left is None else asyncio.get_running_loop().call_later(left, ended.set)
+            unwatch = None if hub is None else hub.watch(str(token), room, lambda _: ended.set())
+
+            def disarm() -> None:
+                if timer is not None:
+                    timer.cancel()
+                if unwatch is not None:
+                    unwatch()
+
+            return disarm
+
+        response.body_iterator = until(response.body_iterator, arm)
         return response
 
     return view
 
 
 async def until(
-    stream: AsyncIterable[Any], ended: asyncio.Event, finally_: Callable[[], None] | None = None
+    stream: AsyncIterable[Any], arm: Callable[[asyncio.Event], Callable[[], None]]
 ) -> AsyncIterator[Any]:
-    """``stream`` until ``ended`` is set, then the end (the stream is closed)."""
+    """``stream`` until the event that ``arm`` is given is set, then the end. Armed when
+    the stream starts, disarmed and ``stream`` closed however it ends (a client that
+    goes away cancels it)."""
+    ended = asyncio.Event()
+    disarm = arm(ended)
     chunks = aiter(stream)
+    waiting = asyncio.ensure_future(ended.wait())
     try:
         while not ended.is_set():
             next_chunk = asyncio.ensure_future(anext(chunks))
-            stop = asyncio.ensure_future(ended.wait())
-            await asyncio.wait((next_chunk, stop), return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            if not next_chunk.done():
-                next_chunk.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await next_chunk
-                return
             try:
-                chunk = next_chunk.result()
-            except StopAsyncIteration:
+                await asyncio.wait((next_chunk, waiting), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not next_chunk.done():  # ended, or this stream was cancelled
+                    next_chunk.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await next_chunk
+            if next_chunk.cancelled() or isinstance(next_chunk.exception(), StopAsyncIteration):
                 return
-            yield chunk
+            yield next_chunk.result()
     finally:
-        if finally_ is not None:
-            finally_()
+        waiting.cancel()
+        disarm()
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -101,7 +101,8 @@ async def index(request: Request) -> Response:
     settings = request.app.state.hub.settings
     hub = Access.of(settings).jupyterhub
     if hub is not None and not hub.token_of(request.headers, request.query_params):
-        return hub.login(request, settings.base_path, str(request.url.path))  # then back
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return hub.login(request, settings.base_path, here)  # and back here
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 

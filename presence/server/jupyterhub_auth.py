@@ -26,13 +26,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 import orjson
-from starlette.requests import Request
+from starlette.requests import Request, cookie_parser
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -45,6 +44,7 @@ log = logging.getLogger("presence.jupyterhub")
 
 MAX_CACHED = 10_000  # answers kept: random tokens from a flood cannot grow it further
 HUB_TIMEOUT = 5.0
+RECHECKS_AT_ONCE = 16  # hub requests in flight while re-checking open connections
 
 
 def unavailable(detail: str) -> AccessError:
@@ -99,6 +99,7 @@ class _Cache:
         """The answer for ``key``; raises the AccessError it was (503s are not kept)."""
         kept = self._answers.get(key)
         if kept is not None and self.clock() < kept[0]:
+            self._answers.move_to_end(key)  # least recently used goes first
             return self._result(kept[1])
         if key in self._asking:
             return self._result(await asyncio.shield(self._asking[key]))
@@ -109,6 +110,9 @@ class _Cache:
                 answer: Any = await ask()
             except AccessError as exc:
                 answer = exc
+            except Exception as exc:  # an answer we cannot read: as if the hub were away
+                log.warning("unexpected answer from the hub: %r", exc)
+                answer = unavailable(f"unexpected answer: {type(exc).__name__}")
             if not (isinstance(answer, AccessError) and answer.status == 503):
                 self._answers[key] = (self.clock() + self.ttl, answer)
                 self._answers.move_to_end(key)
@@ -278,22 +282,29 @@ class JupyterHubAuth:
                 log.exception("re-checking hub access failed")
 
     async def recheck_all(self) -> int:
-        """Check every open connection's access again; returns how many were revoked."""
-        revoked = 0
-        for watch in list(self._watches):
-            try:
-                await self.check(watch.token, watch.room, "join")
-            except AccessError as exc:
-                if exc.status == 503 or watch not in self._watches:
-                    continue  # the hub is away (nothing was revoked), or it closed meanwhile
-                self._watches.discard(watch)
-                revoked += 1
-                log.info(
-                    "hub access revoked: closing a connection",
-                    extra={"room": watch.room, "reason": exc.code},
-                )
-                watch.revoke(exc)
-        return revoked
+        """Check every open connection's access again, several at a time; returns how
+        many were revoked."""
+        limit = asyncio.Semaphore(RECHECKS_AT_ONCE)
+
+        async def recheck(watch: _Watch) -> bool:
+            async with limit:
+                try:
+                    await self.check(watch.token, watch.room, "join")
+                except AccessError as exc:
+                    if exc.status == 503 or watch not in self._watches:
+                        return False  # the hub is away (nothing was revoked), or it closed
+                    self._watches.discard(watch)
+                    log.info(
+                        "hub access revoked: closing a connection",
+                        extra={"room": watch.room, "reason": exc.code},
+                    )
+                    watch.revoke(exc)
+                    return True
+                except Exception:
+                    log.exception("re-checking a connection's hub access failed")
+                return False
+
+        return sum(await asyncio.gather(*(recheck(w) for w in list(self._watches))))
 
     # -- browsers: OAuth with the hub -------------------------------------------------------
 
@@ -301,26 +312,29 @@ class JupyterHubAuth:
     def cookie(self) -> str:
         return self.service.client_id
 
-    def token_of(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    def token_of(
+        self, headers: Mapping[str, str], query: Mapping[str, str], *, http: bool = False
+    ) -> str | None:
         """The hub token of a request: Authorization (``Bearer`` or ``token``), then
-        ``?access_token=``, then the login cookie."""
+        ``?access_token=``, then the login cookie. For the HTTP views (``http``) the
+        cookie counts only when a person navigates there: without per-user subdomains,
+        other users' servers serve pages of the hub's origin, whose scripts would send
+        it too (JupyterHub's HubOAuth refuses cookies to such requests as well)."""
         scheme, _, value = headers.get("authorization", "").strip().partition(" ")
         if scheme.lower() in ("bearer", "token") and value.strip():
             return value.strip()
         if query.get("access_token"):
             return query["access_token"]
-        jar: SimpleCookie = SimpleCookie()
-        with contextlib.suppress(Exception):
-            jar.load(headers.get("cookie", ""))
-        morsel = jar.get(self.cookie)
-        return morsel.value if morsel is not None and morsel.value else None
+        if http and headers.get("sec-fetch-mode") != "navigate":
+            return None
+        # Starlette's lenient parser: one odd cookie of another app on the hub's domain
+        # must not hide ours (http.cookies drops the whole header then).
+        return cookie_parser(headers.get("cookie", "")).get(self.cookie) or None
 
     def login(self, request: Request, prefix: str, wanted: str = "") -> Response:
         """Off to the hub's authorize page; it comes back to the callback with a code,
         then to ``wanted`` (a path on this host; else ``?next=``, else the front page)."""
-        wanted = wanted or request.query_params.get("next", "")
-        if not wanted.startswith("/") or wanted.startswith("//"):
-            wanted = prefix + "/"
+        wanted = _local(wanted or request.query_params.get("next", ""), prefix)
         state = _b64(orjson.dumps({"s": secrets.token_urlsafe(16), "next": wanted}))
         query = urlencode(
             {
@@ -378,7 +392,9 @@ class JupyterHubAuth:
         try:
             wanted = str(orjson.loads(_unb64(state))["next"])
         except (ValueError, KeyError, TypeError):
-            wanted = prefix + "/"
+            wanted = ""
+        # Checked again: a page of the same origin could have planted the state cookie.
+        wanted = _local(wanted, prefix)
         response = RedirectResponse(wanted, status_code=302)
         secure = request.url.scheme == "https"
         response.set_cookie(
@@ -399,6 +415,14 @@ def hub_routes(auth: JupyterHubAuth, prefix: str) -> list[BaseRoute]:
         return await auth.callback(request, prefix)
 
     return [Route("/login", login), Route("/oauth_callback", callback)]
+
+
+def _local(path: str, prefix: str) -> str:
+    """``path`` if it is a path on this host (no scheme, no host, no backslash tricks),
+    else the service's front page: no login sends a browser elsewhere."""
+    if path.startswith("/") and not path.startswith("//") and "\\" not in path:
+        return path
+    return prefix + "/"
 
 
 def _digest(token: str) -> str:
