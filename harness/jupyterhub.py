@@ -12,13 +12,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import psutil
 
-from harness.processes import ARTIFACTS, die_with_parent, free_port
+from harness.processes import ARTIFACTS, die_with_parent, free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY = ROOT / "tests" / "js" / "node_modules" / ".bin" / "configurable-http-proxy"
@@ -126,17 +125,11 @@ class JupyterHub:
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"jupyterhub exited with {self.proc.returncode}; see {log.name}")
-            try:
-                # Through the proxy: the hub, the proxy's route and presence are all up.
-                if httpx.get(self.presence + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        # Through the proxy: the hub, the proxy's route and presence are all up.
+        if wait_until_up(
+            self.proc, self.presence + "/readyz", "jupyterhub", log.name, timeout, 0.2
+        ):
+            return self
         self.stop()
         raise RuntimeError(f"jupyterhub with presence not ready within {timeout}s; see {log.name}")
 

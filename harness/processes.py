@@ -44,6 +44,29 @@ def die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def wait_until_up(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    what: str,
+    log: object,
+    timeout: float,
+    every: float = 0.05,
+) -> bool:
+    """Poll ``url`` until it answers 200 (True) or ``timeout`` passes (False); raises if
+    ``proc`` exits first (``log``: where to look)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log}")
+        try:
+            if httpx.get(url, timeout=max(1.0, every)).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(every)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -283,17 +306,9 @@ class Server:
             start_new_session=True,  # its own process group: see stop()
             preexec_fn=die_with_parent,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log.name}")
-            try:
-                path = "/readyz" if ready else "/healthz"
-                if httpx.get(self.http + path, timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        path = "/readyz" if ready else "/healthz"
+        if wait_until_up(self.proc, self.http + path, "server", log.name, timeout):
+            return self
         raise RuntimeError(f"server did not start within {timeout}s; see {log.name}")
 
     @property

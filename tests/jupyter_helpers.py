@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from harness.processes import ARTIFACTS, free_port
+from harness.processes import ARTIFACTS, free_port, wait_until_up
 
 TOKEN = "jupyter-test-token"
 
@@ -111,17 +110,8 @@ def start_jupyter(root: Path, *args: str, app: str = "jupyter_server") -> Jupyte
         start_new_session=True,
     )
     jupyter = Jupyter(port, proc, log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{app} exited with {proc.returncode}; see {log}")
-        try:
-            status = httpx.get(f"{jupyter.http}/api/status?token={TOKEN}", timeout=1)
-            if status.status_code == 200:
-                return jupyter
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    if wait_until_up(proc, f"{jupyter.http}/api/status?token={TOKEN}", app, log, 60, 0.1):
+        return jupyter
     jupyter.stop()
     raise RuntimeError(f"{app} did not start within 60 s; see {log}")
 
