@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 from pycrdt import create_awareness_message
 
+from harness.processes import RedisProcess
 from presence.backplane.memory import MemoryBus
 from presence.config import Settings
 from presence.server.outbox import Outbox
@@ -24,6 +25,7 @@ from tests.conftest import FAST, Server
 from tests.test_hub import Clock, make_hub
 from tests.test_json_protocol import join
 from tests.test_outbox import Peer
+from tests.test_replicas import replicas
 from tests.test_yjs import has, new_token, update_of, yjoin
 from tests.yjs_client import YClient
 
@@ -99,6 +101,39 @@ async def test_a_dropped_clients_id_cannot_be_taken_and_it_comes_back(
         f"\nclaims {claimed_after * 1000:.0f} ms after the drop: refused; "
         f"the victim seen again {returned_in * 1000:.0f} ms after reconnecting"
     )
+
+
+async def test_a_dropped_clients_id_is_held_on_every_replica(
+    server_factory: ServerFactory, redis_server: RedisProcess
+) -> None:
+    # Behind a load balancer the attacker's socket may land on another replica: one
+    # that has the room open (it hears the reservation) or one that opens it after
+    # (it reads the reservation from the room's hash).
+    r1, r2, r3 = replicas(server_factory, redis_server.url, 3)
+    token = new_token(r1)
+    victim = await yjoin(r1, {"who": "victim"}, token=token, client_id=VICTIM)
+    watcher = await yjoin(r1, {"who": "watcher"})
+    mallory = await yjoin(r2, {"who": "mallory"}, echo=False)
+    await watcher.until(lambda: VICTIM in watcher.states and mallory.id in watcher.states)
+    victim.abort()
+    await watcher.until(lambda: VICTIM not in watcher.states, timeout=5)
+    await mallory.ws.send(claim(VICTIM, CLOCK, b'{"who":"mallory"}'))
+    # r3 opens the room now. (Another identity: r3's first would be the victim's, as
+    # every test server draws identities from one seed.)
+    late = await yjoin(r3, None, token=new_token(r1), echo=False)
+    await late.ws.send(claim(VICTIM, CLOCK + 1, b'{"who":"mallory"}'))
+    for client in (mallory, late):
+        await client.set({"marker": 1})
+    for client in (mallory, late):
+        await watcher.until(has(watcher, client.id, marker=1), timeout=5)
+    assert VICTIM not in watcher.states
+    assert (errors(r2, "client_id_held"), errors(r3, "client_id_held")) == (1, 1)
+    # The victim's provider comes back through another replica, with its token: its own.
+    again = await yjoin(r2, None, token=token, client_id=VICTIM)
+    again.awareness._meta[VICTIM] = dict(victim.awareness._meta[VICTIM])
+    again.awareness._states[VICTIM] = {"who": "victim"}
+    await again.send_update([VICTIM])
+    await watcher.until(has(watcher, VICTIM, who="victim"), timeout=5)
 
 
 async def test_the_reservation_lapses_after_the_grace_period(

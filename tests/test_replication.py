@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 import pytest
@@ -790,3 +791,39 @@ def test_a_transport_uvloop_has_closed_counts_as_the_network_failing() -> None:
     assert network_error(ConnectionResetError()) and network_error(redis_transport.RedisError())
     assert not network_error(RuntimeError("dictionary changed size during iteration"))
     assert not network_error(KeyError("x"))
+
+
+def test_held_client_ids_from_other_replicas_are_read_defensively() -> None:
+    from presence.backplane.base import Held
+    from presence.backplane.replication import MAX_HOLD_SECONDS, _holds
+
+    good = [["12", "k", 30], ["13", None, 1e9]]
+    bad = [["14"], [15, "k", 1], ["16", 3, 1], "x", ["17", "k", "soon"], None]
+    assert _holds(good + bad) == [Held("12", "k", 30.0), Held("13", None, MAX_HOLD_SECONDS)]
+    assert _holds("junk") == [] and _holds(None) == []
+
+
+def test_holds_from_elsewhere_last_no_longer_than_ours_and_yield_to_our_sockets() -> None:
+    from presence.backplane.base import Held
+    from presence.server.yjs_view import Holds
+
+    now = [100.0]
+    published: list[tuple[str, list[Held]]] = []
+    holds = Holds(30, lambda: now[0], lambda room, held: published.append((room, list(held))))
+    mine: Any = object()  # an outbox of this replica
+    holds.hold("doc", [1], mine, "key-a")
+    assert published == [("doc", [Held("1", "key-a", 30)])]  # told to the other replicas
+    holds.held_elsewhere(
+        "doc",
+        [
+            Held("1", "key-b", 30),
+            Held("2", None, 3600),
+            Held("x", None, 5),
+            Held(str(1 << 32), None, 5),
+        ],
+    )
+    assert holds.get("doc", 1) is not None and holds.get("doc", 1).owner is mine  # type: ignore[union-attr]
+    assert holds.get("doc", 2) is not None and holds.get("doc", 2).key is None  # type: ignore[union-attr]
+    assert len(holds.held) == 2  # no hold on a non-ID or an ID Yjs never makes
+    now[0] += 30.5
+    assert holds.get("doc", 2) is None  # capped at our own grace

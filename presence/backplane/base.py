@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from presence.core.distinct import Claim
@@ -13,6 +14,16 @@ from presence.core.identity import Identity
 
 class Unavailable(Exception):
     """The store shared by the replicas cannot be reached now (identity scopes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A Yjs client ID (``item``) that left its socket, reserved ``seconds`` more for the
+    identity whose token digest is ``key`` (None: for no other socket)."""
+
+    item: str
+    key: str | None
+    seconds: float
 
 
 class Listener(Protocol):
@@ -28,6 +39,10 @@ class Listener(Protocol):
         """Re-announce our members in ``room`` (:meth:`Backplane.publish_full_state`),
         if we have any there: replicas asked, or we must. Called at most once per room
         for any number of requests that came together."""
+
+    def on_holds(self, room: str, held: Sequence[Held]) -> None:
+        """Client IDs reserved on another replica (or found reserved when the room was
+        opened): no socket here may take them either while they are."""
 
     def on_replica_down(self, origin: str) -> None:
         """``origin`` stopped (cleanly or not): its members are gone."""
@@ -101,6 +116,11 @@ class Backplane(ABC):
         """Announce the complete set of this replica's members in ``room``. Replication
         coalesces full states: outside ``on_sync_request`` this only marks one due, and
         ``on_sync_request`` follows shortly to publish the members as they are then."""
+
+    @abstractmethod
+    def publish_holds(self, room: str, held: Sequence[Held]) -> None:
+        """Tell the other replicas, and those that open the room later, of client IDs
+        reserved here (they arrive before the leaves published after them)."""
 
     @abstractmethod
     async def members(self, room: str) -> list[MemberInfo]:

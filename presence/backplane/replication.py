@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from presence.backplane.base import Backplane, Listener, Unavailable
+from presence.backplane.base import Backplane, Held, Listener, Unavailable
 from presence.backplane.transport import (
     DelKey,
     HashDel,
@@ -72,6 +72,9 @@ log = logging.getLogger("presence.replication")
 
 HASH_TTL_MS = 24 * 3600 * 1000  # backstop for hashes left by replicas that all died
 HASH_INTERVAL = 1.0  # seconds between writes of a moving member's state to the hash
+# Fields of a room's members hash that hold reserved client IDs (no replica id has "/"
+# after "hold": replica ids are hex).
+HOLD_PREFIX = "hold/"
 SYNC_DELAY = 0.05  # seconds requests for a full state are gathered before it is sent
 MAX_CLOSED = 100_000  # rooms closed lately, remembered to be emptied after an outage
 
@@ -110,6 +113,7 @@ class Replication(Backplane):
         replica_timeout: float = 5.0,
         permdown_after: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,  # held IDs' expiry in the hash
         prefix: str = "presence",
         sharded: bool = False,
         ticking: bool = True,  # False: the caller calls tick() (tests)
@@ -117,6 +121,7 @@ class Replication(Backplane):
         super().__init__(replica_id)
         self.transport = transport
         self.clock = clock
+        self.wall = wall
         self.prefix = prefix
         self.sharded = sharded
         # A replica killed just after a heartbeat was last heard at the kill, and is
@@ -375,6 +380,8 @@ class Replication(Backplane):
         elif kind == "f":
             members = [codec.member_from_json(m) for m in message["m"]]
             self.listener.on_full_state(room, origin, members)
+        elif kind == "o":
+            self.listener.on_holds(room, _holds(message.get("h")))
         elif kind == "q":
             target = message.get("t")
             if target is None:
@@ -401,7 +408,7 @@ class Replication(Backplane):
             # Subscribed before the read: a message published meanwhile is either in
             # the snapshot or buffered, and the buffer is sorted out below.
             await self.transport.subscribe(self.channel(room))
-            snapshot = await self._read_members(room)
+            snapshot = await self._read_members(room, holds=True)
         except Unavailable:
             pass  # the answers to the request below fill the room
         except Exception:
@@ -437,7 +444,7 @@ class Replication(Backplane):
         for origin, message in buffered:
             kind, seq = message.get("k"), message.get("s")
             try:
-                if kind == "q":
+                if kind in ("q", "o"):
                     self._deliver(room, link, origin, message)
                     continue
                 if kind not in ("e", "f"):
@@ -483,13 +490,19 @@ class Replication(Backplane):
             while len(self._closed) > MAX_CLOSED:
                 del self._closed[next(iter(self._closed))]
 
-    async def _read_members(self, room: str) -> dict[str, tuple[int, MemberInfo]]:
-        """The room's members hash, less our own members and those of replicas down."""
+    async def _read_members(
+        self, room: str, *, holds: bool = False
+    ) -> dict[str, tuple[int, MemberInfo]]:
+        """The room's members hash, less our own members and those of replicas down;
+        with ``holds``, the client IDs it says are reserved go to the listener."""
         raw = await self.transport.hgetall(self.members_key(room))
+        held = {n: v for n, v in raw.items() if n.startswith(HOLD_PREFIX)}
+        if holds and held:
+            self._read_holds(room, held)
         snapshot: dict[str, tuple[int, MemberInfo]] = {}
         bad = 0
         for name, value in raw.items():
-            if not name.startswith(self.replica_id + "/"):
+            if not name.startswith((self.replica_id + "/", HOLD_PREFIX)):
                 try:
                     entry = codec.loads(value)
                     snapshot[name] = (int(entry["s"]), codec.member_from_json(entry["m"]))
@@ -502,6 +515,24 @@ class Replication(Backplane):
             )
         alive = await self._alive({m.origin for _, m in snapshot.values()})
         return {f: (s, m) for f, (s, m) in snapshot.items() if m.origin in alive}
+
+    def _read_holds(self, room: str, fields: dict[str, bytes]) -> None:
+        """Pass on the reservations still running; delete those that lapsed."""
+        now, held, lapsed = self.wall(), [], []
+        for name, value in fields.items():
+            try:
+                entry = codec.loads(value)
+                key, seconds = entry["k"], entry["u"] / 1000 - now
+            except Exception:
+                seconds = 0.0
+            if seconds > 0:
+                held.append(Held(name[len(HOLD_PREFIX) :], key, seconds))
+            else:
+                lapsed.append(name)
+        if lapsed:
+            self._send([HashDel(self.members_key(room), lapsed)])
+        if held and self.listener is not None:
+            self.listener.on_holds(room, _holds([[h.item, h.key, h.seconds] for h in held]))
 
     async def _alive(self, origins: set[str]) -> set[str]:
         """The replicas up, as we hear them; for one we never heard, its liveness key,
@@ -529,7 +560,8 @@ class Replication(Backplane):
         counts: dict[str, int] = {}
         try:
             for key in await self.transport.scan(f"{self.prefix}:{{*}}:members"):
-                origins = [f.split("/", 1)[0] for f in await self.transport.hkeys(key)]
+                fields = await self.transport.hkeys(key)
+                origins = [f.split("/", 1)[0] for f in fields if not f.startswith(HOLD_PREFIX)]
                 alive = await self._alive(set(origins) - {self.replica_id}) | {self.replica_id}
                 count = sum(1 for o in origins if o in alive)
                 if count:
@@ -632,6 +664,24 @@ class Replication(Backplane):
             ]
         )
 
+    def publish_holds(self, room: str, held: Sequence[Held]) -> None:
+        if self._alone or not held:
+            return
+        until = self.wall() * 1000
+        fields = {
+            HOLD_PREFIX + h.item: codec.dumps({"k": h.key, "u": round(until + h.seconds * 1000)})
+            for h in held
+        }
+        message = {"k": "o", "h": [[h.item, h.key, round(h.seconds, 3)] for h in held]}
+        # Before the leaves that follow (one ordered path): no replica sees the client ID
+        # free in between.
+        self._send(
+            [
+                HashSet(self.members_key(room), fields, HASH_TTL_MS),
+                Publish(self.channel(room), self._envelope(message)),
+            ]
+        )
+
     def _owe(self, room: str, link: Link, why: int) -> None:
         link.due = max(link.due, why)
         self._schedule()
@@ -691,3 +741,20 @@ class Replication(Backplane):
         self, scope: str, claim: Claim, ttl: float
     ) -> dict[str, Identity] | None:
         return await self.transport.claim_identity(scope, claim, ttl)
+
+
+MAX_HOLD_SECONDS = 3600.0  # a replica's claim is believed up to this long
+
+
+def _holds(data: Any) -> list[Held]:
+    """Held client IDs from a message (``[[item, key, seconds], …]``); what is malformed
+    is skipped."""
+    held = []
+    for entry in data if isinstance(data, list) else ():
+        try:
+            item, key, seconds = entry
+            if isinstance(item, str) and (key is None or isinstance(key, str)):
+                held.append(Held(item, key, min(float(seconds), MAX_HOLD_SECONDS)))
+        except (TypeError, ValueError):
+            continue
+    return held

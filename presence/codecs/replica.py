@@ -4,7 +4,9 @@ A channel message is the sender's id, a space, and a JSON object whose ``k`` say
 it is: ``e`` events (``e``) and ``f`` a complete member set (``m``), both numbered per
 sender and room (``s``, consecutive: a gap means a lost message; ``r: 1`` marks that
 numbering, as older replicas numbered across rooms); ``q`` a request for
-full states, from everyone or from the replica ``t``; ``h`` a heartbeat and ``b`` a
+full states, from everyone or from the replica ``t``; ``o`` Yjs client IDs held for the
+sockets that had them (``h``: ``[client ID, key digest or null, seconds]``, also kept in
+the room's hash as ``hold/<client ID>``); ``h`` a heartbeat and ``b`` a
 goodbye (on the replicas channel). A replica ignores kinds it does not know, so that
 replicas of different versions can run side by side during a rolling deploy.
 """

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
-from presence.backplane.base import Backplane
+from presence.backplane.base import Backplane, Held
 from presence.backplane.memory import MemoryBackplane
 from presence.config import Settings
 from presence.core.events import Event, MemberInfo, State
@@ -303,6 +303,11 @@ class Hub:
         room = self.rooms.get(room_name)
         if room is not None and room.has_local_members:
             self.backplane.publish_full_state(room_name, room.local_members())
+
+    def on_holds(self, room_name: str, held: Sequence[Held]) -> None:
+        from presence.server.yjs_view import holds_of  # the Yjs endpoint's reservations
+
+        holds_of(self).held_elsewhere(room_name, held)
 
     def on_replica_down(self, origin: str) -> None:
         for room in self.rooms.values():

@@ -17,12 +17,13 @@ from __future__ import annotations
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from presence.backplane.base import Held
 from presence.codecs import yjs
 from presence.core.events import Batch, Joined, Left, MemberInfo
 from presence.core.room import Room
@@ -40,21 +41,30 @@ MAX_HELD_PER_SOCKET = 64
 @dataclass(slots=True)
 class Hold:
     """A departed client ID, reserved until ``until`` (the hub's clock) for the socket
-    that had it while that socket is open, and for sockets with the same identity token."""
+    that had it while that socket is open, and for sockets with the same identity token
+    (``key``: a digest of its username), here or on another replica."""
 
-    owner: Outbox[bytes] | None  # None once that socket closed
-    key: str | None  # the username of that socket's identity token, if it had one
+    owner: Outbox[bytes] | None  # None once that socket closed, or on another replica
+    key: str | None
     until: float
 
 
 class Holds:
-    """The reserved client IDs of one replica's rooms. Kept by the hub, not the room's
-    view: an empty room is forgotten, its reservations must not be."""
+    """The reserved client IDs of one replica's rooms, its own and those the other
+    replicas announced. Kept by the hub, not the room's view: an empty room is
+    forgotten, its reservations must not be."""
 
-    def __init__(self, grace: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        grace: float,
+        clock: Callable[[], float],
+        publish: Callable[[str, Sequence[Held]], None] = lambda room, held: None,
+    ) -> None:
         self.grace = grace
         self.clock = clock
-        # In the order they lapse: every hold lasts ``grace`` from when it was made.
+        self.publish = publish  # to the other replicas (Backplane.publish_holds)
+        # Roughly in the order they lapse (none lasts longer than ``grace``): pruned
+        # from the front.
         self.held: OrderedDict[tuple[str, int], Hold] = OrderedDict()
 
     def _prune(self, now: float) -> None:
@@ -64,15 +74,35 @@ class Holds:
                 return
             del self.held[key]
 
-    def hold(self, room: str, client_id: int, owner: Outbox[bytes], key: str | None) -> None:
+    def hold(
+        self, room: str, client_ids: Sequence[int], owner: Outbox[bytes], key: str | None
+    ) -> None:
         now = self.clock()
         self._prune(now)
-        self.held.pop((room, client_id), None)
-        self.held[(room, client_id)] = Hold(owner, key, now + self.grace)
+        for client_id in client_ids:
+            self.held.pop((room, client_id), None)
+            self.held[(room, client_id)] = Hold(owner, key, now + self.grace)
+        self.publish(room, [Held(str(c), key, self.grace) for c in client_ids])
+
+    def held_elsewhere(self, room: str, held: Sequence[Held]) -> None:
+        """Reservations another replica made (or found in the room's hash)."""
+        now = self.clock()
+        self._prune(now)
+        for h in held:
+            if not h.item.isdigit() or int(h.item) >= 1 << 32:
+                continue
+            client_id = int(h.item)
+            mine = self.held.get((room, client_id))
+            if mine is not None and mine.owner is not None:
+                continue  # a socket of ours holds it: ours is the better claim
+            self.held.pop((room, client_id), None)
+            self.held[(room, client_id)] = Hold(None, h.key, now + min(h.seconds, self.grace))
 
     def get(self, room: str, client_id: int) -> Hold | None:
-        self._prune(self.clock())
-        return self.held.get((room, client_id))
+        now = self.clock()
+        self._prune(now)
+        hold = self.held.get((room, client_id))
+        return hold if hold is not None and hold.until > now else None
 
     def discard(self, room: str, client_id: int) -> None:
         self.held.pop((room, client_id), None)
@@ -84,7 +114,9 @@ _holds: weakref.WeakKeyDictionary[Hub, Holds] = weakref.WeakKeyDictionary()
 def holds_of(hub: Hub) -> Holds:
     found = _holds.get(hub)
     if found is None:
-        found = _holds[hub] = Holds(hub.settings.yjs_id_grace, hub.clock)
+        found = _holds[hub] = Holds(
+            hub.settings.yjs_id_grace, hub.clock, hub.backplane.publish_holds
+        )
     return found
 
 
@@ -98,6 +130,7 @@ class YjsView:
         self.renew_every = hub.settings.expire_after / 2
         self.last_renewal = hub.clock()
         self.holds = holds_of(hub)
+        self.digest = hub.identities.digest
         # Per connection: its identity token's username (or None), and the client IDs
         # it released that are still reserved for it, oldest first.
         self.keys: dict[Outbox[bytes], str | None] = {}
@@ -108,7 +141,8 @@ class YjsView:
     def attach(self, outbox: Outbox[bytes], key: str | None = None) -> dict[int, int]:
         """A Yjs connection of the room (``key``: its identity token's username); returns
         the clocks it will have been told."""
-        self.keys[outbox] = key
+        # Replicas compare digests (they share the secret): usernames stay here.
+        self.keys[outbox] = None if key is None else self.digest(key)
         self.released[outbox] = OrderedDict()
         return self.told.setdefault(outbox, {})
 
@@ -130,8 +164,9 @@ class YjsView:
         released = self.released.get(outbox)
         if released is None:
             return
+        client_ids = list(client_ids)
+        self.holds.hold(self.room.name, client_ids, outbox, self.keys.get(outbox))
         for client_id in client_ids:
-            self.holds.hold(self.room.name, client_id, outbox, self.keys.get(outbox))
             released.pop(client_id, None)
             released[client_id] = None
             if len(released) > MAX_HELD_PER_SOCKET:
