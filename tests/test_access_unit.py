@@ -182,6 +182,21 @@ def request_token(request: Request) -> str | None:
     return Access("token", SECRET, None).token_of(request.headers, request.query_params)
 
 
+def test_a_not_before_a_little_ahead_passes_and_exp_has_no_leeway() -> None:
+    access = Access("token", SECRET, None)
+    now = time.time()
+    ahead = jwt.encode({"room": "r1", "nbf": now + 20, "exp": now + 60}, SECRET, algorithm="HS256")
+    assert access.check_token(ahead, "r1", "join") is not None
+    later = jwt.encode(
+        {"room": "r1", "nbf": now + 600, "exp": now + 900}, SECRET, algorithm="HS256"
+    )
+    with pytest.raises(AccessError, match="not yet valid"):
+        access.check_token(later, "r1", "join")
+    gone = jwt.encode({"room": "r1", "exp": now - 5}, SECRET, algorithm="HS256")
+    with pytest.raises(AccessError, match="expired"):
+        access.check_token(gone, "r1", "join")
+
+
 def http_request(authorization: str | None, query: str = "") -> Request:
     headers = [] if authorization is None else [(b"authorization", authorization.encode())]
     return Request({"type": "http", "headers": headers, "query_string": query.encode()})

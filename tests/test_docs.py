@@ -14,6 +14,7 @@ from presence.backplane.redis import GIVE_UP_AFTER, MAX_BACKOFF
 from presence.codecs.websocket import MAX_FRAGMENTS
 from presence.config import Settings
 from presence.core.room import ROOM_NAME_RULE
+from presence.server.access import CLOCK_SKEW
 from presence.server.connection import FRAMES_PER_TURN
 from presence.server.identities import DEFAULT_TTL, MAX_BODY, MAX_TTL
 from presence.server.json_ws import MAX_CONSECUTIVE_ERRORS
@@ -65,6 +66,7 @@ CONSTANTS = [
     ("README.md", "fails after 120 s", PYTEST["timeout"]),
     ("docs/protocol.md", "more than 1024 frames", MAX_FRAGMENTS),
     ("docs/protocol.md", "at most 128 frames of one connection", FRAMES_PER_TURN),
+    ("docs/protocol.md", "`nbf` with 60 s of leeway", CLOCK_SKEW),
 ]
 # Numbers next to a unit or a setting's name that quote neither, with why.
 UNRELATED = [

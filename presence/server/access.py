@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 # The query parameter of the room token (``token`` is the identity token's).
 PARAMETER = "access_token"
 ALGORITHMS = ["HS256"]
+CLOCK_SKEW = 60  # seconds a token's "not before" may be ahead of this clock
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,10 @@ class Access:
                 self.secret,
                 algorithms=ALGORITHMS,
                 # ``iat`` is not checked: a backend whose clock runs ahead would mint
-                # tokens "from the future" that PyJWT refuses (it has no leeway here).
+                # tokens "from the future" that PyJWT refuses. The leeway lets an ``nbf``
+                # a little ahead pass; ``exp`` is decided without it (decide()).
                 options={"require": ["exp"], "verify_iat": False},
+                leeway=CLOCK_SKEW,
             )
         except jwt.ExpiredSignatureError:
             raise expired() from None

@@ -44,6 +44,9 @@ log = logging.getLogger("presence.jupyterhub")
 
 MAX_CACHED = 10_000  # answers kept: random tokens from a flood cannot grow it further
 HUB_TIMEOUT = 5.0
+# Requests in flight to the hub at most (more wait, up to HUB_TIMEOUT): a flood of
+# made-up tokens, each a question, cannot turn presence into a flood of the hub.
+HUB_CONNECTIONS = 20
 RECHECKS_AT_ONCE = 16  # hub requests in flight while re-checking open connections
 
 
@@ -169,7 +172,11 @@ class JupyterHubAuth:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._http = httpx.AsyncClient(base_url=self.service.api_url, timeout=HUB_TIMEOUT)
+        self._http = httpx.AsyncClient(
+            base_url=self.service.api_url,
+            timeout=HUB_TIMEOUT,
+            limits=httpx.Limits(max_connections=HUB_CONNECTIONS),
+        )
         self._task = asyncio.create_task(self._recheck_forever(), name="jupyterhub-recheck")
 
     async def stop(self) -> None:
