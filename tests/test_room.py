@@ -481,22 +481,27 @@ def test_a_member_state_over_its_own_limit_is_state_too_large_first() -> None:
         room.update("b", blob(51), now=1)
 
 
-def test_whole_states_count_their_size_as_sent_and_joins_with_a_state_are_refused() -> None:
+def test_whole_states_count_their_stored_size_and_joins_with_a_state_are_refused() -> None:
     room = new_room(max_state_bytes=1000, max_room_state_bytes=1500)
-    room.join("y1", ident("Ann"), now=0, state={"cursor": 1}, size=900)  # as sent
-    assert room.state_bytes == 900
+    room.join("y1", ident("Ann"), now=0, state={"pad": "x" * 890})
+    assert room.state_bytes == len(orjson.dumps({"pad": "x" * 890}))
     with pytest.raises(RoomStateTooLarge):
-        room.join("y2", ident("Bo"), now=0, state={"cursor": 2}, size=700)
+        room.join("y2", ident("Bo"), now=0, state={"pad": "x" * 690})
     assert "y2" not in room and room.state_bytes == 900
-    room.join("y2", ident("Bo"), now=0, state={"cursor": 2}, size=600)
+    room.join("y2", ident("Bo"), now=0, state={"pad": "x" * 590})
     with pytest.raises(RoomStateTooLarge):
-        room.replace("y1", {"cursor": 3}, now=1, size=901)
-    assert room.member("y1").state == {"cursor": 1}
-    room.replace("y1", {"cursor": 3}, now=1, size=100)
-    room.replace("y2", {"cursor": 4}, now=1)  # no size: its JSON's
-    assert room.state_bytes == 100 + len(orjson.dumps({"cursor": 4}))
+        room.replace("y1", {"pad": "x" * 891}, now=1)
+    assert room.member("y1").state == {"pad": "x" * 890}
+    room.replace("y1", {"cursor": 3}, now=1)
+    assert room.state_bytes == len(orjson.dumps({"cursor": 3})) + 600
     room.replace("y2", {}, now=2)
-    assert room.state_bytes == 100
+    assert room.state_bytes == len(orjson.dumps({"cursor": 3}))
+    # Counted as stored, not as sent: 4 bytes of "1e15" are 18 once parsed.
+    room.replace("y2", {"n": [1e15] * 10}, now=3)
+    assert room.member("y2").state == {"n": [1e15] * 10}
+    assert room.state_bytes == len(orjson.dumps({"cursor": 3})) + len(
+        b'{"n":[' + b",".join([b"1000000000000000.0"] * 10) + b"]}"
+    )
 
 
 def test_other_replicas_states_count_but_are_never_refused() -> None:

@@ -162,16 +162,15 @@ class Room:
         identity: Identity,
         now: float,
         state: State | None = None,
-        size: int | None = None,
     ) -> Identity:
         """Add a local member, with its whole state if it has one (a Yjs client's first,
-        kept as it is: see :meth:`replace`; ``size``: its length as sent). Returns the
+        kept as it is: see :meth:`replace`). Returns the
         identity it shows in this room: its own, with the name, initials or colour changed
         where another member holds them."""
         if member_id in self._members:
             raise RoomError(f"member {member_id!r} is already in room {self.name!r}")
         state = dict(state or {})
-        size = self._check_size(state, size)
+        size = self._check_size(state)
         self._wanted[member_id] = identity
         shown = _distinct(self._members).settle(member_id, identity, None)
         info = MemberInfo(member_id, shown, state, False, self.replica)
@@ -183,17 +182,17 @@ class Room:
         member = self._local_member(member_id)
         state = dict(member.info.state)
         apply_patch(state, patch)
-        self._resize(member, self._check_size(state, None, member))
+        self._resize(member, self._check_size(state, member))
         member.info.state = state
         member.last_update = member.last_seen = now
         self._emit(Updated(member_id, patch))
         self._activate(member)
 
-    def replace(self, member_id: str, state: State, now: float, size: int | None = None) -> None:
-        """Set a local member's whole state, as Yjs clients send it (``size``: its length
-        in bytes as sent, if known). ``None`` is a value there, kept as such (``update``
-        reads it as "remove the field"): peers get the changed fields as a patch, whose
-        ``nulls`` name the fields that became ``None``. An unchanged state is a heartbeat."""
+    def replace(self, member_id: str, state: State, now: float) -> None:
+        """Set a local member's whole state, as Yjs clients send it. ``None`` is a value
+        there, kept as such (``update`` reads it as "remove the field"): peers get the
+        changed fields as a patch, whose ``nulls`` name the fields that became ``None``.
+        An unchanged state is a heartbeat."""
         member = self._local_member(member_id)
         old = member.info.state
         patch = {k: v for k, v in state.items() if k not in old or not _same(old[k], v)}
@@ -201,7 +200,7 @@ class Room:
         if not patch:
             member.last_seen = now
             return
-        self._resize(member, self._check_size(state, size, member))
+        self._resize(member, self._check_size(state, member))
         member.info.state = dict(state)
         member.last_update = member.last_seen = now
         nulls = NO_NULLS
@@ -215,14 +214,14 @@ class Room:
             member.info.idle = False
             self._emit(Active(member.info.id))
 
-    def _check_size(self, state: State, size: int | None, member: _Member | None = None) -> int:
-        """The size ``state`` counts (``size``: its length as sent, if known), if it fits
-        the member's limit, and the room's budget in place of ``member``'s state (a
-        state that does not grow is let through even when the room is over budget)."""
+    def _check_size(self, state: State, member: _Member | None = None) -> int:
+        """The size ``state`` counts (its JSON, as peers get it: not as a client sent
+        it, since ``1e15`` is stored as ``1000000000000000.0``), if it fits the member's
+        limit, and the room's budget in place of ``member``'s state (a state that does
+        not grow is let through even when the room is over budget)."""
         if not state:
             return 0
-        if size is None:
-            size = len(orjson.dumps(state))
+        size = len(orjson.dumps(state))
         if size > self.max_state_bytes:
             raise StateTooLarge(
                 f"the state would exceed {self.max_state_bytes} bytes; send smaller fields"

@@ -192,16 +192,15 @@ class Hub:
         member_id: str,
         identity: Identity | None,
         state: State | None = None,
-        size: int | None = None,
     ) -> Identity:
         """Add a member spoken for by ``outbox``; a new anonymous identity if none
-        (``state``, ``size``: a Yjs client's first state, and its length as sent)."""
+        (``state``: a Yjs client's first state)."""
         if len(room) >= self.settings.max_room_members:
             raise RoomFull(f"room is full ({self.settings.max_room_members} members)")
         if identity is None:
             identity = self.identities.create(room.names(), room.colors())
         now = self.clock()
-        given = room.join(member_id, identity, now, state, size)
+        given = room.join(member_id, identity, now, state)
         outbox.members.add(member_id)
         self._mark(room.name)
         return given
@@ -264,11 +263,9 @@ class Hub:
         self.rooms[room_name].update(member_id, patch, self.clock())
         self._mark(room_name)
 
-    def replace(
-        self, room_name: str, member_id: str, state: State, size: int | None = None
-    ) -> None:
+    def replace(self, room_name: str, member_id: str, state: State) -> None:
         """A member's whole new state (Room.replace)."""
-        self.rooms[room_name].replace(member_id, state, self.clock(), size)
+        self.rooms[room_name].replace(member_id, state, self.clock())
         self._mark(room_name)
 
     def heartbeat(self, room_name: str, member_id: str) -> None:

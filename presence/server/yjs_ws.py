@@ -43,18 +43,12 @@ MAX_CLIENT_IDS = 8
 class RateLimitedStates(RateLimitedUpdates):
     """Whole states at the rate limit: the latest one waiting replaces the others."""
 
-    size = 0  # the latest state's length as sent: the one applied now or pending
-
-    def submit_state(self, state: State, size: int) -> None:
-        self.size = size
-        self.submit(state)
-
     def _merge(self, pending: State, state: State) -> None:
         pending.clear()
         pending.update(state)
 
     def _apply(self, state: State) -> None:
-        self.hub.replace(self.room, self.member_id, state, self.size)
+        self.hub.replace(self.room, self.member_id, state)
 
 
 class YjsClient:
@@ -134,13 +128,13 @@ class YjsClient:
                 limiter = self.updates[member_id] = RateLimitedStates(
                     self.hub, self.room.name, member_id
                 )
-            limiter.submit_state(state, len(entry.state))
+            limiter.submit(state)
         elif len(self.outbox.members) >= MAX_CLIENT_IDS:
             raise RoomError(f"a connection speaks for at most {MAX_CLIENT_IDS} client IDs")
         else:
             # A new client ID, or one that went null or reconnected: bind it here.
             identity = self._identity_of(state.get("user"), entry.client_id)
-            self.hub.admit(self.room, self.outbox, member_id, identity, state, len(entry.state))
+            self.hub.admit(self.room, self.outbox, member_id, identity, state)
             self.view.bound(self.outbox, entry.client_id)
         self.sent[entry.client_id] = entry.state
 
