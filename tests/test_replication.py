@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from presence.backplane import redis as redis_transport
+from presence.backplane.base import Held
 from presence.backplane.memory import MemoryBackplane, MemoryBus
 from presence.backplane.redis import RedisTransport
 from presence.backplane.resp import RespConnection
@@ -45,9 +46,16 @@ class Node:
         self.name = name
         self.clock = clock
         self.backplane = MemoryBackplane(
-            name, bus, clock, replica_timeout=TIMEOUT, permdown_after=PERMDOWN, ticking=False
+            name,
+            bus,
+            clock,
+            replica_timeout=TIMEOUT,
+            permdown_after=PERMDOWN,
+            ticking=False,
+            wall=clock,
         )
         self.rooms: dict[str, Room] = {}
+        self.held: list[tuple[str, list[Held]]] = []
         self.reconnected = 0
         self.ops: list[Op] = []  # everything its backplane wrote
         transport = self.backplane.transport
@@ -72,6 +80,9 @@ class Node:
     def on_sync_request(self, room: str) -> None:
         if room in self.rooms and self.rooms[room].has_local_members:
             self.backplane.publish_full_state(room, self.rooms[room].local_members())
+
+    def on_holds(self, room: str, held: Sequence[Held]) -> None:
+        self.held.append((room, list(held)))
 
     def on_replica_down(self, origin: str) -> None:
         for room in self.rooms.values():
@@ -827,3 +838,40 @@ def test_holds_from_elsewhere_last_no_longer_than_ours_and_yield_to_our_sockets(
     assert len(holds.held) == 2  # no hold on a non-ID or an ID Yjs never makes
     now[0] += 30.5
     assert holds.get("doc", 2) is None  # capped at our own grace
+
+
+async def test_held_client_ids_reach_open_rooms_and_late_openers_and_then_go() -> None:
+    c = Cluster("A", "B", "C")
+    await c.start()
+    await c["A"].join("doc", "a")
+    await c["B"].join("doc", "b")
+    c.settle()
+    c["A"].backplane.publish_holds("doc", [Held("7", "key", 30.0)])
+    c.settle()
+    assert c["B"].held == [("doc", [Held("7", "key", 30.0)])]  # B has the room open
+    c.run(10)
+    await c["C"].join("doc", "c")  # C opens it later: from the holds hash, 20 s left
+    assert [(r, [(h.item, h.key, round(h.seconds)) for h in held]) for r, held in c["C"].held] == [
+        ("doc", [("7", "key", 20)])
+    ]
+    holds = c.bus.hashes[c["A"].backplane.holds_key("doc")]
+    assert list(holds) == ["7/A"]
+    c.run(21)  # lapsed: A deletes its field (and the key expires after a margin)
+    assert not c.bus.hashes.get(c["A"].backplane.holds_key("doc"))
+    await c["C"].join("doc", "c2")
+    assert len(c["C"].held) == 1  # nothing more to read
+
+
+def test_a_hold_renewed_before_it_lapses_is_not_deleted_by_the_first() -> None:
+    bus, clock = MemoryBus(Clock(), manual=True), Clock()
+    node = Node("A", bus, clock)
+    node.backplane._alone = False
+    node.backplane.publish_holds("doc", [Held("7", None, 30.0)])
+    clock.now += 20
+    node.backplane.publish_holds("doc", [Held("7", None, 30.0)])
+    clock.now += 15  # the first lapsed, the second has 15 s to go
+    node.backplane._expire_holds(clock.now)
+    assert not [op for op in node.ops if isinstance(op, HashDel)]
+    clock.now += 16
+    node.backplane._expire_holds(clock.now)
+    assert [op.fields for op in node.ops if isinstance(op, HashDel)] == [["7/A"]]

@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,9 +73,9 @@ log = logging.getLogger("presence.replication")
 
 HASH_TTL_MS = 24 * 3600 * 1000  # backstop for hashes left by replicas that all died
 HASH_INTERVAL = 1.0  # seconds between writes of a moving member's state to the hash
-# Fields of a room's members hash that hold reserved client IDs (no replica id has "/"
-# after "hold": replica ids are hex).
-HOLD_PREFIX = "hold/"
+# A room's held client IDs outlive their grace in Redis by this much at most: the key
+# expires then, and each writer deletes its own fields once they lapsed.
+HOLD_MARGIN_MS = 5000
 SYNC_DELAY = 0.05  # seconds requests for a full state are gathered before it is sent
 MAX_CLOSED = 100_000  # rooms closed lately, remembered to be emptied after an outage
 
@@ -142,6 +143,9 @@ class Replication(Backplane):
         # leaves may have been lost, so they are emptied when it is back.
         self._closed: dict[str, float] = {}
         self._sent = 0  # messages sent in all rooms: a reopened room's numbers go on
+        # Our fields in rooms' holds keys, by when they lapse (monotonic), to delete.
+        self._holds_out: deque[tuple[float, str, str]] = deque()
+        self._holds_last: dict[tuple[str, str], float] = {}  # the latest lapse of each
         self._alone = transport.alone
         self._answering: str | None = None  # the room whose full state goes out now
         self._answer_handle: asyncio.TimerHandle | None = None
@@ -161,6 +165,11 @@ class Replication(Backplane):
 
     def members_key(self, room: str) -> str:
         return f"{self.prefix}:{{{room}}}:members"
+
+    def holds_key(self, room: str) -> str:
+        """Held client IDs: ``<client ID>/<replica>`` -> key digest and expiry. Apart
+        from the members, so that it expires a grace after the last hold."""
+        return f"{self.prefix}:{{{room}}}:holds"
 
     @property
     def replicas_channel(self) -> str:
@@ -252,6 +261,7 @@ class Replication(Backplane):
         self._last_tick = now
         if now - self._last_beat >= self.heartbeat_interval:
             self._beat(now)
+        self._expire_holds(now)
         if self._closed and self.transport.ready:
             for room, closed in list(self._closed.items()):  # oldest first
                 if now - closed <= self.replica_timeout:
@@ -408,7 +418,8 @@ class Replication(Backplane):
             # Subscribed before the read: a message published meanwhile is either in
             # the snapshot or buffered, and the buffer is sorted out below.
             await self.transport.subscribe(self.channel(room))
-            snapshot = await self._read_members(room, holds=True)
+            snapshot = await self._read_members(room)
+            await self._read_holds(room)
         except Unavailable:
             pass  # the answers to the request below fill the room
         except Exception:
@@ -490,19 +501,13 @@ class Replication(Backplane):
             while len(self._closed) > MAX_CLOSED:
                 del self._closed[next(iter(self._closed))]
 
-    async def _read_members(
-        self, room: str, *, holds: bool = False
-    ) -> dict[str, tuple[int, MemberInfo]]:
-        """The room's members hash, less our own members and those of replicas down;
-        with ``holds``, the client IDs it says are reserved go to the listener."""
+    async def _read_members(self, room: str) -> dict[str, tuple[int, MemberInfo]]:
+        """The room's members hash, less our own members and those of replicas down."""
         raw = await self.transport.hgetall(self.members_key(room))
-        held = {n: v for n, v in raw.items() if n.startswith(HOLD_PREFIX)}
-        if holds and held:
-            self._read_holds(room, held)
         snapshot: dict[str, tuple[int, MemberInfo]] = {}
         bad = 0
         for name, value in raw.items():
-            if not name.startswith((self.replica_id + "/", HOLD_PREFIX)):
+            if not name.startswith(self.replica_id + "/"):
                 try:
                     entry = codec.loads(value)
                     snapshot[name] = (int(entry["s"]), codec.member_from_json(entry["m"]))
@@ -516,23 +521,19 @@ class Replication(Backplane):
         alive = await self._alive({m.origin for _, m in snapshot.values()})
         return {f: (s, m) for f, (s, m) in snapshot.items() if m.origin in alive}
 
-    def _read_holds(self, room: str, fields: dict[str, bytes]) -> None:
-        """Pass on the reservations still running; delete those that lapsed."""
-        now, held, lapsed = self.wall(), [], []
-        for name, value in fields.items():
+    async def _read_holds(self, room: str) -> None:
+        """Pass the room's held client IDs that have not lapsed to the listener."""
+        now, held = self.wall(), []
+        for name, value in (await self.transport.hgetall(self.holds_key(room))).items():
             try:
                 entry = codec.loads(value)
-                key, seconds = entry["k"], entry["u"] / 1000 - now
+                seconds = entry["u"] / 1000 - now
+                if seconds > 0:
+                    held.append([name.split("/", 1)[0], entry["k"], seconds])
             except Exception:
-                seconds = 0.0
-            if seconds > 0:
-                held.append(Held(name[len(HOLD_PREFIX) :], key, seconds))
-            else:
-                lapsed.append(name)
-        if lapsed:
-            self._send([HashDel(self.members_key(room), lapsed)])
+                continue  # lapses with the key
         if held and self.listener is not None:
-            self.listener.on_holds(room, _holds([[h.item, h.key, h.seconds] for h in held]))
+            self.listener.on_holds(room, _holds(held))
 
     async def _alive(self, origins: set[str]) -> set[str]:
         """The replicas up, as we hear them; for one we never heard, its liveness key,
@@ -560,8 +561,7 @@ class Replication(Backplane):
         counts: dict[str, int] = {}
         try:
             for key in await self.transport.scan(f"{self.prefix}:{{*}}:members"):
-                fields = await self.transport.hkeys(key)
-                origins = [f.split("/", 1)[0] for f in fields if not f.startswith(HOLD_PREFIX)]
+                origins = [f.split("/", 1)[0] for f in await self.transport.hkeys(key)]
                 alive = await self._alive(set(origins) - {self.replica_id}) | {self.replica_id}
                 count = sum(1 for o in origins if o in alive)
                 if count:
@@ -667,20 +667,35 @@ class Replication(Backplane):
     def publish_holds(self, room: str, held: Sequence[Held]) -> None:
         if self._alone or not held:
             return
-        until = self.wall() * 1000
-        fields = {
-            HOLD_PREFIX + h.item: codec.dumps({"k": h.key, "u": round(until + h.seconds * 1000)})
-            for h in held
-        }
+        now, wall_ms = self.clock(), self.wall() * 1000
+        fields = {}
+        for h in held:
+            field = f"{h.item}/{self.replica_id}"  # ours alone: we delete it when it lapses
+            fields[field] = codec.dumps({"k": h.key, "u": round(wall_ms + h.seconds * 1000)})
+            self._holds_out.append((now + h.seconds, room, field))
+            self._holds_last[(room, field)] = now + h.seconds
+        longest = max(h.seconds for h in held)
         message = {"k": "o", "h": [[h.item, h.key, round(h.seconds, 3)] for h in held]}
         # Before the leaves that follow (one ordered path): no replica sees the client ID
         # free in between.
         self._send(
             [
-                HashSet(self.members_key(room), fields, HASH_TTL_MS),
+                HashSet(self.holds_key(room), fields, round(longest * 1000) + HOLD_MARGIN_MS),
                 Publish(self.channel(room), self._envelope(message)),
             ]
         )
+
+    def _expire_holds(self, now: float) -> None:
+        """Delete our fields of holds that lapsed (the key itself expires a grace after
+        its last write, but a busy room's key may live on)."""
+        lapsed: dict[str, list[str]] = {}
+        while self._holds_out and self._holds_out[0][0] <= now:
+            _, room, field = self._holds_out.popleft()
+            if self._holds_last.get((room, field), 0.0) <= now:  # not held again since
+                self._holds_last.pop((room, field), None)
+                lapsed.setdefault(room, []).append(field)
+        if lapsed and not self._alone:
+            self._send([HashDel(self.holds_key(room), fields) for room, fields in lapsed.items()])
 
     def _owe(self, room: str, link: Link, why: int) -> None:
         link.due = max(link.due, why)

@@ -6,7 +6,7 @@ sender and room (``s``, consecutive: a gap means a lost message; ``r: 1`` marks 
 numbering, as older replicas numbered across rooms); ``q`` a request for
 full states, from everyone or from the replica ``t``; ``o`` Yjs client IDs held for the
 sockets that had them (``h``: ``[client ID, key digest or null, seconds]``, also kept in
-the room's hash as ``hold/<client ID>``); ``h`` a heartbeat and ``b`` a
+the room's holds hash as ``<client ID>/<replica>``); ``h`` a heartbeat and ``b`` a
 goodbye (on the replicas channel). A replica ignores kinds it does not know, so that
 replicas of different versions can run side by side during a rolling deploy.
 """

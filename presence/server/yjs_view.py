@@ -89,7 +89,7 @@ class Holds:
         now = self.clock()
         self._prune(now)
         for h in held:
-            if not h.item.isdigit() or int(h.item) >= 1 << 32:
+            if not (h.item.isascii() and h.item.isdecimal()) or int(h.item) >= 1 << 32:
                 continue
             client_id = int(h.item)
             mine = self.held.get((room, client_id))
