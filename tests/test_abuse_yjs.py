@@ -115,8 +115,12 @@ async def test_a_dropped_clients_id_is_held_on_every_replica(
     watcher = await yjoin(r1, {"who": "watcher"})
     mallory = await yjoin(r2, {"who": "mallory"}, echo=False)
     await watcher.until(lambda: VICTIM in watcher.states and mallory.id in watcher.states)
+    await mallory.until(lambda: VICTIM in mallory.states)
     victim.abort()
     await watcher.until(lambda: VICTIM not in watcher.states, timeout=5)
+    # Until r2 has the leave, a claim there is taken for an echo of a member's state
+    # (dropped too, but not what this tests).
+    await mallory.until(lambda: VICTIM not in mallory.states, timeout=5)
     await mallory.ws.send(claim(VICTIM, CLOCK, b'{"who":"mallory"}'))
     # r3 opens the room now. (Another identity: r3's first would be the victim's, as
     # every test server draws identities from one seed.)
