@@ -8,7 +8,10 @@ Scenarios (docs/benchmarks.md has the results):
   e      churn: 100 joins and leaves per second for a minute
   faults 2 replicas + Redis under load: a replica stalled and resumed, Redis restarted
          and frozen, a replica killed; what the members saw (load/faults.py)
-  custom --replicas --rooms --members --hz
+  compare  the stock Yjs clients (y-websocket, Hocuspocus's provider) against presence,
+         Hocuspocus and the reference y-websocket server, in one run: low load
+         10 x 5 @ 10 Hz, mid 20 x 10 @ 10 Hz, big rooms 5 x 40 @ 20 Hz (load/peers.py)
+  custom --replicas --rooms --members --hz (--client stock --target …: see compare)
   sweep  scenario (a) at 2, 5, 10, 20 and 30 Hz (the latency-against-load curve)
   report the recorded results as load/results/report.md and latency.png, and the
          tables of docs/benchmarks.md
@@ -64,6 +67,76 @@ def start_replicas(n: int, extra: list[str]) -> tuple[list[Server], RedisProcess
     if redis is not None:
         args += ["--redis-url", redis.url]
     return [Server(args, {"PRESENCE_SECRET": "load"}).start() for _ in range(n)], redis
+
+
+# The cells of ``compare``: (name, rooms, members, hz), each on 2 replicas + Redis.
+COMPARE = [("low", 10, 5, 10), ("mid", 20, 10, 10), ("big", 5, 40, 20)]
+
+
+def run_stock(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
+    """A moving scenario with stock Yjs clients (Node) against ``opts.target``."""
+    from load.peers import results, run_stock_workers, start_target
+
+    servers, redis = start_target(opts.target, cfg["replicas"], opts.server_arg)
+    try:
+        n = cfg["rooms"] * cfg["members"]
+        members = [
+            {
+                "index": i,
+                "server": servers[i % len(servers)].base,
+                "room": f"load-{i // cfg['members']}",
+            }
+            for i in range(n)
+        ]
+        room_of = {f"c{i}": i // cfg["members"] for i in range(n)}
+        start_at = time.time() + 3 + n / 100  # time to connect everyone
+        plan = {
+            "kind": "hocuspocus" if opts.target == "hocuspocus" else "yws",
+            "hz": cfg["hz"],
+            "warmup": opts.warmup,
+            "duration": opts.duration,
+            "start_at": start_at,
+        }
+        procs = run_stock_workers(members, plan, max(1, opts.workers))
+        measure_from = start_at + opts.warmup
+        progress(f"{name} ({opts.target}): warm-up", measure_from, measure_from - time.time())
+        pids = [s.proc.pid for s in servers if s.proc]
+        if redis is not None and redis.proc is not None:
+            redis_pid = redis.proc.pid
+            redis0 = cpu_seconds(redis_pid)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        progress(f"{name} ({opts.target}): measuring", measure_from + opts.duration, opts.duration)
+        cpu1 = sum(cpu_seconds(p) for p in pids)
+        redis_cpu = cpu_seconds(redis_pid) - redis0 if redis is not None else 0.0
+        parts = results(procs)
+        result = summarize(name, cfg, opts, parts, room_of, cpu1 - cpu0, servers)  # type: ignore[arg-type]
+        return {
+            **result,
+            "target": opts.target,
+            "client": "stock",
+            "redis_cpu_s": round(redis_cpu, 2),
+        }
+    finally:
+        for s in servers:
+            s.stop()
+        if redis is not None:
+            redis.stop()
+
+
+def run_compare(opts: argparse.Namespace) -> dict[str, Any]:
+    from load.peers import TARGETS
+
+    cells = []
+    for name, rooms, members, hz in COMPARE:
+        cfg = {"replicas": 2, "rooms": rooms, "members": members, "hz": hz}
+        for target in TARGETS:
+            opts.target = target
+            cells.append(run_stock(f"{name}-{target}", cfg, opts))
+    return {
+        "scenario": "compare",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cells": cells,
+    }
 
 
 def run_moving(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
@@ -245,7 +318,20 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "scenario", choices=["a", "b", "c", "d", "e", "faults", "custom", "sweep", "report"]
+        "scenario",
+        choices=["a", "b", "c", "d", "e", "faults", "custom", "sweep", "compare", "report"],
+    )
+    parser.add_argument(
+        "--client",
+        choices=["python", "stock"],
+        default="python",
+        help="the project's clients (python) or stock Yjs providers in Node (stock)",
+    )
+    parser.add_argument(
+        "--target",
+        choices=["presence", "hocuspocus", "ywebsocket"],
+        default="presence",
+        help="with --client stock: the server under load",
     )
     parser.add_argument("--protocol", choices=["json", "yjs"], default="json")
     parser.add_argument("--duration", type=float, default=30)
@@ -280,6 +366,8 @@ def main() -> None:
         result = run_faults()
     elif opts.scenario == "e":
         result = run_churn(opts)
+    elif opts.scenario == "compare":
+        result = run_compare(opts)
     elif opts.scenario == "sweep":
         runs = [
             run_moving(f"sweep-{hz}hz", {**SCENARIOS["a"], "hz": hz}, opts)
@@ -293,8 +381,10 @@ def main() -> None:
             "members": opts.members,
             "hz": opts.hz,
         }
-        result = run_moving(opts.scenario, cfg, opts)
-    out = opts.out or RESULTS / f"{opts.scenario}-{opts.protocol}.json"
+        run = run_stock if opts.client == "stock" else run_moving
+        result = run(opts.scenario, cfg, opts)
+    suffix = "stock" if opts.client == "stock" or opts.scenario == "compare" else opts.protocol
+    out = opts.out or RESULTS / f"{opts.scenario}-{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -52,7 +52,54 @@ def render(loaded: list[Result]) -> dict[str, str]:
         "sweep": _sweep(sweep),
         "targets": _targets(by),
         "faults": _faults(by.get(("faults", "json"))),
+        "compare": _compare(by.get(("compare", "json"))),
     }
+
+
+PEERS = {"presence": "presence", "hocuspocus": "Hocuspocus", "ywebsocket": "y-websocket server"}
+
+
+def _compare(result: Result | None) -> str:
+    """presence beside its peers, with stock Yjs clients, from one run."""
+    if result is None:
+        return "Not recorded yet: `python -m load compare`.\n"
+    cells: list[Result] = result["cells"]
+    first = cells[0]
+    lines = [
+        f"Recorded {result['date'][:10]} with `python -m load compare` "
+        f"({first['warmup_s']:g} s warm-up, {first['duration_s']:g} s measured per cell); "
+        "2 replicas + Redis for presence and Hocuspocus, one process for the y-websocket "
+        "server (it has no replicas).",
+        "",
+        "| load | server | delivered or superseded | p50 | p99 | server CPU per delivered "
+        "update | its ratio to Hocuspocus's | Redis CPU | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in cells:
+        cfg, target = r["config"], r["target"]
+        load = f"{cfg['rooms']} rooms {X} {cfg['members']} @ {cfg['hz']:g} Hz"
+        peer = next((c for c in cells if c["config"] == cfg and c["target"] == "hocuspocus"), None)
+        ratio = "-"
+        if peer is not None and peer["server_cpu_us_per_delivered"] and target != "hocuspocus":
+            ratio = f"{r['server_cpu_us_per_delivered'] / peer['server_cpu_us_per_delivered']:.2f}"
+        lines.append(
+            _row(
+                [
+                    load,
+                    PEERS[target],
+                    _pct(r["delivered_or_superseded"]),
+                    _ms(r["latency_ms"]["50"]),
+                    _ms(r["latency_ms"]["99"]),
+                    f"{r['server_cpu_us_per_delivered']} µs",
+                    ratio,
+                    f"{r['redis_cpu_s']:g} s"
+                    if r["config"]["replicas"] > 1 and target != "ywebsocket"
+                    else "-",
+                    str(r["errors"]),
+                ]
+            )
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _runs(runs: list[Result], c: Result | None) -> str:

@@ -30,3 +30,5 @@ fi
 
 # tests/js/.npmrc leaves out y-websocket 1.x's optional server dependencies (LevelDB).
 npm ci --prefix "$(dirname "$0")/../tests/js" --no-audit --no-fund --loglevel=error
+# The stock Yjs clients and the peers of the load generator (load/peers.py).
+npm ci --prefix "$(dirname "$0")/../load/node" --no-audit --no-fund --loglevel=error

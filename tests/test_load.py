@@ -73,3 +73,31 @@ def test_a_small_run_reports_every_update(tmp_path: Path, protocol: str) -> None
     assert f"| custom | {protocol} |" in report.read_text()
     png = (tmp_path / "report" / "latency.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+@pytest.mark.parametrize("target", ["presence", "hocuspocus", "ywebsocket"])
+def test_stock_yjs_clients_drive_presence_and_the_peers(tmp_path: Path, target: str) -> None:
+    out = tmp_path / "result.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "load",
+            "custom",
+            *("--client", "stock", "--target", target),
+            *("--rooms", "2", "--members", "3", "--hz", "5"),
+            *("--duration", "2", "--warmup", "1", "--workers", "1", "--out", str(out)),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    result = json.loads(out.read_text())
+    assert (result["target"], result["client"]) == (target, "stock")
+    assert result["joined"] == 6 and result["errors"] == 0
+    assert result["updates_sent"] == pytest.approx(6 * 5 * 2, abs=6)
+    assert result["delivered_or_superseded"] == 1.0
+    assert result["updates_observed"] >= result["updates_sent"] * 2
+    assert 0 < result["latency_ms"]["50"] < 1000
+    assert result["server_cpu_us_per_delivered"] > 0

@@ -1,0 +1,124 @@
+// Stock Yjs clients for the load generator: node stock.mjs PLAN.json > RESULT.json
+//
+// Each member is what a JupyterLab tab runs: a Y.Doc and a provider (y-websocket's
+// WebsocketProvider, or Hocuspocus's own) whose awareness moves a cursor on an open-loop
+// schedule. Stock providers send every awareness change they receive back to the server
+// and renew their own state every 15 s; nothing here changes that. The result has the
+// shape of the Python workers' (load/clients.py): a latency histogram with the same
+// buckets, and what each member saw of the others.
+import { readFileSync } from "node:fs";
+import { performance } from "node:perf_hooks";
+import WebSocket from "ws";
+import * as Y from "yjs";
+import { WebsocketProvider } from "y-websocket";
+import { HocuspocusProvider, HocuspocusProviderWebsocket } from "@hocuspocus/provider";
+
+const plan = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const clock = () => (performance.timeOrigin + performance.now()) / 1000; // wall, in s
+const measureFrom = plan.start_at + plan.warmup;
+const end = plan.start_at + plan.warmup + plan.duration;
+const GROWTH = Math.log(1.01); // load/hist.py's buckets
+
+const latency = { counts: {}, total: 0, max_us: 0 };
+const tally = {
+  sent: 0,
+  received: 0,
+  errors: 0,
+  disconnects: 0,
+  joined: 0,
+  highest: {},
+  sent_by: {},
+  first_by: {},
+  latency,
+};
+
+function record(seconds) {
+  const us = Math.max(1, Math.floor(seconds * 1e6));
+  const bucket = Math.floor(Math.log(us) / GROWTH);
+  latency.counts[bucket] = (latency.counts[bucket] || 0) + 1;
+  latency.total += 1;
+  latency.max_us = Math.max(latency.max_us, us);
+}
+
+function connect(member) {
+  const doc = new Y.Doc();
+  if (plan.kind === "hocuspocus") {
+    const websocketProvider = new HocuspocusProviderWebsocket({
+      url: member.server,
+      WebSocketPolyfill: WebSocket,
+    });
+    const provider = new HocuspocusProvider({ websocketProvider, name: member.room, document: doc });
+    provider.attach?.();
+    return { provider, awareness: provider.awareness, doc, socket: () => websocketProvider };
+  }
+  const provider = new WebsocketProvider(member.server, member.room, doc, {
+    WebSocketPolyfill: WebSocket,
+    disableBc: true,
+  });
+  return { provider, awareness: provider.awareness, doc, socket: () => provider };
+}
+
+const members = plan.members.map((member) => {
+  const name = `c${member.index}`;
+  const highest = (tally.highest[name] = {});
+  const client = connect(member);
+  let joined = false;
+  const onStatus = ({ status }) => {
+    if (status === "connected" && !joined) {
+      joined = true;
+      tally.joined += 1;
+    } else if (status === "disconnected" && joined && clock() < end) {
+      tally.disconnects += 1;
+    }
+  };
+  client.provider.on("status", onStatus);
+  client.awareness.on("change", ({ added, updated }) => {
+    const now = clock();
+    const states = client.awareness.getStates();
+    for (const id of added.concat(updated)) {
+      if (id === client.doc.clientID) continue;
+      const state = states.get(id);
+      const sender = state?.n;
+      if (typeof sender !== "string" || sender === name) continue;
+      if (Number.isInteger(state.s) && state.s > (highest[sender] ?? -1)) highest[sender] = state.s;
+      if (typeof state.t === "number" && state.t >= measureFrom) {
+        tally.received += 1;
+        record(now - state.t);
+      }
+    }
+  });
+  return { member, name, client };
+});
+
+function move({ member, name, client }) {
+  const period = 1 / plan.hz;
+  const start = plan.start_at + Math.random() * period; // spread the phases
+  let seq = 0;
+  const step = () => {
+    const intended = start + seq * period;
+    if (intended >= end) return;
+    // Open loop: stamped with when it should have gone out.
+    client.awareness.setLocalState({
+      cursor: { x: seq % 800, y: member.index % 500 },
+      t: intended,
+      s: seq,
+      n: name,
+    });
+    if (intended >= measureFrom) {
+      tally.sent += 1;
+      tally.sent_by[name] = (tally.sent_by[name] || 0) + 1;
+      if (!(name in tally.first_by)) tally.first_by[name] = seq;
+    }
+    seq += 1;
+    setTimeout(step, Math.max(0, (start + seq * period - clock()) * 1000));
+  };
+  setTimeout(step, Math.max(0, (start - clock()) * 1000));
+}
+
+members.forEach(move);
+setTimeout(() => {
+  tally.errors = members.length - tally.joined;
+  process.stdout.write(JSON.stringify(tally));
+  for (const { client } of members) client.provider.destroy();
+  process.exit(0);
+}, Math.max(0, (end + 1 - clock()) * 1000));

@@ -1,0 +1,146 @@
+"""What the stock-client runs compare (``python -m load compare``): presence, Hocuspocus
+(two servers on one Redis, as it runs replicas) and the reference y-websocket server (one
+process: it has no replicas), all driven by the same stock Yjs clients in Node
+(``load/node/stock.mjs``). ``load/node`` is installed with ``npm ci --prefix load/node``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.processes import RedisProcess, Server, die_with_parent, free_port
+
+NODE = Path(__file__).resolve().parent / "node"
+TARGETS = ("presence", "hocuspocus", "ywebsocket")
+
+
+def node() -> str:
+    found = shutil.which("node")
+    if found is None or not (NODE / "node_modules").exists():
+        raise SystemExit(
+            "the stock clients need Node.js and load/node's packages: "
+            "npm ci --prefix load/node (scripts/install-test-deps.sh installs Node.js)"
+        )
+    return found
+
+
+@dataclass
+class NodeServer:
+    """A peer's server process on a free port."""
+
+    kind: str  # "hocuspocus" or "ywebsocket"
+    redis_port: int | None = None
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20) -> NodeServer:
+        if self.kind == "hocuspocus":
+            cmd = [node(), str(NODE / "hocuspocus.mjs"), str(self.port), str(self.redis_port or 0)]
+        else:
+            cmd = [node(), str(NODE / "node_modules/@y/websocket-server/src/server.js")]
+        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port)}
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.kind} did not listen within {timeout} s")
+
+    @property
+    def base(self) -> str:
+        """What the clients are given: the URL they append the room to (y-websocket), or
+        connect to and name the document in (Hocuspocus)."""
+        return f"ws://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class PresenceServer:
+    """A presence replica, as the stock clients see it: y-websocket on /yjs."""
+
+    server: Server
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.server.proc
+
+    @property
+    def base(self) -> str:
+        return f"{self.server.ws}/yjs"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+Target = NodeServer | PresenceServer
+
+
+def start_target(
+    target: str, replicas: int, presence_args: list[str]
+) -> tuple[list[Target], RedisProcess | None]:
+    """``replicas`` servers of ``target`` (one for the y-websocket server), and the Redis
+    they share if more than one."""
+    if target == "ywebsocket":
+        replicas = 1
+    redis = RedisProcess().start() if replicas > 1 else None
+    if target == "presence":
+        args = ["--log-level", "warning", "--rate-limit", "100", *presence_args]
+        if redis is not None:
+            args += ["--redis-url", redis.url]
+        env = {"PRESENCE_SECRET": "load"}
+        return [PresenceServer(Server(args, env).start()) for _ in range(replicas)], redis
+    port = redis.port if redis is not None else None
+    return [NodeServer(target, port).start() for _ in range(replicas)], redis
+
+
+def run_stock_workers(
+    members: list[dict[str, Any]], plan: dict[str, Any], workers: int
+) -> list[subprocess.Popen[bytes]]:
+    """Start ``workers`` Node processes, each running its share of ``members``; read
+    their results with :func:`results`."""
+    procs = []
+    folder = Path(tempfile.mkdtemp(prefix="presence-load-"))
+    for w in range(workers):
+        path = folder / f"plan-{w}.json"
+        path.write_text(json.dumps({**plan, "members": members[w::workers]}))
+        procs.append(
+            subprocess.Popen(
+                [node(), str(NODE / "stock.mjs"), str(path)],
+                stdout=subprocess.PIPE,
+                preexec_fn=die_with_parent,
+            )
+        )
+    return procs
+
+
+def results(procs: list[subprocess.Popen[bytes]]) -> list[dict[str, Any]]:
+    parts = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"a stock client worker failed (exit {proc.returncode})")
+        parts.append(json.loads(out))
+    return parts
