@@ -266,10 +266,10 @@ class Settings:
         "SECONDS",
     )
     flush_interval: float = _opt(
-        0.005,
+        0.002,
         positive_float,
-        "Shortest time between flushes of batched events to clients (the first "
-        "event after a quiet period goes out at once; busy replicas stretch it).",
+        "Shortest time between two frames of one room (a room that sent nothing for "
+        "that long sends at the end of the event-loop pass; busy replicas stretch it).",
         "SECONDS",
     )
     max_message_bytes: int = _opt(

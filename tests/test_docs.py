@@ -36,7 +36,7 @@ QUOTED = [
     ("docs/protocol.md", '"idle_after": 3.0', "idle_after"),
     ("docs/protocol.md", '"expire_after": 30.0', "expire_after"),
     ("docs/protocol.md", '"heartbeat_interval": 10.0', "heartbeat_interval"),
-    ("docs/protocol.md", "every `flush_interval` (5 ms)", "flush_interval"),
+    ("docs/protocol.md", "for `flush_interval` (2 ms)", "flush_interval"),
     ("docs/protocol.md", "`rate_limit` per second (30)", "rate_limit"),
     ("docs/protocol.md", "`max_depth` (16)", "max_depth"),
     ("docs/protocol.md", "`max_state_bytes` (16 KiB)", "max_state_bytes"),
@@ -46,7 +46,7 @@ QUOTED = [
     ("docs/protocol.md", "`ping_interval` (20 s)", "ping_interval"),
     ("docs/protocol.md", "`expire_after` (30 s, as y-protocols)", "expire_after"),
     ("docs/protocol.md", "`yjs_id_grace` (30 s", "yjs_id_grace"),
-    ("docs/benchmarks.md", "defaults (5 ms flush interval", "flush_interval"),
+    ("docs/benchmarks.md", "defaults (2 ms flush interval", "flush_interval"),
     ("README.md", "within `--replica-timeout` (5 s)", "replica_timeout"),
 ]
 # Numbers the docs quote from constants in the code rather than from settings.

@@ -90,6 +90,10 @@ const members = plan.members.map((member) => {
   return { member, name, client };
 });
 
+function later(fn, at) {
+  setTimeout(fn, Math.max(0, (at - clock()) * 1000));
+}
+
 function move({ member, name, client }) {
   const period = 1 / plan.hz;
   const start = plan.start_at + Math.random() * period; // spread the phases
@@ -97,10 +101,12 @@ function move({ member, name, client }) {
   const step = () => {
     const intended = start + seq * period;
     if (intended >= end) return;
-    // Open loop: stamped with when it should have gone out.
+    // Open loop: stamped with when it should have gone out, so that a late send counts
+    // as latency. Node's timers count whole milliseconds and may fire up to one early:
+    // then it is stamped with when it did go out.
     client.awareness.setLocalState({
       cursor: { x: seq % 800, y: member.index % 500 },
-      t: intended,
+      t: Math.min(intended, clock()),
       s: seq,
       n: name,
     });
@@ -110,9 +116,9 @@ function move({ member, name, client }) {
       if (!(name in tally.first_by)) tally.first_by[name] = seq;
     }
     seq += 1;
-    setTimeout(step, Math.max(0, (start + seq * period - clock()) * 1000));
+    later(step, start + seq * period);
   };
-  setTimeout(step, Math.max(0, (start - clock()) * 1000));
+  later(step, start);
 }
 
 members.forEach(move);

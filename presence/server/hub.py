@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -95,12 +96,14 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self.outboxes: dict[str, set[Outbox[Any]]] = {}
         self._observers: dict[str, dict[Callable[[Room, Hub], Any], RoomObserver]] = {}
-        self._dirty: set[str] = set()
-        self._flush_handle: asyncio.Handle | None = None
-        self._last_flush = -float("inf")
+        # Rooms with events to send: at the end of this loop pass (``_soon``), or at a
+        # room's next tick (``_waiting``: its timer). ``_flushed``: when each room last sent.
+        self._soon: set[str] = set()
+        self._soon_handle: asyncio.Handle | None = None
+        self._waiting: dict[str, asyncio.TimerHandle] = {}
+        self._flushed: dict[str, float] = {}
         self.tick_interval = settings.flush_interval
         self.lag = 0.0  # how late flush timers fire, seconds, moving average
-        self._flush_due: float | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._opening: dict[str, asyncio.Future[None]] = {}
         self.started = False
@@ -157,8 +160,11 @@ class Hub:
             for member in room.snapshot():
                 if member.origin == self.replica_id:
                     room.leave(member.id)
-            self._dirty.add(room.name)
-        self._flush()
+            self._soon.add(room.name)
+        for waiting in self._waiting.values():
+            waiting.cancel()
+        self._waiting.clear()
+        self._flush_soon()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -321,58 +327,72 @@ class Hub:
     # -- ticks -------------------------------------------------------------------------
 
     def _mark(self, room_name: str, *, at_once: bool = False) -> None:
-        self._dirty.add(room_name)
-        handle = self._flush_handle
-        if handle is not None and not (at_once and isinstance(handle, asyncio.TimerHandle)):
+        """The room has events to send. A room that has not sent for a tick sends at the
+        end of this loop pass, with whatever else the pass brought; one that sent less
+        than a tick ago waits for its next tick, and batches meanwhile. Quiet rooms pay
+        no latency for busy ones. Events from other replicas were batched by their
+        replica already (``at_once``): waiting for a tick here too would add up to one
+        to every cross-replica update."""
+        if room_name in self._soon:
             return
         loop = asyncio.get_running_loop()
-        # The first event after a quiet period goes out on the next loop turn (which
-        # still batches whatever arrives in the same turn); later ones wait for the tick.
-        # Events from other replicas were batched by their tick already: waiting for ours
-        # too would add up to a tick of latency to every cross-replica update.
-        delay = 0.0 if at_once else self._last_flush + self.tick_interval - loop.time()
-        if handle is not None:
-            handle.cancel()
-        if delay > 0:
-            self._flush_handle = loop.call_later(delay, self._flush)
-            self._flush_due = loop.time() + delay
+        waiting = self._waiting.get(room_name)
+        if waiting is not None:
+            if not at_once:
+                return
+            waiting.cancel()
+            del self._waiting[room_name]
+        now = loop.time()
+        due = self._flushed.get(room_name, -math.inf) + self.tick_interval
+        if at_once or due <= now:
+            self._soon.add(room_name)
+            if self._soon_handle is None:
+                self._soon_handle = loop.call_soon(self._flush_soon)
         else:
-            self._flush_handle = loop.call_soon(self._flush)
-            self._flush_due = None
+            self._waiting[room_name] = loop.call_at(due, self._flush_waiting, room_name, due)
 
-    def _flush(self) -> None:
-        self._flush_handle = None
+    def _flush_soon(self) -> None:
+        self._soon_handle = None
+        rooms, self._soon = self._soon, set()
+        for name in rooms:
+            self._flush(name)
+
+    def _flush_waiting(self, room_name: str, due: float) -> None:
+        self._waiting.pop(room_name, None)
         with contextlib.suppress(RuntimeError):  # no running loop during interpreter exit
-            self._last_flush = asyncio.get_running_loop().time()
-            if self._flush_due is not None:
-                self.observe_lag(max(0.0, self._last_flush - self._flush_due))
-                self._flush_due = None
-        dirty, self._dirty = self._dirty, set()
-        for name in dirty:
-            room = self.rooms.get(name)
-            if room is None:
-                continue
-            local, remote = room.take()
-            if local:
-                self.backplane.publish(name, *room.outgoing(local))
-                self.metrics.updates_coalesced += local.coalesced
-            batch = local
-            if remote:
-                batch.extend(remote)
-            outboxes = self.outboxes[name]
-            if batch and outboxes:
-                shared: dict[int, Any] = {}  # one encoding per wire format
-                for outbox in outboxes:
-                    key = id(outbox.encoder)
-                    if key not in shared:
-                        shared[key] = outbox.encoder.shared(batch)
-                    outbox.push_batch(batch, shared[key])
-            if not outboxes and not room.has_local_members and name not in self._opening:
-                # Memory must not grow with churn: an empty room is forgotten.
-                del self.rooms[name]
-                del self.outboxes[name]
-                self._observers.pop(name, None)
-                self.backplane.close_room(name)
+            self.observe_lag(max(0.0, asyncio.get_running_loop().time() - due))
+        self._flush(room_name)
+
+    def _flush(self, name: str) -> None:
+        """Send the room's events: to the other replicas, and to its connections."""
+        room = self.rooms.get(name)
+        if room is None:
+            self._flushed.pop(name, None)
+            return
+        with contextlib.suppress(RuntimeError):
+            self._flushed[name] = asyncio.get_running_loop().time()
+        local, remote = room.take()
+        if local:
+            self.backplane.publish(name, *room.outgoing(local))
+            self.metrics.updates_coalesced += local.coalesced
+        batch = local
+        if remote:
+            batch.extend(remote)
+        outboxes = self.outboxes[name]
+        if batch and outboxes:
+            shared: dict[int, Any] = {}  # one encoding per wire format
+            for outbox in outboxes:
+                key = id(outbox.encoder)
+                if key not in shared:
+                    shared[key] = outbox.encoder.shared(batch)
+                outbox.push_batch(batch, shared[key])
+        if not outboxes and not room.has_local_members and name not in self._opening:
+            # Memory must not grow with churn: an empty room is forgotten.
+            del self.rooms[name]
+            del self.outboxes[name]
+            self._observers.pop(name, None)
+            self._flushed.pop(name, None)
+            self.backplane.close_room(name)
 
     def observe_lag(self, late: float) -> None:
         """A flush timer fired ``late`` seconds after its time: adjust the tick."""
