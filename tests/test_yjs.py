@@ -547,3 +547,18 @@ async def test_a_late_echo_does_not_adopt_a_departed_client(server: Server) -> N
     assert client_id not in watcher.states
     late = await join(server)
     assert {m["id"] for m in late.welcome["members"]} == {f"y{y.id}", f"y{watcher.id}"}
+
+
+async def test_a_stock_client_echoing_a_big_rooms_snapshot_is_not_closed(server: Server) -> None:
+    # Stock providers send every change they receive back in one message: a joiner's
+    # echo of its snapshot holds the whole room (here over 16 KiB, max_message_bytes).
+    # It was closed with 1009 and reconnected in a loop (the lecture hall of issue 14).
+    others = [await yjoin(server, {"pad": "x" * 200, "i": i}, echo=False) for i in range(80)]
+    late = await yjoin(server, {"who": "late"})  # echoes, like a stock provider
+    await late.until(lambda: len(late.states) == 80, timeout=10)
+    await others[0].set({"pad": "y", "i": 0})
+    await late.until(has(late, others[0].id, pad="y"), timeout=5)
+    assert late.ws.close_code is None
+    assert sum(len(m) for m in late.received) > 16 * 1024  # the snapshot it echoed
+    for client in (*others, late):
+        await client.close()

@@ -213,6 +213,15 @@ class YjsClient:
 class YjsEndpoint:
     text: ClassVar[bool] = False
 
+    @staticmethod
+    def max_message_bytes(settings: Any) -> int:
+        """Stock providers send every awareness change they receive back, in one
+        message: a joiner's echo of its snapshot holds the whole room's states (a class of
+        300 sent 1009-closed sockets in a loop while the limit was 16 KiB). Each state
+        is still held to ``max_state_bytes``."""
+        limit: int = settings.max_message_bytes
+        return limit + 2 * getattr(settings, "max_room_state_bytes", 0)
+
     def __init__(self, connection: Connection, hub: Hub, room: str) -> None:
         self.connection = connection
         self.hub = hub
