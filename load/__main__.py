@@ -8,6 +8,10 @@ Scenarios (docs/benchmarks.md has the results):
   e      churn: 100 joins and leaves per second for a minute
   faults 2 replicas + Redis under load: a replica stalled and resumed, Redis restarted
          and frozen, a replica killed; what the members saw (load/faults.py)
+  hall   the lecture hall: 1 room of 300 stock clients joining within 10 s, a presenter
+         at 20 Hz, 10 others at 5 Hz (the presenter's cursor as every viewer sees it)
+  scale  the mid load of compare on 1, 2 and 4 presence replicas (CPU per update as
+         replicas are added; Redis CPU apart)
   compare  the stock Yjs clients (y-websocket, Hocuspocus's provider) against presence,
          Hocuspocus and the reference y-websocket server, in one run: low load
          10 x 5 @ 10 Hz, mid 20 x 10 @ 10 Hz, big rooms 5 x 40 @ 20 Hz (load/peers.py)
@@ -105,8 +109,10 @@ def run_stock(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[
             redis_pid = redis.proc.pid
             redis0 = cpu_seconds(redis_pid)
         cpu0 = sum(cpu_seconds(p) for p in pids)
+        clients0 = sum(cpu_seconds(p.pid) for p in procs)
         progress(f"{name} ({opts.target}): measuring", measure_from + opts.duration, opts.duration)
         cpu1 = sum(cpu_seconds(p) for p in pids)
+        clients1 = sum(cpu_seconds(p.pid) for p in procs)
         redis_cpu = cpu_seconds(redis_pid) - redis0 if redis is not None else 0.0
         parts = results(procs)
         result = summarize(name, cfg, opts, parts, room_of, cpu1 - cpu0, servers)  # type: ignore[arg-type]
@@ -115,12 +121,117 @@ def run_stock(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[
             "target": opts.target,
             "client": "stock",
             "redis_cpu_s": round(redis_cpu, 2),
+            # Near opts.workers x duration: the generator, not the server, was the limit.
+            "clients_cpu_s": round(clients1 - clients0, 2),
         }
     finally:
         for s in servers:
             s.stop()
         if redis is not None:
             redis.stop()
+
+
+def run_hall(opts: argparse.Namespace) -> dict[str, Any]:
+    """The lecture hall: an instructor shares a notebook with a class. One room of 300
+    stock clients on 2 replicas, joining over 10 s while the presenter moves at 20 Hz
+    and 10 others at 5 Hz; the rest stay still (their providers renew every 15 s). What
+    counts: the presenter's cursor as every viewer sees it, during the join storm and
+    after, and the bytes the clients receive per join."""
+    from load.peers import results, run_stock_workers, start_target
+
+    members, storm, after = 300, 10.0, 20.0
+    servers, redis = start_target("presence", 2, opts.server_arg)
+    try:
+        begin = time.time() + 3
+        plan_members = [
+            {
+                "index": i,
+                "server": servers[i % 2].base,
+                "room": "hall",
+                "hz": 20 if i == 0 else 5 if i <= 10 else 0,
+                "join_at": begin + storm * i / members,
+            }
+            for i in range(members)
+        ]
+        plan = {
+            "kind": "yws",
+            "hz": 0,
+            "warmup": 0.0,
+            "duration": storm + after,
+            "start_at": begin,
+            "storm_end": begin + storm,
+            "watch": "c0",
+        }
+        procs = run_stock_workers(plan_members, plan, max(1, opts.workers))
+        pids = [s.proc.pid for s in servers if s.proc]
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        progress("hall", begin + storm + after, storm + after + 3)
+        cpu1 = sum(cpu_seconds(p) for p in pids)
+        rss = [round(rss_bytes(p) / 2**20, 1) for p in pids]
+        clients_cpu = sum(cpu_seconds(p.pid) for p in procs)  # is the generator the limit?
+        parts = results(procs)
+    finally:
+        for s in servers:
+            s.stop()
+        if redis is not None:
+            redis.stop()
+    during, later = Histogram(), Histogram()
+    for p in parts:
+        during.merge(Histogram.from_json(p["latency_storm"]))
+        later.merge(Histogram.from_json(p["latency"]))
+    joined = sum(p["joined"] for p in parts)
+    storm_bytes = sum(p["bytes_received_storm"] for p in parts)
+
+    def percentiles(h: Histogram) -> dict[str, float]:
+        return {q: round(h.percentile_ms(float(q)), 2) for q in ("50", "99", "99.9")} | {
+            "max": h.max_us / 1000
+        }
+
+    return {
+        "scenario": "hall",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "members": members,
+        "joined": joined,
+        "errors": sum(p["errors"] for p in parts),
+        "disconnects": sum(p["disconnects"] for p in parts),
+        "close_codes": _sum_counts(p["close_codes"] for p in parts),
+        "worst_ms_by_second": {
+            k: round(max(p["worst_by_second"].get(k, 0) for p in parts) * 1000, 1)
+            for k in sorted({k for p in parts for k in p["worst_by_second"]}, key=int)
+        },
+        "presenter_latency_ms_during_joins": percentiles(during),
+        "presenter_latency_ms_after": percentiles(later),
+        "presenter_updates_seen": during.total + later.total,
+        "bytes_received_during_joins": storm_bytes,
+        "bytes_per_join": round(storm_bytes / joined) if joined else None,
+        "bytes_received_after": sum(p["bytes_received_after"] for p in parts),
+        "server_cpu_s": round(cpu1 - cpu0, 2),
+        "clients_cpu_s": round(clients_cpu, 2),
+        "wall_s": round(storm + after + 3, 1),
+        "server_rss_mib": rss,
+    }
+
+
+def _sum_counts(counts: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def run_scale(opts: argparse.Namespace) -> dict[str, Any]:
+    """The mid load (20 rooms x 10 @ 10 Hz, stock clients) on 1, 2 and 4 replicas."""
+    opts.target = "presence"
+    runs = [
+        run_stock(f"scale-{n}", {"replicas": n, "rooms": 20, "members": 10, "hz": 10}, opts)
+        for n in (1, 2, 4)
+    ]
+    return {
+        "scenario": "scale",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "runs": runs,
+    }
 
 
 def run_compare(opts: argparse.Namespace) -> dict[str, Any]:
@@ -319,7 +430,10 @@ def main() -> None:
     )
     parser.add_argument(
         "scenario",
-        choices=["a", "b", "c", "d", "e", "faults", "custom", "sweep", "compare", "report"],
+        choices=[
+            *("a", "b", "c", "d", "e", "faults", "custom", "sweep"),
+            *("compare", "hall", "scale", "report"),
+        ],
     )
     parser.add_argument(
         "--client",
@@ -368,6 +482,10 @@ def main() -> None:
         result = run_churn(opts)
     elif opts.scenario == "compare":
         result = run_compare(opts)
+    elif opts.scenario == "hall":
+        result = run_hall(opts)
+    elif opts.scenario == "scale":
+        result = run_scale(opts)
     elif opts.scenario == "sweep":
         runs = [
             run_moving(f"sweep-{hz}hz", {**SCENARIOS["a"], "hz": hz}, opts)
@@ -383,7 +501,8 @@ def main() -> None:
         }
         run = run_stock if opts.client == "stock" else run_moving
         result = run(opts.scenario, cfg, opts)
-    suffix = "stock" if opts.client == "stock" or opts.scenario == "compare" else opts.protocol
+    stock = opts.client == "stock" or opts.scenario in ("compare", "hall", "scale")
+    suffix = "stock" if stock else opts.protocol
     out = opts.out or RESULTS / f"{opts.scenario}-{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -53,7 +53,66 @@ def render(loaded: list[Result]) -> dict[str, str]:
         "targets": _targets(by),
         "faults": _faults(by.get(("faults", "json"))),
         "compare": _compare(by.get(("compare", "json"))),
+        "hall": _hall(by.get(("hall", "json"))),
+        "scale": _scale(by.get(("scale", "json"))),
     }
+
+
+def _hall(r: Result | None) -> str:
+    if r is None:
+        return "Not recorded yet: `python -m load hall`.\n"
+    during, after = r["presenter_latency_ms_during_joins"], r["presenter_latency_ms_after"]
+    lines = [
+        f"Recorded {r['date'][:10]} with `python -m load hall`: {r['members']} stock clients "
+        f"in one room on 2 replicas + Redis, {r['joined']} joined, {r['errors']} errors, "
+        f"{r['disconnects']} disconnects.",
+        "",
+        "| | presenter's cursor, p50 | p99 | p99.9 | max |",
+        "| --- | --- | --- | --- | --- |",
+        _row(
+            ["while the class joins (10 s)", *(_ms(during[q]) for q in ("50", "99", "99.9", "max"))]
+        ),
+        _row(["after", *(_ms(after[q]) for q in ("50", "99", "99.9", "max"))]),
+        "",
+        f"Bytes the clients received while joining: {r['bytes_per_join'] / 1024:.0f} KiB per "
+        f"join, all clients together (the joiner's snapshot, and everybody else learning "
+        f"of the joiner); server memory: "
+        f"{' and '.join(f'{m:g} MiB' for m in r['server_rss_mib'])} (RSS of each replica).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _scale(r: Result | None) -> str:
+    if r is None:
+        return "Not recorded yet: `python -m load scale`.\n"
+    runs: list[Result] = r["runs"]
+    two = next((x for x in runs if x["config"]["replicas"] == 2), None)
+    lines = [
+        f"Recorded {r['date'][:10]} with `python -m load scale` (20 rooms {X} 10 @ 10 Hz, "
+        f"stock clients, {runs[0]['duration_s']:g} s measured per run).",
+        "",
+        "| replicas | delivered or superseded | p50 | p99 | server CPU per delivered update "
+        "| against 2 replicas | Redis CPU |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for x in runs:
+        cpu = x["server_cpu_us_per_delivered"]
+        ratio = "-" if two is None else f"{cpu / two['server_cpu_us_per_delivered']:.2f}"
+        redis = f"{x['redis_cpu_s']:g} s" if x["config"]["replicas"] > 1 else "-"
+        lines.append(
+            _row(
+                [
+                    str(x["config"]["replicas"]),
+                    _pct(x["delivered_or_superseded"]),
+                    _ms(x["latency_ms"]["50"]),
+                    _ms(x["latency_ms"]["99"]),
+                    f"{cpu} µs",
+                    ratio,
+                    redis,
+                ]
+            )
+        )
+    return "\n".join(lines) + "\n"
 
 
 PEERS = {"presence": "presence", "hocuspocus": "Hocuspocus", "ywebsocket": "y-websocket server"}

@@ -458,7 +458,8 @@ async def test_text_frames_and_huge_messages_are_refused(server: Server) -> None
     await a.ws.send("hello")
     assert (await closed_with(a))[0] == 1003
     b = await yjoin(server, {"n": 1}, echo=False)
-    await b.ws.send(b"\x01" + b"\x00" * 100_000)
+    # Past max_message_bytes plus twice max_room_state_bytes (16 KiB + 1 MiB here).
+    await b.ws.send(b"\x01" + b"\x00" * 1_100_000)
     assert (await closed_with(b))[0] == 1009
     await room_still_works(server)
 

@@ -6,6 +6,11 @@
 // and renew their own state every 15 s; nothing here changes that. The result has the
 // shape of the Python workers' (load/clients.py): a latency histogram with the same
 // buckets, and what each member saw of the others.
+//
+// A member may have its own rate (``hz``, 0: it sets one state and stays still) and a
+// time to join (``join_at``); ``plan.watch`` names the only sender whose updates count
+// for latency (a presenter), and ``plan.storm_end`` splits latency and the bytes clients
+// receive into "while members were joining" and after.
 import { readFileSync } from "node:fs";
 import { performance } from "node:perf_hooks";
 import WebSocket from "ws";
@@ -20,7 +25,14 @@ const end = plan.start_at + plan.warmup + plan.duration;
 const GROWTH = Math.log(1.01); // load/hist.py's buckets
 
 const latency = { counts: {}, total: 0, max_us: 0 };
+const latencyStorm = { counts: {}, total: 0, max_us: 0 };
+const bytes = { storm: 0, after: 0 };
 const tally = {
+  close_codes: {},
+  worst_by_second: {},
+  latency_storm: latencyStorm,
+  bytes_received_storm: 0,
+  bytes_received_after: 0,
   sent: 0,
   received: 0,
   errors: 0,
@@ -32,12 +44,25 @@ const tally = {
   latency,
 };
 
-function record(seconds) {
+function record(seconds, at) {
+  const histogram = plan.storm_end && at < plan.storm_end ? latencyStorm : latency;
   const us = Math.max(1, Math.floor(seconds * 1e6));
   const bucket = Math.floor(Math.log(us) / GROWTH);
-  latency.counts[bucket] = (latency.counts[bucket] || 0) + 1;
-  latency.total += 1;
-  latency.max_us = Math.max(latency.max_us, us);
+  histogram.counts[bucket] = (histogram.counts[bucket] || 0) + 1;
+  histogram.total += 1;
+  histogram.max_us = Math.max(histogram.max_us, us);
+}
+
+// What the clients receive, counted on their sockets.
+class CountingWebSocket extends WebSocket {
+  constructor(...args) {
+    super(...args);
+    this.on("message", (data) => {
+      const size = data.length ?? data.byteLength ?? 0;
+      if (plan.storm_end && clock() < plan.storm_end) bytes.storm += size;
+      else bytes.after += size;
+    });
+  }
 }
 
 function connect(member) {
@@ -45,20 +70,20 @@ function connect(member) {
   if (plan.kind === "hocuspocus") {
     const websocketProvider = new HocuspocusProviderWebsocket({
       url: member.server,
-      WebSocketPolyfill: WebSocket,
+      WebSocketPolyfill: CountingWebSocket,
     });
     const provider = new HocuspocusProvider({ websocketProvider, name: member.room, document: doc });
     provider.attach?.();
     return { provider, awareness: provider.awareness, doc, socket: () => websocketProvider };
   }
   const provider = new WebsocketProvider(member.server, member.room, doc, {
-    WebSocketPolyfill: WebSocket,
+    WebSocketPolyfill: CountingWebSocket,
     disableBc: true,
   });
   return { provider, awareness: provider.awareness, doc, socket: () => provider };
 }
 
-const members = plan.members.map((member) => {
+function join(member) {
   const name = `c${member.index}`;
   const highest = (tally.highest[name] = {});
   const client = connect(member);
@@ -72,6 +97,11 @@ const members = plan.members.map((member) => {
     }
   };
   client.provider.on("status", onStatus);
+  // Why sockets closed, by close code (a server that refuses or drops clients).
+  client.provider.on("connection-close", (event) => {
+    const code = String(event?.code ?? "none");
+    tally.close_codes[code] = (tally.close_codes[code] || 0) + 1;
+  });
   client.awareness.on("change", ({ added, updated }) => {
     const now = clock();
     const states = client.awareness.getStates();
@@ -83,20 +113,37 @@ const members = plan.members.map((member) => {
       if (Number.isInteger(state.s) && state.s > (highest[sender] ?? -1)) highest[sender] = state.s;
       if (typeof state.t === "number" && state.t >= measureFrom) {
         tally.received += 1;
-        record(now - state.t);
+        if (!plan.watch || sender === plan.watch) {
+          record(now - state.t, state.t);
+          if (plan.watch) {
+            // The worst latency of each second of the run: when do spikes come?
+            const second = Math.floor(state.t - plan.start_at);
+            tally.worst_by_second[second] = Math.max(tally.worst_by_second[second] || 0, now - state.t);
+          }
+        }
       }
     }
   });
-  return { member, name, client };
-});
+  const entry = { member, name, client };
+  members.push(entry);
+  move(entry);
+}
+
+const members = [];
 
 function later(fn, at) {
   setTimeout(fn, Math.max(0, (at - clock()) * 1000));
 }
 
 function move({ member, name, client }) {
-  const period = 1 / plan.hz;
-  const start = plan.start_at + Math.random() * period; // spread the phases
+  const hz = member.hz ?? plan.hz;
+  if (!hz) {
+    client.awareness.setLocalState({ cursor: { x: 0, y: member.index % 500 }, n: name });
+    return; // still: the provider only renews this state
+  }
+  const period = 1 / hz;
+  // Spread the phases; one that joins late starts from its join.
+  const start = Math.max(plan.start_at, clock()) + Math.random() * period;
   let seq = 0;
   const step = () => {
     const intended = start + seq * period;
@@ -121,9 +168,11 @@ function move({ member, name, client }) {
   later(step, start);
 }
 
-members.forEach(move);
+for (const member of plan.members) later(() => join(member), member.join_at ?? 0);
 setTimeout(() => {
-  tally.errors = members.length - tally.joined;
+  tally.errors = plan.members.length - tally.joined;
+  tally.bytes_received_storm = bytes.storm;
+  tally.bytes_received_after = bytes.after;
   process.stdout.write(JSON.stringify(tally));
   for (const { client } of members) client.provider.destroy();
   process.exit(0);

@@ -3,7 +3,8 @@
 
 It holds what only Yjs needs: the clocks announced for each client ID, the clocks each
 connection was told (to recognise the copies stock clients send back), the renewals
-that keep peers from timing states out, that a Yjs client ID expires alone (its
+that keep peers from timing states out (each state when it comes due, not the room
+at once), that a Yjs client ID expires alone (its
 socket stays open), and which departed client IDs are still reserved (:class:`Holds`).
 
 Clocks: the server re-announces states (idle marks, renewals, a reconnecting client), so
@@ -128,7 +129,10 @@ class YjsView:
         # Per connection: the clock of the last state of each client ID sent to it.
         self.told: dict[Outbox[bytes], dict[int, int]] = {}
         self.renew_every = hub.settings.expire_after / 2
-        self.last_renewal = hub.clock()
+        # When each connection was last sent anything (the hub's clock): a lone stock
+        # client closes a socket that stays silent for 30 s.
+        self.heard: dict[Outbox[bytes], float] = {}
+        self.clock = hub.clock
         self.holds = holds_of(hub)
         self.digest = hub.identities.digest
         # Per connection: its identity token's username (or None), and the client IDs
@@ -143,6 +147,7 @@ class YjsView:
         the clocks it will have been told."""
         # Replicas compare digests (they share the secret): usernames stay here.
         self.keys[outbox] = None if key is None else self.digest(key)
+        self.heard[outbox] = self.clock()
         self.released[outbox] = OrderedDict()
         return self.told.setdefault(outbox, {})
 
@@ -156,6 +161,7 @@ class YjsView:
                 hold.owner = None
         self.keys.pop(outbox, None)
         self.told.pop(outbox, None)
+        self.heard.pop(outbox, None)
 
     # -- client IDs ----------------------------------------------------------------------
 
@@ -201,13 +207,23 @@ class YjsView:
         return True
 
     def swept(self, now: float) -> None:
-        """Re-announce every state before the peers' 30 s timeout drops it."""
-        if now - self.last_renewal < self.renew_every:
-            return
-        self.last_renewal = now
-        shared = self.snapshot()
+        """Re-announce each state not announced for ``renew_every``, before the peers'
+        30 s timeout drops it: a few at each sweep, as they come due. (Re-announcing
+        the whole room at once made every connection receive, and every stock client
+        echo back, all the room's states in the same moment: in a room of 300, a
+        burst that held the presenter's cursor back by half a second.)"""
+        wall_ms, every_ms = self._wall() * 1000, self.renew_every * 1000
+        due = [
+            m
+            for m in self.room.snapshot()
+            if wall_ms - self.clocks.get(yjs.client_id_of(m.id), 0) >= every_ms
+        ]
+        shared = {yjs.client_id_of(m.id): self._member_entry(m) for m in due}
         for outbox in self.told:
-            outbox.push([self.full(shared, outbox)])
+            entries = self._pick(shared, outbox)
+            if entries or now - self.heard.get(outbox, now) >= self.renew_every:
+                outbox.push([yjs.awareness_message(entries)])
+                self.heard[outbox] = now
 
     # -- encoding ------------------------------------------------------------------------
 
@@ -255,7 +271,10 @@ class YjsView:
 
     def frames(self, shared: dict[int, yjs.Line], outbox: Outbox[bytes]) -> list[bytes]:
         entries = self._pick(shared, outbox)
-        return [yjs.awareness_message(entries)] if entries else []
+        if not entries:
+            return []
+        self.heard[outbox] = self.clock()
+        return [yjs.awareness_message(entries)]
 
     def snapshot(self) -> dict[int, yjs.Line]:
         """Every member's entry, with fresh clocks: a stock client that reconnects keeps
