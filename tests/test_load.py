@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,44 +31,35 @@ def test_histogram_percentiles_within_one_percent() -> None:
     assert h.total == 1001 and h.max_us == 5_000_000
 
 
-@pytest.mark.parametrize("protocol", ["json", "yjs"])
-def test_a_small_run_reports_every_update(tmp_path: Path, protocol: str) -> None:
+def small_run(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """``python -m load custom`` with 2 rooms of 3 members at 5 Hz for 2 s: every update
+    reaches the others."""
     out = tmp_path / "result.json"
     subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "load",
-            "custom",
-            "--rooms",
-            "2",
-            "--members",
-            "3",
-            "--hz",
-            "5",
-            "--duration",
-            "2",
-            "--warmup",
-            "1",
-            "--workers",
-            "1",
-            "--protocol",
-            protocol,
-            "--out",
-            str(out),
+            *(sys.executable, "-m", "load", "custom"),
+            *("--rooms", "2", "--members", "3", "--hz", "5"),
+            *("--duration", "2", "--warmup", "1", "--workers", "1", "--out", str(out)),
+            *args,
         ],
         cwd=ROOT,
         check=True,
         capture_output=True,
         timeout=120,
     )
-    result = json.loads(out.read_text())
+    result: dict[str, Any] = json.loads(out.read_text())
     assert result["joined"] == 6 and result["errors"] == 0
     assert result["updates_sent"] == pytest.approx(6 * 5 * 2, abs=6)
     assert result["delivered_or_superseded"] == 1.0
     assert result["updates_observed"] >= result["updates_sent"] * 2
     assert 0 < result["latency_ms"]["50"] < 1000
     assert result["server_cpu_us_per_delivered"] > 0
+    return result
+
+
+@pytest.mark.parametrize("protocol", ["json", "yjs"])
+def test_a_small_run_reports_every_update(tmp_path: Path, protocol: str) -> None:
+    small_run(tmp_path, "--protocol", protocol)
     # The report turns recorded results into a table and a plot.
     report = write_report(tmp_path, tmp_path / "report")
     assert f"| custom | {protocol} |" in report.read_text()
@@ -77,27 +69,5 @@ def test_a_small_run_reports_every_update(tmp_path: Path, protocol: str) -> None
 
 @pytest.mark.parametrize("target", ["presence", "hocuspocus", "ywebsocket"])
 def test_stock_yjs_clients_drive_presence_and_the_peers(tmp_path: Path, target: str) -> None:
-    out = tmp_path / "result.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "load",
-            "custom",
-            *("--client", "stock", "--target", target),
-            *("--rooms", "2", "--members", "3", "--hz", "5"),
-            *("--duration", "2", "--warmup", "1", "--workers", "1", "--out", str(out)),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    result = json.loads(out.read_text())
+    result = small_run(tmp_path, "--client", "stock", "--target", target)
     assert (result["target"], result["client"]) == (target, "stock")
-    assert result["joined"] == 6 and result["errors"] == 0
-    assert result["updates_sent"] == pytest.approx(6 * 5 * 2, abs=6)
-    assert result["delivered_or_superseded"] == 1.0
-    assert result["updates_observed"] >= result["updates_sent"] * 2
-    assert 0 < result["latency_ms"]["50"] < 1000
-    assert result["server_cpu_us_per_delivered"] > 0
