@@ -67,7 +67,15 @@ def progress(label: str, until: float, total: float) -> None:
 
 def start_replicas(n: int, extra: list[str]) -> tuple[list[Server], RedisProcess | None]:
     redis = RedisProcess().start() if n > 1 else None
-    args = ["--log-level", "warning", "--rate-limit", "100", *extra]
+    args = [
+        "--log-level",
+        "warning",
+        "--rate-limit",
+        "100",
+        # Every client of the generator comes from 127.0.0.1.
+        *("--max-connections-per-ip", "100000"),
+        *extra,
+    ]
     if redis is not None:
         args += ["--redis-url", redis.url]
     return [Server(args, {"PRESENCE_SECRET": "load"}).start() for _ in range(n)], redis
@@ -108,12 +116,17 @@ def run_stock(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[
         if redis is not None and redis.proc is not None:
             redis_pid = redis.proc.pid
             redis0 = cpu_seconds(redis_pid)
+            traffic0 = redis_traffic(redis)
         cpu0 = sum(cpu_seconds(p) for p in pids)
         clients0 = sum(cpu_seconds(p.pid) for p in procs)
         progress(f"{name} ({opts.target}): measuring", measure_from + opts.duration, opts.duration)
         cpu1 = sum(cpu_seconds(p) for p in pids)
         clients1 = sum(cpu_seconds(p.pid) for p in procs)
         redis_cpu = cpu_seconds(redis_pid) - redis0 if redis is not None else 0.0
+        traffic = {}
+        if redis is not None:
+            traffic1 = redis_traffic(redis)
+            traffic = {k: round((traffic1[k] - traffic0[k]) / opts.duration) for k in traffic1}
         parts = results(procs)
         result = summarize(name, cfg, opts, parts, room_of, cpu1 - cpu0, servers)  # type: ignore[arg-type]
         return {
@@ -121,6 +134,9 @@ def run_stock(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[
             "target": opts.target,
             "client": "stock",
             "redis_cpu_s": round(redis_cpu, 2),
+            # Per second of the measurement: commands (publishes, hash writes), and
+            # bytes into and out of Redis (out: every publish once per subscriber).
+            "redis_per_s": traffic,
             # Near opts.workers x duration: the generator, not the server, was the limit.
             "clients_cpu_s": round(clients1 - clients0, 2),
         }
@@ -129,6 +145,16 @@ def run_stock(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[
             s.stop()
         if redis is not None:
             redis.stop()
+
+
+def redis_traffic(redis: RedisProcess) -> dict[str, int]:
+    with redis.client() as client:
+        stats = client.info("stats")
+    return {
+        "commands": int(stats["total_commands_processed"]),
+        "bytes_in": int(stats["total_net_input_bytes"]),
+        "bytes_out": int(stats["total_net_output_bytes"]),
+    }
 
 
 def run_hall(opts: argparse.Namespace) -> dict[str, Any]:
@@ -361,7 +387,8 @@ def run_idle(opts: argparse.Namespace) -> dict[str, Any]:
             assert server.proc is not None
             time.sleep(1)
             before = rss_bytes(server.proc.pid)
-            urls = [f"{server.ws}/rooms/idle-{i // 10}" for i in range(count)]
+            path = "yjs" if opts.protocol == "yjs" else "rooms"
+            urls = [f"{server.ws}/{path}/idle-{i // 10}" for i in range(count)]
             hold = 8 + count / 400
             with ProcessPoolExecutor(2) as pool:
                 parts = [pool.submit(run_idle_worker, urls[w::2], hold) for w in range(2)]
@@ -381,6 +408,7 @@ def run_idle(opts: argparse.Namespace) -> dict[str, Any]:
             server.stop()
     return {
         "scenario": "d",
+        "protocol": opts.protocol,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "idle": results,
     }

@@ -169,7 +169,10 @@ async def _idle(urls: list[str], hold: float) -> dict[str, Any]:
     for url in urls:
         try:
             ws = await websockets.connect(url, open_timeout=30, ping_interval=None)
-            await ws.recv()  # the welcome: the member is in
+            if "/yjs/" in url:  # a Yjs client is a member once it has a state
+                entry = yjs.entry(random.getrandbits(31) | 1, 1, b'{"cursor":null}')
+                await ws.send(yjs.awareness_message([entry]))
+            await ws.recv()  # the welcome (JSON), the room's states (Yjs): the member is in
             opened.append(ws)
         except (OSError, websockets.WebSocketException, TimeoutError):
             errors += 1

@@ -107,7 +107,15 @@ def start_target(
         replicas = 1
     redis = RedisProcess().start() if replicas > 1 else None
     if target == "presence":
-        args = ["--log-level", "warning", "--rate-limit", "100", *presence_args]
+        args = [
+            "--log-level",
+            "warning",
+            "--rate-limit",
+            "100",
+            # Every client of the generator comes from 127.0.0.1.
+            *("--max-connections-per-ip", "100000"),
+            *presence_args,
+        ]
         if redis is not None:
             args += ["--redis-url", redis.url]
         env = {"PRESENCE_SECRET": "load"}

@@ -48,7 +48,7 @@ def render(loaded: list[Result]) -> dict[str, str]:
     sweep: list[Result] = next((r["runs"] for r in loaded if r["scenario"] == "sweep"), [])
     return {
         "runs": _runs(runs, by.get(("c", "json"))),
-        "memory": _memory(by.get(("d", "json")), by.get(("e", "json"))),
+        "memory": _memory(by.get(("d", "json")), by.get(("e", "json")), by.get(("d", "yjs"))),
         "sweep": _sweep(sweep),
         "targets": _targets(by),
         "faults": _faults(by.get(("faults", "json"))),
@@ -194,17 +194,22 @@ def _runs(runs: list[Result], c: Result | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _memory(d: Result | None, e: Result | None) -> str:
+def _memory(d: Result | None, e: Result | None, d_yjs: Result | None = None) -> str:
     lines = ["| scenario | command | result |", "| --- | --- | --- |"]
-    if d is not None:
+    for idle_run, label, command in (
+        (d, "(d) idle connections", "python -m load d"),
+        (d_yjs, "(d) idle Yjs connections", "python -m load d --protocol yjs"),
+    ):
+        if idle_run is None:
+            continue
         idle = [
             f"{i['connections']:,}: {i['kib_per_connection']:.1f} KiB RSS per connection "
             f"({i['rss_before_mib']} → {i['rss_after_mib']} MiB"
             + ("" if i["joined"] == i["connections"] else f", {i['joined']:,} joined")
             + ")"
-            for i in d["idle"]
+            for i in idle_run["idle"]
         ]
-        lines.append(_row(["(d) idle connections", "`python -m load d`", "; ".join(idle)]))
+        lines.append(_row([label, f"`{command}`", "; ".join(idle)]))
     if e is not None:
         duration = "" if e["duration_s"] == CHURN_DURATION else f" --duration {e['duration_s']:g}"
         churn = (

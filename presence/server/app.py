@@ -25,7 +25,6 @@ from presence.core.identity import IdentityFactory, InvalidToken
 from presence.server.access import Access, guarded
 from presence.server.hub import Hub, new_replica_id
 from presence.server.identities import post_identities
-from presence.server.jupyterhub_auth import hub_routes
 from presence.server.views import list_rooms, room_events, room_members
 
 log = logging.getLogger("presence.app")
@@ -180,6 +179,8 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
         Route("/metrics", metrics),
     ]
     if access.jupyterhub is not None:
+        from presence.server.jupyterhub_auth import hub_routes  # httpx: only on a hub
+
         routes += hub_routes(access.jupyterhub, settings.base_path)
     if settings.base_path:
         routes = [Mount(settings.base_path, routes=routes)]

@@ -238,6 +238,8 @@ class Connection(asyncio.Protocol):
             self.close(1011, "internal error")
         finally:  # cancelled too (then _cancelled follows)
             self._opening = None
+            # Only the way in needed them: a kilobyte and more per idle connection.
+            self.headers, self.query = {}, {}
             if self.state == "closed":
                 self._detach()  # it went away while joining
         if self.state != "opening":
