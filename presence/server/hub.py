@@ -134,7 +134,8 @@ class Hub:
             lambda: len(asyncio.all_tasks()),
         )
         m.gauges["tick_seconds"] = (
-            "Current time between flushes (--flush-interval, stretched when timers run late).",
+            "Shortest time between two frames of a room (--flush-interval, stretched when "
+            "timers run late).",
             lambda: self.tick_interval,
         )
         m.gauges["members"] = (
