@@ -18,7 +18,7 @@ from presence.server.access import CLOCK_SKEW
 from presence.server.connection import FRAMES_PER_TURN
 from presence.server.identities import DEFAULT_TTL, MAX_BODY, MAX_TTL
 from presence.server.json_ws import MAX_CONSECUTIVE_ERRORS
-from presence.server.yjs_ws import MAX_CLIENT_IDS
+from presence.server.yjs_ws import ECHO_OVERHEAD, MAX_CLIENT_IDS
 
 pytestmark = pytest.mark.unit
 
@@ -67,6 +67,7 @@ CONSTANTS = [
     ("docs/protocol.md", "more than 1024 frames", MAX_FRAGMENTS),
     ("docs/protocol.md", "at most 128 frames of one connection", FRAMES_PER_TURN),
     ("docs/protocol.md", "`nbf` with 60 s of leeway", CLOCK_SKEW),
+    ("docs/protocol.md", "plus 128 bytes per `max_room_members`", ECHO_OVERHEAD),
 ]
 # Numbers next to a unit or a setting's name that quote neither, with why.
 UNRELATED = [

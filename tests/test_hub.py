@@ -175,18 +175,62 @@ async def test_a_quiet_room_sends_at_once_whatever_a_busy_one_does() -> None:
     hub = make_hub("A", MemoryBus(), Clock())
     await hub.start()
     busy, quiet = await hub.open("busy"), await hub.open("quiet")
+    peers = {}
     for room in (busy, quiet):
+        peers[room.name] = Peer()
+        hub.attach(room, outbox_for(hub, peers[room.name]))
         room.join("m", Identity("u", "Io", "IO", "#332288"), 0.0)
     hub._mark("busy")
-    hub._mark("quiet")
-    assert hub._soon == {"busy", "quiet"}  # neither sent lately: this loop pass
-    hub._flush_soon()
+    hub._flush_soon()  # the busy room just sent
+    sent = len(peers["busy"].frames)
     busy.update("m", {"x": 1}, 0.0)
     hub._mark("busy")
-    assert "busy" in hub._waiting  # sent a moment ago: batches until its next tick
     quiet.update("m", {"x": 1}, 0.0)
-    hub._mark("quiet", at_once=True)  # from another replica: never waits
-    assert "quiet" in hub._soon
+    hub._mark("quiet")  # from this replica, like the busy one's
+    assert "busy" in hub._waiting  # sent a moment ago: batches until its next tick
+    assert "quiet" in hub._soon  # sent nothing lately: at the end of this loop pass
+    await asyncio.sleep(0)  # the end of the pass
+    # (its join and its update, in one frame)
+    assert [m["members"][0]["state"] for m in messages(peers["quiet"])] == [{"x": 1}]
+    assert len(peers["busy"].frames) == sent  # still waiting for its tick
     await asyncio.sleep(hub.tick_interval * 3)
-    assert not hub._waiting and not hub._soon  # both sent
+    assert len(peers["busy"].frames) > sent
+    busy.update("m", {"x": 2}, 0.0)
+    hub._mark("busy", at_once=True)  # from another replica: never waits
+    assert "busy" in hub._soon
     await hub.stop()
+
+
+async def test_every_connection_hears_each_state_every_15_s_whatever_others_are_sent() -> None:
+    # y-protocols drops a state it has not heard for 30 s. A snapshot sent to one
+    # connection (a joiner, a query) must not push back the others' renewals.
+    from presence.codecs import yjs
+
+    clock, wall = Clock(), [1_700_000_000.0]
+    hub = make_hub("A", MemoryBus(), clock)
+    room = await hub.open("doc")
+    view = hub.observer(room, lambda r, h: YjsView(r, h, wall=lambda: wall[0]))
+    peer = Peer()
+    outbox: Outbox[bytes] = Outbox(peer, view, max_backlog=8, clock=clock, metrics=hub.metrics)
+    view.attach(outbox)
+    hub.attach(room, outbox)
+    room.join("y42", Identity("u", "Io", "IO", "#332288"), clock.now, {"x": 1})
+    hub._mark("doc")
+    await asyncio.sleep(0.01)
+
+    def heard() -> int:
+        frames = [yjs.read_message(f) for f in peer.frames]
+        return sum(e.client_id == 42 for _, r in frames for e in yjs.read_awareness(r))
+
+    told, last, gaps = heard(), 0.0, []
+    for step in range(1, 161):  # 40 s of sweeps
+        wall[0] += 0.25
+        clock.now += 0.25
+        room.heartbeat("y42", clock.now)  # alive, unchanged
+        if step in (56, 112):  # someone joins at 14 s and at 28 s
+            joiner = Outbox(Peer(), view, max_backlog=8, clock=clock, metrics=hub.metrics)
+            view.full(view.snapshot(), joiner)
+        view.swept(clock.now)
+        if heard() > told:
+            told, gaps, last = heard(), [*gaps, step / 4 - last], step / 4
+    assert told == 3 and gaps == [15.0, 15.0]

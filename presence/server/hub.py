@@ -356,7 +356,10 @@ class Hub:
         self._soon_handle = None
         rooms, self._soon = self._soon, set()
         for name in rooms:
-            self._flush(name)
+            try:
+                self._flush(name)
+            except Exception:  # a bug in one room must not hold the others back
+                log.exception("flushing a room failed", extra={"room": name})
 
     def _flush_waiting(self, room_name: str, due: float) -> None:
         self._waiting.pop(room_name, None)

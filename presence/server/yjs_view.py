@@ -128,7 +128,14 @@ class YjsView:
         self.clocks: dict[int, int] = {}
         # Per connection: the clock of the last state of each client ID sent to it.
         self.told: dict[Outbox[bytes], dict[int, int]] = {}
-        self.renew_every = hub.settings.expire_after / 2
+        # y-protocols drops a state not renewed for 30 s, whatever our expiry.
+        self.renew_every = min(hub.settings.expire_after / 2, 15.0)
+        # When each member's state was last sent to every connection (hub clock), the
+        # oldest first: renewals are due from the front. A snapshot for one connection
+        # (a joiner, a query) does not count.
+        self.renewed: OrderedDict[str, float] = OrderedDict(
+            (m.id, hub.clock()) for m in room.snapshot()
+        )
         # When each connection was last sent anything (the hub's clock): a lone stock
         # client closes a socket that stays silent for 30 s.
         self.heard: dict[Outbox[bytes], float] = {}
@@ -207,20 +214,25 @@ class YjsView:
         return True
 
     def swept(self, now: float) -> None:
-        """Re-announce each state not announced for ``renew_every``, before the peers'
-        30 s timeout drops it: a few at each sweep, as they come due. (Re-announcing
+        """Re-announce each state not sent to everyone for ``renew_every``, before the
+        peers' 30 s timeout drops it: a few at each sweep, as they come due. (Re-announcing
         the whole room at once made every connection receive, and every stock client
-        echo back, all the room's states in the same moment: in a room of 300, a
-        burst that held the presenter's cursor back by half a second.)"""
-        wall_ms, every_ms = self._wall() * 1000, self.renew_every * 1000
-        due = [
-            m
-            for m in self.room.snapshot()
-            if wall_ms - self.clocks.get(yjs.client_id_of(m.id), 0) >= every_ms
-        ]
-        shared = {yjs.client_id_of(m.id): self._member_entry(m) for m in due}
+        echo back, all the room's states in the same moment: in a room of 300, a burst
+        that held the presenter's cursor back by half a second.)"""
+        shared: dict[int, yjs.Line] = {}
+        renewed = self.renewed
+        while renewed:
+            member_id, last = next(iter(renewed.items()))
+            if now - last < self.renew_every:
+                break
+            del renewed[member_id]
+            if member_id in self.room:
+                shared[yjs.client_id_of(member_id)] = self._member_entry(
+                    self.room.member(member_id)
+                )
+                renewed[member_id] = now
         for outbox in self.told:
-            entries = self._pick(shared, outbox)
+            entries = self._pick(shared, outbox) if shared else []
             if entries or now - self.heard.get(outbox, now) >= self.renew_every:
                 outbox.push([yjs.awareness_message(entries)])
                 self.heard[outbox] = now
@@ -249,9 +261,12 @@ class YjsView:
                 # Forget it, or churn would grow this table: clocks are times, so one
                 # handed out later is still newer.
                 self.clocks.pop(client_id, None)
+                self.renewed.pop(member_id, None)
             else:
                 member = self.room.member(member_id)
                 entries[yjs.client_id_of(member_id)] = self._member_entry(member)
+                self.renewed.pop(member_id, None)
+                self.renewed[member_id] = self.clock()  # sent to everyone: renewed
         return entries
 
     def _pick(self, shared: dict[int, yjs.Line], outbox: Outbox[bytes]) -> list[bytes]:

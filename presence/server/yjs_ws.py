@@ -38,6 +38,9 @@ log = logging.getLogger("presence.yjs")
 # A y-websocket client speaks for one client ID (a few with several documents); more from
 # one socket is somebody filling the room.
 MAX_CLIENT_IDS = 8
+# Bytes per member that an echoed snapshot holds beyond the states themselves (client
+# ID, clock, length, the server's "presence" field), with room to spare.
+ECHO_OVERHEAD = 128
 
 
 class RateLimitedStates(RateLimitedUpdates):
@@ -217,10 +220,13 @@ class YjsEndpoint:
     def max_message_bytes(settings: Any) -> int:
         """Stock providers send every awareness change they receive back, in one
         message: a joiner's echo of its snapshot holds the whole room's states (a class of
-        300 sent 1009-closed sockets in a loop while the limit was 16 KiB). Each state
-        is still held to ``max_state_bytes``."""
+        300 sent 1009-closed sockets in a loop while the limit was 16 KiB): the room's
+        states together, and per member its entry's header and the fields the server
+        adds. Each state is still held to ``max_state_bytes``."""
         limit: int = settings.max_message_bytes
-        return limit + 2 * getattr(settings, "max_room_state_bytes", 0)
+        room: int = getattr(settings, "max_room_state_bytes", 0)
+        members: int = getattr(settings, "max_room_members", 0)
+        return limit + room + members * ECHO_OVERHEAD
 
     def __init__(self, connection: Connection, hub: Hub, room: str) -> None:
         self.connection = connection
