@@ -35,6 +35,7 @@ from typing import Any
 from harness.processes import RedisProcess, Server
 from load.clients import Plan, run_churn_worker, run_idle_worker, run_worker
 from load.hist import Histogram
+from load.peers import start_presence
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "a": {"replicas": 1, "rooms": 20, "members": 10, "hz": 10},
@@ -63,22 +64,6 @@ def progress(label: str, until: float, total: float) -> None:
         print(f"\r{label} [{bar:<30}] {done:4.0%}", end="", file=sys.stderr, flush=True)
         time.sleep(min(1.0, left))
     print(f"\r{label} [{'#' * 30}] 100%", file=sys.stderr)
-
-
-def start_replicas(n: int, extra: list[str]) -> tuple[list[Server], RedisProcess | None]:
-    redis = RedisProcess().start() if n > 1 else None
-    args = [
-        "--log-level",
-        "warning",
-        "--rate-limit",
-        "100",
-        # Every client of the generator comes from 127.0.0.1.
-        *("--max-connections-per-ip", "100000"),
-        *extra,
-    ]
-    if redis is not None:
-        args += ["--redis-url", redis.url]
-    return [Server(args, {"PRESENCE_SECRET": "load"}).start() for _ in range(n)], redis
 
 
 # The cells of ``compare``: (name, rooms, members, hz), each on 2 replicas + Redis.
@@ -277,7 +262,7 @@ def run_compare(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_moving(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
-    replicas, redis = start_replicas(cfg["replicas"], opts.server_arg)
+    replicas, redis = start_presence(cfg["replicas"], opts.server_arg)
     try:
         n = cfg["rooms"] * cfg["members"]
         path = "yjs" if opts.protocol == "yjs" else "rooms"
@@ -382,7 +367,7 @@ def summarize(
 def run_idle(opts: argparse.Namespace) -> dict[str, Any]:
     results = []
     for count in (1000, 5000):
-        (server,), _ = start_replicas(1, opts.server_arg)
+        (server,), _ = start_presence(1, opts.server_arg)
         try:
             assert server.proc is not None
             time.sleep(1)
@@ -415,7 +400,7 @@ def run_idle(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_churn(opts: argparse.Namespace) -> dict[str, Any]:
-    (server,), _ = start_replicas(1, opts.server_arg)
+    (server,), _ = start_presence(1, opts.server_arg)
     try:
         assert server.proc is not None
 

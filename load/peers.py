@@ -98,28 +98,31 @@ class PresenceServer:
 Target = NodeServer | PresenceServer
 
 
+def start_presence(n: int, extra: list[str]) -> tuple[list[Server], RedisProcess | None]:
+    """``n`` presence replicas (and the Redis they share if more than one)."""
+    redis = RedisProcess().start() if n > 1 else None
+    args = [
+        *("--log-level", "warning", "--rate-limit", "100"),
+        # Every client of the generator comes from 127.0.0.1.
+        *("--max-connections-per-ip", "100000"),
+        *extra,
+    ]
+    if redis is not None:
+        args += ["--redis-url", redis.url]
+    return [Server(args, {"PRESENCE_SECRET": "load"}).start() for _ in range(n)], redis
+
+
 def start_target(
     target: str, replicas: int, presence_args: list[str]
 ) -> tuple[list[Target], RedisProcess | None]:
     """``replicas`` servers of ``target`` (one for the y-websocket server), and the Redis
     they share if more than one."""
+    if target == "presence":
+        servers, redis = start_presence(replicas, presence_args)
+        return [PresenceServer(s) for s in servers], redis
     if target == "ywebsocket":
         replicas = 1
     redis = RedisProcess().start() if replicas > 1 else None
-    if target == "presence":
-        args = [
-            "--log-level",
-            "warning",
-            "--rate-limit",
-            "100",
-            # Every client of the generator comes from 127.0.0.1.
-            *("--max-connections-per-ip", "100000"),
-            *presence_args,
-        ]
-        if redis is not None:
-            args += ["--redis-url", redis.url]
-        env = {"PRESENCE_SECRET": "load"}
-        return [PresenceServer(Server(args, env).start()) for _ in range(replicas)], redis
     port = redis.port if redis is not None else None
     return [NodeServer(target, port).start() for _ in range(replicas)], redis
 
