@@ -346,13 +346,13 @@ class IdentityFactory:
                 "t": int(self._clock()),  # issued at, seconds since the epoch
             }
         )
-        return f"{_b64(payload)}.{_b64(self._mac(payload))}"
+        return f"{b64url(payload)}.{b64url(self._mac(payload))}"
 
     def verify(self, token: str) -> Identity:
         """The identity a token was issued for, or :class:`InvalidToken`."""
         try:
             payload_b64, mac_b64 = token.split(".")
-            payload, mac = _unb64(payload_b64), _unb64(mac_b64)
+            payload, mac = unb64url(payload_b64), unb64url(mac_b64)
         except ValueError:
             raise InvalidToken("malformed identity token") from None
         if not hmac.compare_digest(mac, self._mac(payload)):
@@ -383,16 +383,16 @@ class IdentityFactory:
         return Identity(username, name, initials_of(name), color)
 
 
-def _b64(data: bytes) -> str:
+def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _unb64(text: str) -> bytes:
+def unb64url(text: str) -> bytes:
     # Strict: the decoder alone skips characters outside the alphabet and accepts '+',
     # '/', padding and set unused bits, so junk inside a token would still verify.
     if not _B64.fullmatch(text):
         raise ValueError("not unpadded URL-safe base64")
     data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    if _b64(data) != text:
+    if b64url(data) != text:
         raise ValueError("not the canonical encoding")
     return data

@@ -16,7 +16,6 @@ While the hub cannot be reached, answers it gave stay good and connections stay 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import logging
@@ -38,7 +37,7 @@ from starlette.routing import BaseRoute, Route
 from presence.config import HUB_API_TOKEN, HUB_API_URL
 from presence.core.access import AccessError, Grant, Want, may_enter, not_shared, server_of
 from presence.core.colors import stable_color
-from presence.core.identity import Identity
+from presence.core.identity import Identity, b64url, unb64url
 
 log = logging.getLogger("presence.jupyterhub")
 
@@ -342,7 +341,7 @@ class JupyterHubAuth:
         """Off to the hub's authorize page; it comes back to the callback with a code,
         then to ``wanted`` (a path on this host; else ``?next=``, else the front page)."""
         wanted = _local(wanted or request.query_params.get("next", ""), prefix)
-        state = _b64(orjson.dumps({"s": secrets.token_urlsafe(16), "next": wanted}))
+        state = b64url(orjson.dumps({"s": secrets.token_urlsafe(16), "next": wanted}))
         query = urlencode(
             {
                 "client_id": self.service.client_id,
@@ -397,7 +396,7 @@ class JupyterHubAuth:
                 status_code=403,
             )
         try:
-            wanted = str(orjson.loads(_unb64(state))["next"])
+            wanted = str(orjson.loads(unb64url(state))["next"])
         except (ValueError, KeyError, TypeError):
             wanted = ""
         # Checked again: a page of the same origin could have planted the state cookie.
@@ -434,11 +433,3 @@ def _local(path: str, prefix: str) -> str:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

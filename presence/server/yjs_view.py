@@ -140,6 +140,7 @@ class YjsView:
         # client closes a socket that stays silent for 30 s.
         self.heard: dict[Outbox[bytes], float] = {}
         self.clock = hub.clock
+        self.flushed = hub.clock()  # when the last frame was encoded
         self.holds = holds_of(hub)
         self.digest = hub.identities.digest
         # Per connection: its identity token's username (or None), and the client IDs
@@ -251,6 +252,7 @@ class YjsView:
 
     def shared(self, batch: Batch) -> dict[int, yjs.Line]:
         """The latest state (or removal) of every member the batch touched."""
+        self.flushed = now = self.clock()  # once per frame, for all its recipients
         entries: dict[int, yjs.Line] = {}
         for event in batch.events():
             member_id = event.member.id if isinstance(event, Joined) else event.id
@@ -266,7 +268,7 @@ class YjsView:
                 member = self.room.member(member_id)
                 entries[yjs.client_id_of(member_id)] = self._member_entry(member)
                 self.renewed.pop(member_id, None)
-                self.renewed[member_id] = self.clock()  # sent to everyone: renewed
+                self.renewed[member_id] = now  # sent to everyone: renewed
         return entries
 
     def _pick(self, shared: dict[int, yjs.Line], outbox: Outbox[bytes]) -> list[bytes]:
@@ -288,7 +290,7 @@ class YjsView:
         entries = self._pick(shared, outbox)
         if not entries:
             return []
-        self.heard[outbox] = self.clock()
+        self.heard[outbox] = self.flushed
         return [yjs.awareness_message(entries)]
 
     def snapshot(self) -> dict[int, yjs.Line]:
