@@ -71,11 +71,6 @@ class Endpoint:
         self.received: list[Any] = []
         self.closed_calls = 0
 
-    @staticmethod
-    def max_message_bytes(settings: Any) -> int:
-        limit: int = settings.max_message_bytes
-        return limit
-
     async def open(self) -> None:
         await self.gate.wait()
 

@@ -207,7 +207,10 @@ class Connection(asyncio.Protocol):
         self.transport.write(response)
         self.state = "opening"
         self.query, self.headers = request.query, request.headers
-        self.reader.max_size = endpoint_class.max_message_bytes(self.hub.settings)
+        # An endpoint may take larger messages than --max-message-bytes (Yjs echoes).
+        limit = getattr(endpoint_class, "max_message_bytes", None)
+        if limit is not None:
+            self.reader.max_size = limit(self.hub.settings)
         room = self._path(request.path).split("/", 2)[2]
         self.endpoint = endpoint_class(self, self.hub, room)
         # Messages wait until the member has joined, those read already too.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from presence.codecs import json as codec
 from presence.core.access import AccessError
@@ -21,11 +21,6 @@ MAX_CONSECUTIVE_ERRORS = 10
 
 class JsonEndpoint:
     text: ClassVar[bool] = True
-
-    @staticmethod
-    def max_message_bytes(settings: Any) -> int:
-        limit: int = settings.max_message_bytes
-        return limit
 
     def __init__(self, connection: Connection, hub: Hub, room: str) -> None:
         self.connection = connection
