@@ -234,3 +234,48 @@ async def test_every_connection_hears_each_state_every_15_s_whatever_others_are_
         if heard() > told:
             told, gaps, last = heard(), [*gaps, step / 4 - last], step / 4
     assert told == 3 and gaps == [15.0, 15.0]
+
+
+async def test_a_frame_is_encoded_once_for_the_room_and_its_echo_is_recognised() -> None:
+    # Stock clients send back every update they apply: a byte-for-byte copy of a message
+    # a connection was sent is dropped without decoding, once, for that connection only.
+    from presence.codecs import yjs
+    from presence.server.yjs_view import ECHO_MESSAGES, ECHO_WINDOW
+
+    clock = Clock()
+    hub = make_hub("A", MemoryBus(), clock)
+    room = await hub.open("doc")
+    view = hub.observer(room, YjsView)
+    peers = [Peer() for _ in range(3)]
+    outboxes = [Outbox(p, view, max_backlog=8, clock=clock, metrics=hub.metrics) for p in peers]
+    for outbox in outboxes:
+        view.attach(outbox)
+        hub.attach(room, outbox)
+    hub.admit(room, outboxes[0], "y1", None, {"x": 1})
+    await asyncio.sleep(0.01)
+    hub.replace("doc", "y1", {"x": 2})
+    await asyncio.sleep(0.01)
+    sent = [p.frames[-1] for p in peers[1:]]
+    assert sent[0] is sent[1]  # one encoding (and one framing) for both receivers
+    assert all(
+        yjs.client_id_of("y1") != e.client_id
+        for f in peers[0].frames
+        for e in yjs.read_awareness(yjs.read_message(f)[1])
+    )  # never its own
+    message = sent[0]
+    assert not view.echoed(outboxes[0], message)  # not sent to the sender
+    assert not view.echoed(outboxes[1], message[:-1] + b" ")  # other bytes
+    assert view.echoed(outboxes[1], bytes(message))  # a copy, not the same object
+    assert not view.echoed(outboxes[1], message)  # a message is echoed once
+    assert view.echoed(outboxes[2], message)
+    # Only the last few messages of a connection are kept, and not for long.
+    for x in range(3, 3 + ECHO_MESSAGES + 1):
+        hub.replace("doc", "y1", {"x": x})
+        await asyncio.sleep(0.01)
+    assert len(view.recent[outboxes[1]]) == ECHO_MESSAGES
+    assert not view.echoed(outboxes[1], peers[1].frames[-ECHO_MESSAGES - 1])
+    assert view.echoed(outboxes[1], peers[1].frames[-1])
+    clock.now += ECHO_WINDOW
+    view.swept(clock.now)
+    assert outboxes[1] not in view.recent  # an idle connection keeps none
+    await hub.stop()

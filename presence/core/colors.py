@@ -17,7 +17,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 MIN_CONTRAST = 4.5
 BLACK = "#000000"
@@ -90,6 +90,7 @@ def contrast_ratio(a: str, b: str) -> float:
     return (la + 0.05) / (lb + 0.05)
 
 
+@lru_cache(maxsize=1024)  # every state a Yjs peer is sent carries its member's colours
 def text_color_for(background: str) -> str:
     """Black or white, whichever reads better on ``background``."""
     return (

@@ -11,6 +11,7 @@ class Metrics:
     messages_in: int = 0
     messages_out: int = 0
     updates_coalesced: int = 0
+    yjs_echoes: int = 0
     slow_client_disconnects: int = 0
     protocol_errors: dict[str, int] = field(default_factory=dict)
     # Connections refused or closed before their request was complete, by reason.
@@ -51,6 +52,13 @@ class Metrics:
             "counter",
             "State updates merged into a newer update of the same member before sending.",
             [("", self.updates_coalesced)],
+        )
+        metric(
+            "yjs_echoes_total",
+            "counter",
+            "Yjs messages recognised as a copy of one the client was sent (stock clients "
+            "send back every update they apply), dropped without decoding.",
+            [("", self.yjs_echoes)],
         )
         metric(
             "slow_client_disconnects_total",

@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 # oldest reservation lapses (a socket churning IDs only weakens its own protection).
 MAX_HELD_PER_SOCKET = 64
 
+# Stock clients send back every update they apply, re-encoded: the same bytes as ours
+# when the states' JSON round-trips (integers, strings). The last few messages sent to
+# each connection, for this long, let such an echo be recognised without decoding it.
+ECHO_MESSAGES = 4
+ECHO_WINDOW = 1.0
+
 
 @dataclass(slots=True)
 class Hold:
@@ -147,6 +153,11 @@ class YjsView:
         # it released that are still reserved for it, oldest first.
         self.keys: dict[Outbox[bytes], str | None] = {}
         self.released: dict[Outbox[bytes], OrderedDict[int, None]] = {}
+        # Per connection: the messages it was sent last (see ECHO_MESSAGES).
+        self.recent: dict[Outbox[bytes], list[bytes]] = {}
+        # The messages encoded from the last shared entries, by the client IDs left out
+        # (a connection's own): most connections get the same one, framed once.
+        self._encoded: tuple[object, dict[tuple[int, ...], list[bytes]]] = (None, {})
 
     # -- connections ---------------------------------------------------------------------
 
@@ -170,6 +181,7 @@ class YjsView:
         self.keys.pop(outbox, None)
         self.told.pop(outbox, None)
         self.heard.pop(outbox, None)
+        self.recent.pop(outbox, None)
 
     # -- client IDs ----------------------------------------------------------------------
 
@@ -233,10 +245,22 @@ class YjsView:
                 )
                 renewed[member_id] = now
         for outbox in self.told:
-            entries = self._pick(shared, outbox) if shared else []
-            if entries or now - self.heard.get(outbox, now) >= self.renew_every:
-                outbox.push([yjs.awareness_message(entries)])
+            quiet = now - self.heard.get(outbox, now)
+            if quiet >= ECHO_WINDOW:
+                self.recent.pop(outbox, None)
+            message = self._message(shared, outbox, empty=quiet >= self.renew_every)
+            if message is not None:
+                outbox.push(message)
                 self.heard[outbox] = now
+
+    def echoed(self, outbox: Outbox[bytes], message: bytes) -> bool:
+        """Whether ``message`` from ``outbox``'s client is a copy of one it was sent:
+        nothing in it is news (its states are others', at clocks it was told)."""
+        recent = self.recent.get(outbox)
+        if recent is None or message not in recent:
+            return False
+        recent.remove(message)  # a client applies, and sends back, a message once
+        return True
 
     # -- encoding ------------------------------------------------------------------------
 
@@ -271,27 +295,46 @@ class YjsView:
                 self.renewed[member_id] = now  # sent to everyone: renewed
         return entries
 
-    def _pick(self, shared: dict[int, yjs.Line], outbox: Outbox[bytes]) -> list[bytes]:
-        """The entries for one connection, noting the clocks it is told (see echoes)."""
+    def _message(
+        self, shared: dict[int, yjs.Line], outbox: Outbox[bytes], *, empty: bool = False
+    ) -> list[bytes] | None:
+        """The message for one connection (``None`` if it has no entries, unless
+        ``empty``), noting the clocks it is told (see echoes)."""
         own = {yjs.client_id_of(m) for m in outbox.members}
         told = self.told.get(outbox)
         picked = []
+        left_out = []
         for client_id, (clock, line) in shared.items():
             if client_id in own:
                 # A client's own states are never sent back to it: it would apply the
                 # server's clock to itself and send the state back again.
+                left_out.append(client_id)
                 continue
             if told is not None:
                 told[client_id] = clock
             picked.append(line)
-        return picked
+        if not picked and not empty:
+            return None
+        source, encoded = self._encoded
+        if source is not shared:
+            encoded = {}
+            self._encoded = (shared, encoded)
+        key = tuple(left_out)
+        message = encoded.get(key)
+        if message is None:
+            message = encoded[key] = [yjs.awareness_message(picked)]
+        recent = self.recent.setdefault(outbox, [])
+        recent.append(message[0])
+        if len(recent) > ECHO_MESSAGES:
+            del recent[0]
+        return message
 
     def frames(self, shared: dict[int, yjs.Line], outbox: Outbox[bytes]) -> list[bytes]:
-        entries = self._pick(shared, outbox)
-        if not entries:
+        message = self._message(shared, outbox)
+        if message is None:
             return []
         self.heard[outbox] = self.flushed
-        return [yjs.awareness_message(entries)]
+        return message
 
     def snapshot(self) -> dict[int, yjs.Line]:
         """Every member's entry, with fresh clocks: a stock client that reconnects keeps
@@ -301,4 +344,6 @@ class YjsView:
     def full(self, shared: dict[int, yjs.Line], outbox: Outbox[bytes]) -> bytes:
         """A complete awareness update for one connection, even if empty: a lone
         y-websocket client closes a socket that stays silent for 30 s."""
-        return yjs.awareness_message(self._pick(shared, outbox))
+        message = self._message(shared, outbox, empty=True)
+        assert message is not None
+        return message[0]

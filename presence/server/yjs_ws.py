@@ -280,6 +280,9 @@ class YjsEndpoint:
     def receive(self, data: bytes) -> None:
         assert self.outbox is not None and self.client is not None and self.view is not None
         hub, outbox, view = self.hub, self.outbox, self.view
+        if view.echoed(outbox, data):
+            hub.metrics.yjs_echoes += 1
+            return
         try:
             kind, reader = yjs.read_message(data)
             if kind == yjs.AWARENESS:
