@@ -10,8 +10,9 @@ Scenarios (docs/benchmarks.md has the results):
          and frozen, a replica killed; what the members saw (load/faults.py)
   hall   the lecture hall: 1 room of 300 stock clients joining within 10 s, a presenter
          at 20 Hz, 10 others at 5 Hz (the presenter's cursor as every viewer sees it)
-  scale  the mid load of compare on 1, 2 and 4 presence replicas (CPU per update as
-         replicas are added; Redis CPU apart)
+  scale  the mid load of compare on 1, 2 and 4 presence replicas, each room on 2 of
+         them, and on 4 with every room on all 4 (CPU per update as replicas are added;
+         Redis CPU apart)
   compare  the stock Yjs clients (y-websocket, Hocuspocus's provider) against presence,
          Hocuspocus and the reference y-websocket server, in one run: low load
          10 x 5 @ 10 Hz, mid 20 x 10 @ 10 Hz, big rooms 5 x 40 @ 20 Hz (load/peers.py)
@@ -80,7 +81,7 @@ def run_stock(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[
         members = [
             {
                 "index": i,
-                "server": servers[i % len(servers)].base,
+                "server": servers[_replica_of(i, cfg, len(servers))].base,
                 "room": f"load-{i // cfg['members']}",
             }
             for i in range(n)
@@ -118,6 +119,7 @@ def run_stock(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[
             **result,
             "target": opts.target,
             "client": "stock",
+            "workers": opts.workers,  # generator processes
             "redis_cpu_s": round(redis_cpu, 2),
             # Per second of the measurement: commands (publishes, hash writes), and
             # bytes into and out of Redis (out: every publish once per subscriber).
@@ -231,12 +233,31 @@ def _sum_counts(counts: Any) -> dict[str, int]:
     return total
 
 
+def _replica_of(i: int, cfg: dict[str, Any], replicas: int) -> int:
+    """Client ``i``'s replica: round-robin over all of them, or, with ``span``, over
+    ``span`` consecutive replicas starting at its room's (rooms spread evenly)."""
+    span = cfg.get("span")
+    if span is None:
+        return i % replicas
+    room, k = divmod(i, cfg["members"])
+    return (room + k % span) % replicas
+
+
+# (replicas, replicas each room spans) of ``scale``: rooms on 2 replicas whatever the
+# count, and, for the worst case, every room on all 4.
+SCALE = [(1, 1), (2, 2), (4, 2), (4, 4)]
+
+
 def run_scale(opts: argparse.Namespace) -> dict[str, Any]:
     """The mid load (20 rooms x 10 @ 10 Hz, stock clients) on 1, 2 and 4 replicas."""
     opts.target = "presence"
     runs = [
-        run_stock(f"scale-{n}", {"replicas": n, "rooms": 20, "members": 10, "hz": 10}, opts)
-        for n in (1, 2, 4)
+        run_stock(
+            f"scale-{n}-{span}",
+            {"replicas": n, "span": span, "rooms": 20, "members": 10, "hz": 10},
+            opts,
+        )
+        for n, span in SCALE
     ]
     return {
         "scenario": "scale",

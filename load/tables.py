@@ -88,21 +88,25 @@ def _scale(r: Result | None) -> str:
     runs: list[Result] = r["runs"]
     two = next((x for x in runs if x["config"]["replicas"] == 2), None)
     lines = [
-        f"Recorded {r['date'][:10]} with `python -m load scale` (20 rooms {X} 10 @ 10 Hz, "
-        f"stock clients, {runs[0]['duration_s']:g} s measured per run).",
+        f"Recorded {r['date'][:10]} with `python -m load scale --duration "
+        f"{runs[0]['duration_s']:g}{_workers(runs[0])}` (20 rooms {X} 10 @ 10 Hz, "
+        "stock clients).",
         "",
-        "| replicas | delivered or superseded | p50 | p99 | server CPU per delivered update "
-        "| against 2 replicas | Redis CPU |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| replicas | each room on | delivered or superseded | p50 | p99 "
+        "| server CPU per delivered update | against 2 replicas | Redis CPU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for x in runs:
         cpu = x["server_cpu_us_per_delivered"]
         ratio = "-" if two is None else f"{cpu / two['server_cpu_us_per_delivered']:.2f}"
-        redis = f"{x['redis_cpu_s']:g} s" if x["config"]["replicas"] > 1 else "-"
+        replicas = x["config"]["replicas"]
+        redis = f"{x['redis_cpu_s']:g} s" if replicas > 1 else "-"
+        span = x["config"].get("span") or replicas
         lines.append(
             _row(
                 [
-                    str(x["config"]["replicas"]),
+                    str(replicas),
+                    f"{span} replica{'s' if span > 1 else ''}",
                     _pct(x["delivered_or_superseded"]),
                     _ms(x["latency_ms"]["50"]),
                     _ms(x["latency_ms"]["99"]),
@@ -113,6 +117,11 @@ def _scale(r: Result | None) -> str:
             )
         )
     return "\n".join(lines) + "\n"
+
+
+def _workers(run: Result) -> str:
+    workers = run.get("workers", 2)
+    return "" if workers == 2 else f" --workers {workers}"
 
 
 PEERS = {"presence": "presence", "hocuspocus": "Hocuspocus", "ywebsocket": "y-websocket server"}

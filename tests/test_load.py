@@ -71,3 +71,16 @@ def test_a_small_run_reports_every_update(tmp_path: Path, protocol: str) -> None
 def test_stock_yjs_clients_drive_presence_and_the_peers(tmp_path: Path, target: str) -> None:
     result = small_run(tmp_path, "--client", "stock", "--target", target)
     assert (result["target"], result["client"]) == (target, "stock")
+
+
+def test_scale_keeps_each_room_on_as_many_replicas_as_it_says() -> None:
+    from load.__main__ import _replica_of
+
+    cfg = {"rooms": 20, "members": 10, "span": 2}
+    placed: dict[int, set[int]] = {}
+    for i in range(200):
+        placed.setdefault(i // 10, set()).add(_replica_of(i, cfg, 4))
+    assert all(len(replicas) == 2 for replicas in placed.values())
+    load = [sum(r in replicas for replicas in placed.values()) for r in range(4)]
+    assert load == [10, 10, 10, 10]  # rooms spread evenly
+    assert {_replica_of(i, {"members": 10}, 4) for i in range(10)} == {0, 1, 2, 3}
