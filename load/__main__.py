@@ -119,7 +119,7 @@ def run_stock(name: str, cfg: dict[str, Any], opts: argparse.Namespace) -> dict[
             **result,
             "target": opts.target,
             "client": "stock",
-            "workers": opts.workers,  # generator processes
+            "workers": max(1, opts.workers),  # generator processes
             "redis_cpu_s": round(redis_cpu, 2),
             # Per second of the measurement: commands (publishes, hash writes), and
             # bytes into and out of Redis (out: every publish once per subscriber).

@@ -278,4 +278,13 @@ async def test_a_frame_is_encoded_once_for_the_room_and_its_echo_is_recognised()
     clock.now += ECHO_WINDOW
     view.swept(clock.now)
     assert outboxes[1] not in view.recent  # an idle connection keeps none
+    # A joiner's snapshot is its own: recognised when it comes back, but not kept for
+    # the room; a connection never attached keeps nothing (nothing would forget it).
+    snapshot = view.snapshot()
+    joined = view.full(snapshot, outboxes[2])
+    assert view._encoded[0] is not snapshot
+    assert view.echoed(outboxes[2], joined)
+    stranger = Outbox(Peer(), view, max_backlog=8, clock=clock, metrics=hub.metrics)
+    view.full(view.snapshot(), stranger)
+    assert stranger not in view.recent
     await hub.stop()

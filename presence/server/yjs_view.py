@@ -40,7 +40,8 @@ MAX_HELD_PER_SOCKET = 64
 
 # Stock clients send back every update they apply, re-encoded: the same bytes as ours
 # when the states' JSON round-trips (integers, strings). The last few messages sent to
-# each connection, for this long, let such an echo be recognised without decoding it.
+# each connection let such an echo be recognised without decoding it; they are let go
+# once the connection has been sent nothing for ECHO_WINDOW seconds.
 ECHO_MESSAGES = 4
 ECHO_WINDOW = 1.0
 
@@ -248,6 +249,8 @@ class YjsView:
             quiet = now - self.heard.get(outbox, now)
             if quiet >= ECHO_WINDOW:
                 self.recent.pop(outbox, None)
+            if not shared and quiet < self.renew_every:
+                continue
             message = self._message(shared, outbox, empty=quiet >= self.renew_every)
             if message is not None:
                 outbox.push(message)
@@ -296,10 +299,17 @@ class YjsView:
         return entries
 
     def _message(
-        self, shared: dict[int, yjs.Line], outbox: Outbox[bytes], *, empty: bool = False
+        self,
+        shared: dict[int, yjs.Line],
+        outbox: Outbox[bytes],
+        *,
+        empty: bool = False,
+        once: bool = False,
     ) -> list[bytes] | None:
         """The message for one connection (``None`` if it has no entries, unless
-        ``empty``), noting the clocks it is told (see echoes)."""
+        ``empty``), noting the clocks it is told (see echoes). Encoded once for every
+        connection that gets the same entries, unless ``shared`` is for this one only
+        (``once``: a snapshot, which is not kept)."""
         own = {yjs.client_id_of(m) for m in outbox.members}
         told = self.told.get(outbox)
         picked = []
@@ -315,18 +325,22 @@ class YjsView:
             picked.append(line)
         if not picked and not empty:
             return None
-        source, encoded = self._encoded
-        if source is not shared:
-            encoded = {}
-            self._encoded = (shared, encoded)
-        key = tuple(left_out)
-        message = encoded.get(key)
-        if message is None:
-            message = encoded[key] = [yjs.awareness_message(picked)]
-        recent = self.recent.setdefault(outbox, [])
-        recent.append(message[0])
-        if len(recent) > ECHO_MESSAGES:
-            del recent[0]
+        if once:
+            message = [yjs.awareness_message(picked)]
+        else:
+            source, encoded = self._encoded
+            if source is not shared:
+                encoded = {}
+                self._encoded = (shared, encoded)
+            key = tuple(left_out)
+            message = encoded.get(key)
+            if message is None:
+                message = encoded[key] = [yjs.awareness_message(picked)]
+        if told is not None:  # an attached connection: forgotten when it detaches
+            recent = self.recent.setdefault(outbox, [])
+            recent.append(message[0])
+            if len(recent) > ECHO_MESSAGES:
+                del recent[0]
         return message
 
     def frames(self, shared: dict[int, yjs.Line], outbox: Outbox[bytes]) -> list[bytes]:
@@ -344,6 +358,6 @@ class YjsView:
     def full(self, shared: dict[int, yjs.Line], outbox: Outbox[bytes]) -> bytes:
         """A complete awareness update for one connection, even if empty: a lone
         y-websocket client closes a socket that stays silent for 30 s."""
-        message = self._message(shared, outbox, empty=True)
+        message = self._message(shared, outbox, empty=True, once=True)
         assert message is not None
         return message[0]
