@@ -333,9 +333,10 @@ class YjsView:
                 encoded = {}
                 self._encoded = (shared, encoded)
             key = tuple(left_out)
-            message = encoded.get(key)
-            if message is None:
-                message = encoded[key] = [yjs.awareness_message(picked)]
+            found = encoded.get(key)
+            if found is None:
+                found = encoded[key] = [yjs.awareness_message(picked)]
+            message = found
         if told is not None:  # an attached connection: forgotten when it detaches
             recent = self.recent.setdefault(outbox, [])
             recent.append(message[0])
