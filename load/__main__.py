@@ -58,6 +58,20 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def machine_ms() -> float:
+    """This machine's speed before a run: milliseconds for a fixed pure-Python loop, the
+    best of 5. Results recorded at different speeds do not compare (a shared host has run
+    the same scenario on the same kind of machine at 16.6 and at 28 µs per update)."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i * i
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
+
+
 def progress(label: str, until: float, total: float) -> None:
     while (left := until - time.time()) > 0:
         done = 1 - left / total
@@ -506,6 +520,7 @@ def main() -> None:
         BENCHMARKS.write_text(update_doc(BENCHMARKS.read_text(), load_results(RESULTS)))
         print(f"tables rewritten in {BENCHMARKS}", file=sys.stderr)
         return
+    speed = machine_ms()
     if opts.scenario == "d":
         result = run_idle(opts)
     elif opts.scenario == "faults":
@@ -535,6 +550,7 @@ def main() -> None:
         }
         run = run_stock if opts.client == "stock" else run_moving
         result = run(opts.scenario, cfg, opts)
+    result["machine_ms"] = speed
     stock = opts.client == "stock" or opts.scenario in ("compare", "hall", "scale")
     suffix = "stock" if stock else opts.protocol
     out = opts.out or RESULTS / f"{opts.scenario}-{suffix}.json"

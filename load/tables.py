@@ -58,6 +58,17 @@ def render(loaded: list[Result]) -> dict[str, str]:
     }
 
 
+def _machine(*results: Result) -> str:
+    """The machine speed the results were recorded at, where they say (``machine_ms``)."""
+    speeds = sorted({r["machine_ms"] for r in results if "machine_ms" in r})
+    if not speeds:
+        return ""
+    return (
+        f" Machine: {' and '.join(f'{x:g}' for x in speeds)} ms for `load`'s reference "
+        "loop (lower is faster; results at different speeds do not compare)."
+    )
+
+
 def _hall(r: Result | None) -> str:
     if r is None:
         return "Not recorded yet: `python -m load hall`.\n"
@@ -65,7 +76,7 @@ def _hall(r: Result | None) -> str:
     lines = [
         f"Recorded {r['date'][:10]} with `python -m load hall`: {r['members']} stock clients "
         f"in one room on 2 replicas + Redis, {r['joined']} joined, {r['errors']} errors, "
-        f"{r['disconnects']} disconnects.",
+        f"{r['disconnects']} disconnects.{_machine(r)}",
         "",
         "| | presenter's cursor, p50 | p99 | p99.9 | max |",
         "| --- | --- | --- | --- | --- |",
@@ -90,7 +101,7 @@ def _scale(r: Result | None) -> str:
     lines = [
         f"Recorded {r['date'][:10]} with `python -m load scale --duration "
         f"{runs[0]['duration_s']:g}{_workers(runs[0])}` (20 rooms {X} 10 @ 10 Hz, "
-        "stock clients).",
+        f"stock clients).{_machine(r)}",
         "",
         "| replicas | each room on | delivered or superseded | p50 | p99 "
         "| server CPU per delivered update | against 2 replicas | Redis CPU |",
@@ -137,7 +148,7 @@ def _compare(result: Result | None) -> str:
         f"Recorded {result['date'][:10]} with `python -m load compare` "
         f"({first['warmup_s']:g} s warm-up, {first['duration_s']:g} s measured per cell); "
         "2 replicas + Redis for presence and Hocuspocus, one process for the y-websocket "
-        "server (it has no replicas).",
+        f"server (it has no replicas).{_machine(result)}",
         "",
         "| load | server | delivered or superseded | p50 | p99 | server CPU per delivered "
         "update | its ratio to Hocuspocus's | Redis CPU | errors |",
@@ -174,7 +185,7 @@ def _runs(runs: list[Result], c: Result | None) -> str:
     dates = ", ".join(sorted({r["date"][:10] for r in runs}))
     lines = [
         f"Recorded {dates}; {_values(runs, 'warmup_s')} warm-up, "
-        f"{_values(runs, 'duration_s')} measured.",
+        f"{_values(runs, 'duration_s')} measured.{_machine(*runs)}",
         "",
         "| scenario | command | delivered or superseded | seen within 200 ms | p50 | p90 "
         "| p99 | p99.9 | max | server CPU per delivered update | errors |",

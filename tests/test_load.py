@@ -54,6 +54,7 @@ def small_run(tmp_path: Path, *args: str) -> dict[str, Any]:
     assert result["updates_observed"] >= result["updates_sent"] * 2
     assert 0 < result["latency_ms"]["50"] < 1000
     assert result["server_cpu_us_per_delivered"] > 0
+    assert result["machine_ms"] > 0  # the speed it was recorded at
     return result
 
 

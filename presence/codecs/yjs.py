@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -136,8 +137,10 @@ def member_id_of(client_id: int) -> str:
     return f"y{client_id}"
 
 
+@lru_cache(maxsize=4096)  # every state sent to a Yjs peer carries it: built once
 def yjs_user(identity: Identity) -> dict[str, Any]:
-    """The ``user`` field JupyterLab and y-codemirror.next read (``colorLight`` there)."""
+    """The ``user`` field JupyterLab and y-codemirror.next read (``colorLight`` there);
+    shared between calls, so read-only."""
     user = identity.to_json()
     user["colorLight"] = user["color_light"]
     return user
