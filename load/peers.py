@@ -1,7 +1,8 @@
 """What the stock-client runs compare (``python -m load compare``): presence, Hocuspocus
 (two servers on one Redis, as it runs replicas) and the reference y-websocket server (one
 process: it has no replicas), all driven by the same stock Yjs clients in Node
-(``load/node/stock.mjs``). ``load/node`` is installed with ``npm ci --prefix load/node``."""
+(``load/node/stock.mjs``). Their npm packages come from ``load/node/package-lock.json``:
+the first run installs them (``npm ci``), as does ``scripts/install-test-deps.sh``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,12 +26,22 @@ TARGETS = ("presence", "hocuspocus", "ywebsocket")
 
 
 def node() -> str:
-    found = shutil.which("node")
-    if found is None or not (NODE / "node_modules").exists():
+    """Node, with load/node's packages as locked (installed when missing or older than
+    the lockfile)."""
+    found, npm = shutil.which("node"), shutil.which("npm")
+    if found is None or npm is None:
         raise SystemExit(
-            "the stock clients need Node.js and load/node's packages: "
-            "npm ci --prefix load/node (scripts/install-test-deps.sh installs Node.js)"
+            "the stock clients need Node.js and npm: scripts/install-test-deps.sh installs them"
         )
+    installed = NODE / "node_modules" / ".package-lock.json"
+    lock = NODE / "package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
+        print("installing load/node's packages from its lockfile (npm ci)", file=sys.stderr)
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE, check=False
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"npm ci in {NODE} failed (exit {done.returncode})")
     return found
 
 
