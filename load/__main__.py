@@ -520,6 +520,10 @@ def main() -> None:
         BENCHMARKS.write_text(update_doc(BENCHMARKS.read_text(), load_results(RESULTS)))
         print(f"tables rewritten in {BENCHMARKS}", file=sys.stderr)
         return
+    if opts.client == "stock" or opts.scenario in ("compare", "hall", "scale"):
+        from load.peers import node
+
+        node()  # installs the Node packages if need be: before any run sets its schedule
     speed = machine_ms()
     if opts.scenario == "d":
         result = run_idle(opts)

@@ -38,7 +38,10 @@ def node() -> str:
     if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
         print("installing load/node's packages from its lockfile (npm ci)", file=sys.stderr)
         done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE, check=False
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=NODE,
+            stdout=sys.stderr,  # stdout carries the result
+            check=False,
         )
         if done.returncode != 0:
             raise SystemExit(f"npm ci in {NODE} failed (exit {done.returncode})")

@@ -60,12 +60,14 @@ def render(loaded: list[Result]) -> dict[str, str]:
 
 def _machine(*results: Result) -> str:
     """The machine speed the results were recorded at, where they say (``machine_ms``)."""
-    speeds = sorted({r["machine_ms"] for r in results if "machine_ms" in r})
-    if not speeds:
+    measured = [r for r in results if "machine_ms" in r]
+    if not measured:
         return ""
+    speeds = sorted({r["machine_ms"] for r in measured})
+    which = "" if len(measured) == len(results) else f" ({len(measured)} of the rows)"
     return (
         f" Machine: {' and '.join(f'{x:g}' for x in speeds)} ms for `load`'s reference "
-        "loop (lower is faster; results at different speeds do not compare)."
+        f"loop{which} (lower is faster; results at different speeds do not compare)."
     )
 
 
