@@ -219,6 +219,11 @@ async def test_a_browser_logs_in_with_the_hub_and_its_cookie_opens_its_rooms(
     # A forged state is no login.
     forged = http.get(f"{hub.presence}/oauth_callback?code=x&state=y")
     assert forged.status_code == 400
+    # A stale cookie (a token the hub no longer knows) is sent to log in again, not
+    # given a page whose every socket would be refused.
+    stale = httpx.get(f"{hub.presence}/", headers={"Cookie": "service-presence=stale"}, timeout=30)
+    assert stale.status_code == 302
+    assert "/hub/api/oauth2/authorize" in stale.headers["location"]
 
 
 @pytest.fixture(scope="module")

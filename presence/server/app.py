@@ -7,7 +7,7 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -21,11 +21,15 @@ from presence.backplane.base import Backplane
 from presence.backplane.memory import MemoryBackplane
 from presence.backplane.replication import Replication
 from presence.config import Settings
+from presence.core.access import AccessError
 from presence.core.identity import IdentityFactory, InvalidToken
 from presence.server.access import Access, guarded
 from presence.server.hub import Hub, new_replica_id
 from presence.server.identities import post_identities
 from presence.server.views import list_rooms, room_events, room_members
+
+if TYPE_CHECKING:
+    from presence.server.jupyterhub_auth import JupyterHubAuth
 
 log = logging.getLogger("presence.app")
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -99,10 +103,24 @@ async def index(request: Request) -> Response:
     """The demo page: live cursors, the room's members, a link to share."""
     settings = request.app.state.hub.settings
     hub = Access.of(settings).jupyterhub
-    if hub is not None and not hub.token_of(request.headers, request.query_params):
+    if hub is not None and not await _logged_in(hub, request):
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return hub.login(request, settings.base_path, here)  # and back here
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def _logged_in(hub: JupyterHubAuth, request: Request) -> bool:
+    """Whether the page's sockets will get in: a token, and not one the hub disowns (a
+    stale cookie would load a page whose every socket is refused with 4401). A hub that
+    does not answer is not a reason to log in again."""
+    token = hub.token_of(request.headers, request.query_params)
+    if not token:
+        return False
+    try:
+        await hub.user(token)
+    except AccessError as exc:
+        return exc.status != 401
+    return True
 
 
 async def healthz(request: Request) -> Response:
