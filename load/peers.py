@@ -10,21 +10,20 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from harness.processes import RedisProcess, Server, die_with_parent, free_port
+from harness.processes import RedisProcess, Server, die_with_parent, free_port, wait_until_up
 
 NODE = Path(__file__).resolve().parent / "node"
 TARGETS = ("presence", "hocuspocus", "ywebsocket")
 
 
+@cache  # once per run: every server and worker start asks
 def node() -> str:
     """Node, with load/node's packages as locked (installed when missing or older than
     the lockfile)."""
@@ -66,15 +65,11 @@ class NodeServer:
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.kind} did not listen within {timeout} s")
+        # Both answer 200 over plain HTTP on their WebSocket port.
+        url = f"http://127.0.0.1:{self.port}/"
+        if not wait_until_up(self.proc, url, self.kind, "its output, discarded", timeout, 0.1):
+            raise RuntimeError(f"{self.kind} did not listen within {timeout} s")
+        return self
 
     @property
     def base(self) -> str:
@@ -148,17 +143,18 @@ def run_stock_workers(
     """Start ``workers`` Node processes, each running its share of ``members``; read
     their results with :func:`results`."""
     procs = []
-    folder = Path(tempfile.mkdtemp(prefix="presence-load-"))
     for w in range(workers):
-        path = folder / f"plan-{w}.json"
-        path.write_text(json.dumps({**plan, "members": members[w::workers]}))
-        procs.append(
-            subprocess.Popen(
-                [node(), str(NODE / "stock.mjs"), str(path)],
-                stdout=subprocess.PIPE,
-                preexec_fn=die_with_parent,
-            )
+        proc = subprocess.Popen(
+            [node(), str(NODE / "stock.mjs")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            preexec_fn=die_with_parent,
         )
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps({**plan, "members": members[w::workers]}).encode())
+        proc.stdin.close()  # the plan, whole: the worker reads its stdin to the end
+        proc.stdin = None  # for results()'s communicate(), which would flush it
+        procs.append(proc)
     return procs
 
 

@@ -1,4 +1,4 @@
-// Stock Yjs clients for the load generator: node stock.mjs PLAN.json > RESULT.json
+// Stock Yjs clients for the load generator: node stock.mjs < PLAN.json > RESULT.json
 //
 // Each member is what a JupyterLab tab runs: a Y.Doc and a provider (y-websocket's
 // WebsocketProvider, or Hocuspocus's own) whose awareness moves a cursor on an open-loop
@@ -18,7 +18,7 @@ import * as Y from "yjs";
 import { WebsocketProvider } from "y-websocket";
 import { HocuspocusProvider, HocuspocusProviderWebsocket } from "@hocuspocus/provider";
 
-const plan = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const plan = JSON.parse(readFileSync(0, "utf8")); // stdin: the plan, whole
 const clock = () => (performance.timeOrigin + performance.now()) / 1000; // wall, in s
 const measureFrom = plan.start_at + plan.warmup;
 const end = plan.start_at + plan.warmup + plan.duration;
