@@ -4,7 +4,9 @@ server side's PyJWT checks with an injected clock; origins; the CLI's durations.
 from __future__ import annotations
 
 import argparse
+import gc
 import time
+import weakref
 from typing import Any
 
 import jwt
@@ -232,3 +234,19 @@ def test_durations_and_minting() -> None:
         mint(args, NOW), SECRET, algorithms=["HS256"], options={"verify_exp": False}
     )
     assert claims == {"room_prefix": "team.", "exp": NOW + 60, "role": "viewer", "name": "Ann"}
+
+
+def test_each_hub_has_its_own_access_rules_object() -> None:
+    # In hub mode the rules hold an HTTP client and a recheck task: two apps with equal
+    # settings must not share them (nor keep them alive after their hub is gone).
+    from presence.server.access import Access, _accesses
+    from presence.server.app import make_hub
+
+    settings = Settings(auth="token", secret="s" * 32)
+    one, two = make_hub(settings), make_hub(settings)
+    assert Access.of(one) is Access.of(one)
+    assert Access.of(one) is not Access.of(two)
+    gone = weakref.ref(one)
+    del one
+    gc.collect()
+    assert gone() is None and two in _accesses

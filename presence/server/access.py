@@ -12,9 +12,10 @@ import contextlib
 import math
 import os
 import time
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import jwt
@@ -39,6 +40,7 @@ from presence.server.views import bearer
 
 if TYPE_CHECKING:
     from presence.server.connection import Connection
+    from presence.server.hub import Hub
     from presence.server.jupyterhub_auth import JupyterHubAuth
 
 # The query parameter of the room token (``token`` is the identity token's).
@@ -60,12 +62,17 @@ class Access:
     jupyterhub: JupyterHubAuth | None = None
 
     @staticmethod
-    def of(settings: Any) -> Access:
-        """The rules of ``settings`` (a :class:`Settings`, or a stand-in of a test that
-        has no auth settings: no tokens, any origin)."""
-        if isinstance(settings, Settings):
-            return _access_of(settings)
-        return Access("none", "", None)
+    def of(hub: Any) -> Access:
+        """The rules of ``hub``'s settings (a stand-in of a test without auth settings:
+        no tokens, any origin). One per hub, not per settings: in hub mode it holds an
+        HTTP client and a recheck task, which two apps must not share."""
+        settings = hub.settings
+        if not isinstance(settings, Settings):
+            return Access("none", "", None)
+        found = _accesses.get(hub)
+        if found is None:
+            found = _accesses[hub] = _access_of(settings)
+        return found
 
     async def start(self) -> None:
         if self.jupyterhub is not None:
@@ -130,7 +137,9 @@ class Access:
         return max(0.0, grant.expires - self.clock())
 
 
-@cache
+_accesses: weakref.WeakKeyDictionary[Hub, Access] = weakref.WeakKeyDictionary()
+
+
 def _access_of(settings: Settings) -> Access:
     origins = parse_origins(settings.allowed_origins)
     if settings.auth != "jupyterhub":
@@ -147,7 +156,8 @@ def _access_of(settings: Settings) -> Access:
             style=settings.name_style,  # type: ignore[arg-type]
             locale=settings.locale,
         )
-        anonymous = faces.derived
+        # Deterministic, and asked at every join and recheck: drawn once per user.
+        anonymous = lru_cache(maxsize=4096)(faces.derived)
     hub = JupyterHubAuth(service, recheck=settings.jupyterhub_recheck, anonymous=anonymous)
     return Access(settings.auth, settings.secret, origins, jupyterhub=hub)
 
@@ -168,7 +178,7 @@ class Admission:
     @staticmethod
     async def of(connection: Connection, room: str, want: Want = "join") -> Admission:
         """Raises :class:`AccessError`: close the socket with its ``close_code``."""
-        access = Access.of(connection.hub.settings)
+        access = Access.of(connection.hub)
         token = access.token_of(connection.headers, connection.query)
         admission = Admission(await access.check(token, room, want))
         left = access.until_expiry(admission.grant)
@@ -218,7 +228,7 @@ def guarded(handler: Handler, *, stream: bool = False) -> Handler:
     share revoked)."""
 
     async def view(request: Request) -> Response:
-        access = Access.of(request.app.state.hub.settings)
+        access = Access.of(request.app.state.hub)
         metrics = request.app.state.hub.metrics
         if stream and not access.origin_allowed(
             request.headers.get("origin"), request.headers.get("host")

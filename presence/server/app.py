@@ -102,7 +102,7 @@ def replication_metrics(hub: Hub) -> None:
 async def index(request: Request) -> Response:
     """The demo page: live cursors, the room's members, a link to share."""
     settings = request.app.state.hub.settings
-    hub = Access.of(settings).jupyterhub
+    hub = Access.of(request.app.state.hub).jupyterhub
     if hub is not None and not await _logged_in(hub, request):
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return hub.login(request, settings.base_path, here)  # and back here
@@ -169,7 +169,7 @@ def app_from_env() -> Starlette:
 
 def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
     hub = hub or make_hub(settings)
-    access = Access.of(settings)
+    access = Access.of(hub)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Hub]]:

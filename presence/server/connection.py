@@ -196,7 +196,7 @@ class Connection(asyncio.Protocol):
             request = ws.parse_request(head)
             endpoint_class = self._route(request.path)
             origin, host = request.headers.get("origin"), request.headers.get("host")
-            if not Access.of(self.hub.settings).origin_allowed(origin, host):
+            if not Access.of(self.hub).origin_allowed(origin, host):
                 self.hub.metrics.refused("origin")
                 raise ws.HandshakeError(403, "this origin may not use this service")
             response = ws.accept(request)
