@@ -75,15 +75,23 @@ class Jupyter:
 NOTEBOOK = {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
 
 
-def start_jupyter(root: Path, *args: str, app: str = "jupyter_server") -> Jupyter:
-    """``jupyter server`` (or another app: ``jupyterlab``) in ``root``, with none of the
-    user's Jupyter configuration."""
+def start_jupyter(
+    root: Path,
+    *args: str,
+    app: str = "jupyter_server",
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+) -> Jupyter:
+    """``jupyter server`` (or another app: ``jupyterlab``) of ``python`` in ``root``, with
+    none of the user's Jupyter configuration (``env`` adds variables)."""
     for sub in ("work", "config", "data", "runtime"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / f"{app}-{port}.log"
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")}
+    env.update(extra)
     env.update(
         JUPYTER_CONFIG_DIR=str(root / "config"),
         JUPYTER_DATA_DIR=str(root / "data"),
@@ -91,7 +99,7 @@ def start_jupyter(root: Path, *args: str, app: str = "jupyter_server") -> Jupyte
     )
     proc = subprocess.Popen(
         [
-            sys.executable,
+            python,
             "-m",
             app,
             "--allow-root",
