@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from presence.core.colors import PALETTE
-from presence.core.distinct import Claim, LiveIdentities, choose, clashes, create
-from presence.core.identity import Identity, IdentityFactory
+from presence.core.colors import JUPYTER_PALETTE, PALETTE
+from presence.core.distinct import Claim, Distinct, LiveIdentities, choose, clashes, create
+from presence.core.identity import Identity, IdentityFactory, hub_face, initials_of
 
 pytestmark = pytest.mark.unit
 
@@ -86,3 +88,65 @@ def test_a_renewal_keeps_what_a_live_user_shows() -> None:
     for other in ("#CC3311", "#F0E442", "#66CCEE"):  # the scope fills up meanwhile
         held[f"x{other}"] = Identity(f"x{other}", f"Anonymous {other}", other[1:3], other)
         assert choose(held, wanted).identity == first
+
+
+# -- hub users' faces: JUPYTER_PALETTE, flag-friendly names ------------------------------
+
+
+def test_colours_changed_for_jupyter_faces_stay_in_their_palette() -> None:
+    held: dict[str, Identity] = {}
+    for i in range(30):  # everyone wants the same colour
+        wanted = Identity(f"u{i}", f"N{i}", f"X{i}", JUPYTER_PALETTE[0])
+        claim = choose(held, wanted, palette=JUPYTER_PALETTE)
+        held[wanted.username] = claim.identity
+    colors = [i.color for i in held.values()]
+    assert set(colors) == set(JUPYTER_PALETTE)
+    assert len(set(colors[: len(JUPYTER_PALETTE)])) == len(JUPYTER_PALETTE)
+    # The default palette is unchanged: the same wishes spread over PALETTE.
+    held = {}
+    for i in range(30):
+        wanted = Identity(f"u{i}", f"N{i}", f"X{i}", JUPYTER_PALETTE[0])
+        held[wanted.username] = choose(held, wanted).identity
+    assert {i.color for i in held.values()} - {JUPYTER_PALETTE[0]} <= set(PALETTE)
+
+
+def test_a_room_settles_in_the_palette_it_is_given() -> None:
+    distinct = Distinct([], palette=JUPYTER_PALETTE)
+    shown = [
+        distinct.settle(f"m{i}", Identity(f"u{i}", f"N{i}", f"X{i}", "#0072B2"), None)
+        for i in range(len(JUPYTER_PALETTE))
+    ]
+    assert sorted(s.color for s in shown) == sorted(JUPYTER_PALETTE)
+    assert not distinct.has_free_color()
+
+
+def hub_faces(users: list[str]) -> list[Identity]:
+    """The faces a server's collaborators show, chosen one by one as they arrive."""
+    held: dict[str, Identity] = {}
+    for user in users:
+        wanted = hub_face("secret", user)
+        held[wanted.username] = choose(held, wanted, palette=JUPYTER_PALETTE).identity
+    return list(held.values())
+
+
+def test_hub_faces_of_a_server_keep_initials_that_read_as_their_names() -> None:
+    shown = hub_faces([f"user{i}" for i in range(40)])
+    assert len({s.name for s in shown}) == len({s.initials for s in shown}) == 40
+    for s in shown:
+        words = s.name.split()
+        # The first letters of its words, in order: "BO" for "Brave Otter", "O2" (or
+        # "BO") for a second "Brave Otter 2", as "I2" for "Anonymous Io 2".
+        assert s.initials in {w[0] + v[0] for w, v in itertools.combinations(words, 2)}, s
+    assert {s.color for s in shown[: len(JUPYTER_PALETTE)]} == set(JUPYTER_PALETTE)
+
+
+def test_two_users_with_one_face_are_told_apart_by_a_number() -> None:
+    users = [f"user{i}" for i in range(2000)]
+    by_name: dict[str, list[str]] = {}
+    for user in users:
+        by_name.setdefault(hub_face("secret", user).name, []).append(user)
+    twins = next(names for names in by_name.values() if len(names) >= 2)[:2]
+    first, second = hub_faces(twins)
+    assert second.name == first.name + " 2"
+    assert first.initials == initials_of(first.name)
+    assert second.initials == first.name.split()[1][0] + "2"  # "O2" for "Brave Otter 2"

@@ -20,6 +20,7 @@ from presence.core.colors import (
 from presence.core.identity import (
     IdentityFactory,
     InvalidToken,
+    initials_choices,
     initials_of,
     unique_name,
 )
@@ -119,6 +120,21 @@ def test_initials() -> None:
     assert initials_of("Brave Otter 2") == "BO"
     assert initials_of("Zoë") == "Z"
     assert initials_of("42") == "4"
+
+
+def test_initials_choices_start_with_the_usual_and_never_offer_them_reversed_early() -> None:
+    def first(name: str, n: int = 6) -> list[str]:
+        return list(itertools.islice(initials_choices(name), n))
+
+    assert first("Anonymous Elara", 3) == ["AE", "EL", "ER"]  # not "EA"
+    assert first("Anonymous Io 2", 2) == ["AI", "I2"]
+    assert first("Brave Otter 2", 2) == ["BO", "O2"]
+    # "CA" reads as the initials of someone else; it comes only among all the pairs.
+    callirrhoe = list(initials_choices("Anonymous Callirrhoe"))
+    assert callirrhoe[:2] == ["AC", "CL"]
+    assert callirrhoe.index("CA") > callirrhoe.index("AO") > 10
+    assert first("Agile Badger", 2) == ["AB", "BD"]
+    assert set(initials_choices("Agile Badger")) >= {"BA"}  # still there, last
 
 
 def test_token_round_trip() -> None:

@@ -9,6 +9,11 @@ the palette colour farthest from the colours already in use.
 
 Every colour is sent with the label text colour (black or white) that gives it the
 higher WCAG contrast; the palette is filtered so that this is always >= 4.5:1.
+
+JupyterLab does not ask: it writes a collaborator's initials in white on their colour
+(the cursor flag's avatar, the user menu). Hub users, whom JupyterLab draws with the
+colour their hub gives them, take theirs from :data:`JUPYTER_PALETTE`, whose colours
+all read with white text.
 """
 
 from __future__ import annotations
@@ -44,6 +49,29 @@ PALETTE: tuple[str, ...] = (
     "#999933",  # olive (Tol muted)
     "#7F3C8D",  # violet
     "#EE3377",  # magenta (Tol vibrant)
+)
+
+# For JupyterLab, which writes initials in white on the colour (its light theme; measured
+# in JupyterLab 4.6 with jupyter-collaboration 5): every colour >= 4.5:1 against white.
+# Drawn from PALETTE's colours that pass (6 of its 7: keeping all 7 would bring the
+# closest pair below 0.05) and Okabe-Ito / Tol colours darkened in OKLCH (same hue, lower
+# lightness) to the contrast noted, searched for the 12 whose closest pair is farthest
+# apart, and ordered as PALETTE is. Dark colours are fewer to tell apart than light ones,
+# yet the closest pair (#AD4C04, #684C02) is 0.055 apart in OKLab for the least favoured
+# viewer, farther than PALETTE's closest (0.052; tests/test_jupyter_faces.py).
+JUPYTER_PALETTE: tuple[str, ...] = (
+    "#0072B2",  # blue (Okabe-Ito), 5.2:1 against white
+    "#4B3A01",  # dark olive (Tol's #EECC66 at 11:1)
+    "#CB465A",  # rose (Tol's #EE6677 at 4.6:1)
+    "#332288",  # indigo (Tol muted), 12.2:1
+    "#882255",  # wine (Tol muted), 8.7:1
+    "#684C02",  # ochre (Tol's #DDAA33 at 8:1)
+    "#AA4499",  # purple (Tol muted), 5.3:1
+    "#03586E",  # petrol (Tol's #66CCEE at 8:1)
+    "#024C36",  # pine (Okabe-Ito's #009E73 at 10:1)
+    "#117733",  # green (Tol muted), 5.7:1
+    "#7F3C8D",  # violet, 7.2:1
+    "#AD4C04",  # rust (Okabe-Ito's #D55E00 at 5.5:1)
 )
 
 # Machado et al. (2009) simulation matrices, severity 1.0, applied to linear RGB.
@@ -138,11 +166,12 @@ class Colors:
         return cls(color=color, text_color=text_color_for(color), color_light=color + "33")
 
 
-def stable_color(key: str) -> str:
-    """A palette colour for ``key`` (a hub user's name), the same everywhere and always;
-    the palette has fewer colours than a hub has users, so two keys can share one."""
+def stable_color(key: str, *, palette: Sequence[str] = JUPYTER_PALETTE) -> str:
+    """A colour of ``palette`` for ``key`` (a hub user's name), the same everywhere and
+    always; the palette has fewer colours than a hub has users, so two keys can share one.
+    Hub users are drawn by JupyterLab, in white on their colour: JUPYTER_PALETTE."""
     digest = hashlib.sha256(key.encode()).digest()
-    return PALETTE[int.from_bytes(digest[:4], "big") % len(PALETTE)]
+    return palette[int.from_bytes(digest[:4], "big") % len(palette)]
 
 
 def pick_color(in_use: Iterable[str], palette: Sequence[str] = PALETTE) -> str:

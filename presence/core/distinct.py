@@ -11,7 +11,7 @@ a Redis script.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from presence.core.colors import PALETTE, pick_color
@@ -55,12 +55,17 @@ class Distinct:
     """The names, initials and colours held by a set of identities, to keep each apart.
 
     One pass over the identities, then O(1) per identity settled: a room settles on every
-    membership change, and rooms can have hundreds of members.
+    membership change, and rooms can have hundreds of members. A colour that must change
+    is one of ``palette`` (JUPYTER_PALETTE for the faces JupyterLab draws).
     """
 
-    def __init__(self, held: Iterable[tuple[str, Identity]]) -> None:
+    def __init__(
+        self, held: Iterable[tuple[str, Identity]], *, palette: Sequence[str] = PALETTE
+    ) -> None:
         self.names, self.initials, self.colors = Holders(), Holders(), Holders()
-        self._free = set(PALETTE)  # palette colours nobody shows
+        self._palette = palette
+        self._palette_set = frozenset(palette)
+        self._free = set(palette)  # palette colours nobody shows
         for holder, identity in held:
             self._hold(identity, holder)
 
@@ -74,7 +79,7 @@ class Distinct:
         self.names.remove(identity.name, holder)
         self.initials.remove(identity.initials, holder)
         self.colors.remove(identity.color, holder)
-        if identity.color in PALETTE and identity.color not in self.colors:
+        if identity.color in self._palette_set and identity.color not in self.colors:
             self._free.add(identity.color)
 
     def has_free_color(self) -> bool:
@@ -121,7 +126,7 @@ class Distinct:
             color, contested = current.color, colors.yields(current.color, holder)
         if not wanted.declared:
             if contested and self.has_free_color():
-                color = pick_color(colors.in_use())
+                color = pick_color(colors.in_use(), self._palette)
             elif color != wanted.color and wanted.color not in colors:
                 color = wanted.color
         shown = replace(wanted, name=name, initials=mark, color=color)
@@ -142,12 +147,15 @@ class Claim:
     exclusive_color: bool
 
 
-def choose(held: Mapping[str, Identity], wanted: Identity) -> Claim:
+def choose(
+    held: Mapping[str, Identity], wanted: Identity, *, palette: Sequence[str] = PALETTE
+) -> Claim:
     """What ``wanted.username`` shows among the live identities ``held`` (by username):
     ``wanted`` itself where nobody else holds its name, initials or colour, else what it
     shows now (its own entry in ``held``: a renewal keeps a live user's look), else the
-    smallest change (as when joining a room)."""
-    distinct = Distinct((u, i) for u, i in held.items() if u != wanted.username)
+    smallest change (as when joining a room). A colour that changes is one of ``palette``:
+    JUPYTER_PALETTE for hub users' faces, which JupyterLab draws with white initials."""
+    distinct = Distinct(((u, i) for u, i in held.items() if u != wanted.username), palette=palette)
     exclusive = distinct.has_free_color()
     current = held.get(wanted.username)
     if current is not None and not _shown_for(current, wanted):

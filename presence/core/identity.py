@@ -22,7 +22,7 @@ from typing import Any, Literal
 import orjson
 from faker import Faker
 
-from presence.core.colors import PALETTE, Colors, parse_hex, pick_color
+from presence.core.colors import JUPYTER_PALETTE, PALETTE, Colors, parse_hex, pick_color
 
 NameStyle = Literal["jupyter", "animal", "person"]
 NAME_STYLES: tuple[str, ...] = ("jupyter", "animal", "person")
@@ -166,6 +166,72 @@ ANIMALS = (
     "Zebra",
 )
 
+# Hub users' anonymous faces in JupyterLab (hub_face): "Brave Otter", as the animal style
+# but of short words (most of them its own), one per first letter. JupyterLab's cursor
+# flag (jupyter-collaboration 5) is at most 140 px wide, which leaves 110 px for the name
+# in 11 px system-ui, cut with an ellipsis ("Anonymous Chaldene" shows as "Anonymous
+# Chal…"). Each of these names fits whole, with room for " 99" (a second "Brave Otter" in
+# one server is "Brave Otter 2"): measured in the real flag with DejaVu Sans, wider than
+# Segoe UI, San Francisco or Arial, the widest is "Upbeat Narwhal 99" at 106 px
+# (tests/test_jupyter_faces.py measures them all). One word per first letter in each
+# list, so that no two names share initials: the initials ("BO") are the name's alone.
+# No W: "WM" or "MW" is wider than the 16 px circle JupyterLab writes initials in (8 px).
+HUB_ADJECTIVES = (
+    "Agile",
+    "Brave",
+    "Calm",
+    "Daring",
+    "Eager",
+    "Fancy",
+    "Gentle",
+    "Happy",
+    "Icy",
+    "Jolly",
+    "Kind",
+    "Lucky",
+    "Merry",
+    "Nimble",
+    "Proud",
+    "Quick",
+    "Rapid",
+    "Swift",
+    "Tidy",
+    "Upbeat",
+    "Vivid",
+    "Zesty",
+)
+HUB_ANIMALS = (
+    "Alpaca",
+    "Badger",
+    "Crane",
+    "Dolphin",
+    "Eagle",
+    "Fox",
+    "Gecko",
+    "Heron",
+    "Ibex",
+    "Jaguar",
+    "Koala",
+    "Lynx",
+    "Moose",
+    "Narwhal",
+    "Otter",
+    "Panda",
+    "Quokka",
+    "Raven",
+    "Seal",
+    "Tiger",
+    "Vole",
+    "Yak",
+    "Zebra",
+)
+# Every pair but one whose initials read badly ("Swift Seal": SS): 505 names.
+HUB_NAMES: tuple[str, ...] = tuple(
+    f"{adjective} {animal}"
+    for adjective in HUB_ADJECTIVES
+    for animal in HUB_ANIMALS
+    if adjective[0] + animal[0] != "SS"
+)
 
 # Usernames of identities a client declared itself (a Yjs client's own ``user``): the
 # room keeps their colour, which their Yjs peers see as the client set it.
@@ -218,24 +284,27 @@ def initials_of(name: str) -> str:
 def initials_choices(name: str) -> Iterator[str]:
     """Initials for ``name``, best first, for a room to take the first one free.
 
-    The usual initials; then, for a numbered name up to 99, its number ("Anonymous Io 2":
-    "I2"); then the first letter of the last word with each later letter of it
-    ("Anonymous Elara": "EL", "EA", "ER"), then with the first word's initial ("AL",
-    "AR"); finally every pair of letters, so that up to 676 members never share initials.
+    The usual initials, the first letters of the first two words; then, for a numbered
+    name up to 99, its number ("Anonymous Io 2": "I2", "Brave Otter 2": "O2"); then the
+    first letter of the last word with each later letter of it ("Anonymous Elara": "EL",
+    "ER"), then with the first word's initial ("AL", "AR"); finally every pair of letters,
+    so that up to 676 members never share initials. The usual initials reversed come only
+    in that last round: they read as someone else's ("Anonymous Callirrhoe" gets "CL"
+    when "AC" is taken, not "CA"; "Anonymous Elara" skips "EA").
     """
-    yield initials_of(name)
+    usual = initials_of(name)
+    yield usual
+    reversed_usual = usual[::-1] if len(usual) == 2 and usual[0] != usual[1] else None
     words = name.replace("-", " ").split()
     alpha = [w.upper() for w in words if w[:1].isalpha()]
     if alpha:
         last = alpha[-1]
         if words[-1].isdigit() and len(words[-1]) <= 2:
             yield last[0] + words[-1]
-        for c in last[1:]:
-            if c.isalpha():
-                yield last[0] + c
-        for c in last[1:]:
-            if c.isalpha():
-                yield alpha[0][0] + c
+        for first in (last[0], alpha[0][0]):
+            for c in last[1:]:
+                if c.isalpha() and first + c != reversed_usual:
+                    yield first + c
     first = alpha[0][0] if alpha and alpha[0][0] in string.ascii_uppercase else "A"
     letters = string.ascii_uppercase
     start = letters.index(first)
@@ -381,6 +450,24 @@ class IdentityFactory:
         if self._clock() - issued > self._max_age:
             raise InvalidToken(f"identity token expired (older than {self._max_age:.0f} s)")
         return Identity(username, name, initials_of(name), color)
+
+
+def hub_face(secret: str | bytes, user: str) -> Identity:
+    """The anonymous face of the hub user ``user``: a name of :data:`HUB_NAMES`, its
+    initials and a colour of JUPYTER_PALETTE, all drawn from a keyed digest of ``user``.
+
+    The same for every call, process and version that shares the secret, and telling
+    nothing of ``user`` without it: the presence service (``--jupyterhub-anonymous``) and
+    the hub's post_auth_hook (presence.jupyter.hub, for JupyterLab) show the same face.
+    Two users can draw the same name; a room or server keeps them apart ("Brave Otter 2").
+    """
+    if not secret:
+        raise ValueError("the identity secret must not be empty")
+    key = secret.encode() if isinstance(secret, str) else secret
+    digest = hmac.new(key, b"hub-face:" + user.encode(), hashlib.sha256).digest()
+    name = HUB_NAMES[int.from_bytes(digest[:8], "big") % len(HUB_NAMES)]
+    color = JUPYTER_PALETTE[int.from_bytes(digest[8:16], "big") % len(JUPYTER_PALETTE)]
+    return Identity(digest[16:24].hex(), name, initials_of(name), color)
 
 
 def b64url(data: bytes) -> str:

@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import jwt
@@ -34,7 +34,7 @@ from presence.core.access import (
     origin_allowed,
     parse_origins,
 )
-from presence.core.identity import IdentityFactory
+from presence.core.identity import hub_face
 from presence.core.room import is_valid_room_name
 from presence.server.views import bearer
 
@@ -151,13 +151,9 @@ def _access_of(settings: Settings) -> Access:
         origins = frozenset([service.public_origin])  # and, as always, the service's own
     anonymous = None
     if settings.jupyterhub_anonymous:
-        faces = IdentityFactory(
-            settings.secret.encode(),
-            style=settings.name_style,  # type: ignore[arg-type]
-            locale=settings.locale,
-        )
-        # Deterministic, and asked at every join and recheck: drawn once per user.
-        anonymous = lru_cache(maxsize=4096)(faces.derived)
+        # The faces the hub's post_auth_hook gives JupyterLab (presence.jupyter.hub): the
+        # same name, initials and colour from the same secret, whatever --name-style says.
+        anonymous = partial(hub_face, settings.secret)
     hub = JupyterHubAuth(service, recheck=settings.jupyterhub_recheck, anonymous=anonymous)
     return Access(settings.auth, settings.secret, origins, jupyterhub=hub)
 
