@@ -4,6 +4,7 @@ the hub's API and an injected clock. tests/test_access_jupyterhub.py runs a real
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -119,6 +120,90 @@ async def test_anonymous_faces_replace_hub_names() -> None:
     face = faces("bob")
     assert (grant.name, grant.color, grant.username) == (face.name, face.color, face.username)
     assert "bob" not in (grant.username or "")
+
+
+MIRROR = "custom:presence:mirror"
+
+
+def server_token(owner: str, server: str = "") -> dict[str, Any]:
+    """The hub's model of a single-user server's own token (its 'server' role, with the
+    mirror scope the hub expanded to !server=<owner>/<server>)."""
+    return {
+        "kind": "user",
+        "name": owner,
+        "scopes": [
+            *ACCESS,
+            f"access:servers!server={owner}/{server}",
+            f"{MIRROR}!server={owner}/{server}",
+            f"users:activity!user={owner}",
+        ],
+    }
+
+
+@pytest.mark.parametrize("anonymous", [False, True])
+async def test_a_servers_token_mirrors_its_own_rooms_and_no_other(anonymous: bool) -> None:
+    from presence.core.identity import IdentityFactory
+
+    faces = IdentityFactory(b"secret").derived if anonymous else None
+    auth, hub, _ = auth_with_fake(anonymous=faces)
+    hub.tokens["gpu"] = server_token("alice", "gpu")
+    hub.tokens["default"] = server_token("alice")
+    hub.shares["alice"] = [share("erin")]  # alice may enter erin's rooms, her mirror not
+    # A mirror's grant has no identity: the collaborators it declares keep their own
+    # (each Yjs client ID its own user), with or without --jupyterhub-anonymous.
+    for token, room in (("gpu", "alice/gpu:JupyterLab:globalAwareness"), ("default", "alice/:x")):
+        for want in ("join", "view"):
+            grant = await auth.check(token, room, want)  # type: ignore[arg-type]
+            assert (grant.role, grant.expires) == ("member", math.inf)
+            assert not grant.has_identity
+            assert grant.identity(lambda: IdentityFactory(b"k").derived("x")) is None
+
+    async def refusal(token: str, room: str) -> tuple[int, int, str, str]:
+        with pytest.raises(AccessError) as info:
+            await auth.check(token, room, "join")
+        exc = info.value
+        return exc.status, exc.close_code, exc.code, exc.message
+
+    # Rooms of another server, even the owner's own other server or one shared with her.
+    for token, room in (
+        ("gpu", "alice/:doc"),
+        ("gpu", "alice/gpu2:doc"),
+        ("gpu", "bob/gpu:doc"),
+        ("gpu", "erin/:doc"),
+        ("default", "alice/gpu:doc"),
+    ):
+        status, close, code, message = await refusal(token, room)
+        assert (status, close, code) == (403, 4403, "other_room"), (token, room)
+        assert "mirrors" in message and len(message) <= 120
+    assert "/users/alice/shared" not in hub.asked  # a mirror's rooms need no shares
+    # The scope does not replace access to the service.
+    no_access = server_token("alice")
+    no_access["scopes"] = [s for s in no_access["scopes"] if s not in ACCESS]
+    hub.tokens["no-access"] = no_access
+    assert (await refusal("no-access", "alice/:doc"))[2] == "no_access"
+    # Unfiltered, or filtered to the user (a user's own token once her role holds the
+    # scope): no mirror; the hub user's identity is forced, as for any token of hers.
+    for scope in (MIRROR, f"{MIRROR}!user=alice"):
+        hub.tokens[scope] = {"kind": "user", "name": "alice", "scopes": [*ACCESS, scope]}
+        grant = await auth.check(scope, "alice/:doc", "join")
+        assert grant.has_identity
+        if faces is None:
+            assert (grant.name, grant.username) == ("alice", "alice")
+        else:
+            assert (grant.name, grant.username) == (faces("alice").name, faces("alice").username)
+
+
+async def test_a_mirror_is_rechecked_like_any_token() -> None:
+    auth, hub, clock = auth_with_fake()
+    hub.tokens["srv"] = server_token("alice")
+    revoked: list[str] = []
+    await auth.check("srv", "alice/:doc", "join")
+    auth.watch("srv", "alice/:doc", lambda exc: revoked.append(exc.code))
+    clock.now += 10
+    assert await auth.recheck_all() == 0
+    del hub.tokens["srv"]  # the server stopped: the hub deleted its token
+    clock.now += 10
+    assert await auth.recheck_all() == 1 and revoked == ["invalid_token"]
 
 
 async def test_answers_are_kept_for_the_recheck_period_then_asked_again() -> None:

@@ -11,6 +11,12 @@ within twice that (the hub tells nobody; jupyter-collaboration keeps them open).
 
 While the hub cannot be reached, answers it gave stay good and connections stay open
 (nobody can revoke anything then); requests it would have to answer get 503 / 1013.
+
+A single-user server mirrors its collaborators into its rooms (presence.jupyter.mirror)
+with its own API token, which the hub gives the custom scope
+``custom:presence:mirror!server=<owner>/<server>``: such a token enters exactly that
+server's rooms, as a *mirror*, with no identity of its own (it speaks for several
+collaborators, each declaring its ``user``), and no other room.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ HUB_TIMEOUT = 5.0
 # made-up tokens, each a question, cannot turn presence into a flood of the hub.
 HUB_CONNECTIONS = 20
 RECHECKS_AT_ONCE = 16  # hub requests in flight while re-checking open connections
+# A single-user server's token carries it, filtered to that server (the hub's "server"
+# role has custom:presence:mirror!server, which it expands to !server=<owner>/<server>).
+MIRROR_SCOPE = "custom:presence:mirror"
+_MIRROR_FILTER = f"{MIRROR_SCOPE}!server="
 
 
 def unavailable(detail: str) -> AccessError:
@@ -141,6 +151,9 @@ class _Cache:
 @dataclass(frozen=True)
 class HubUser:
     name: str
+    # The servers (``<owner>/<server>``) this token mirrors: a single-user server's own
+    # token. Such a token enters those servers' rooms only, as a mirror.
+    mirrors: frozenset[str] = frozenset()
 
 
 class _Watch:
@@ -224,7 +237,13 @@ class JupyterHubAuth:
                     f"this hub token has no access to the service {self.service.name} "
                     f"(scope access:services!service={self.service.name})",
                 )
-            return HubUser(model["name"])
+            scopes = model.get("scopes") or ()
+            mirrors = frozenset(
+                scope.removeprefix(_MIRROR_FILTER)
+                for scope in scopes
+                if isinstance(scope, str) and scope.startswith(_MIRROR_FILTER)
+            )
+            return HubUser(model["name"], mirrors)
 
         # The token is never a key in memory as such: a hash is enough to find it again.
         return await self._users.get(_digest(token), ask)  # type: ignore[no-any-return]
@@ -258,9 +277,20 @@ class JupyterHubAuth:
         """The grant of ``token`` in ``room``; raises :class:`AccessError`."""
         if not token:
             raise AccessError(401, "missing_token", "log in with the hub (or send a hub API token)")
-        server_of(room)  # a room of no server: refused before asking the hub
+        owner, server = server_of(room)  # a room of no server: refused before asking the hub
         user = await self.user(token)
-        owner, _ = server_of(room)
+        if user.mirrors:
+            # A single-user server's token, in its own rooms: a mirror, which speaks for
+            # the collaborators it declares (Yjs client IDs, each with its own ``user``),
+            # kept as sent (the server shows them as it chose, anonymous or not).
+            if f"{owner}/{server}" in user.mirrors:
+                return Grant("member", math.inf)
+            raise AccessError(
+                403,
+                "other_room",
+                f"this hub token mirrors {', '.join(sorted(user.mirrors))} only, "
+                f"not the server {owner}/{server}",
+            )
         if user.name != owner and not may_enter(user.name, room, await self.shares(user.name)):
             raise not_shared(user.name, room)
         if self.anonymous is not None:
