@@ -7,11 +7,23 @@
 //
 // Events (CustomEvent, details in `event.detail`): "welcome" {me, members}, "join",
 // "update", "idle", "active" and "leave" {member}, "me" {me} (own identity changed),
-// "status" {status: "connecting" | "open" | "closed", code, reason}.
+// "status" {status: "connecting" | "open" | "closed", code, reason, retry} (retry: false
+// once the client has given up), and "stopped" {code, reason} when it gives up: the
+// server refused it (see NO_RETRY), or close() was called. `client.stopped` keeps that
+// detail (null while the client is connected or reconnecting).
+//
+// At every close, whatever the code, the others leave ("leave" for each of them, and
+// `client.members` is empty): nobody is shown whom the client no longer hears about.
 
-// Our own bug, or a room token for another room or only to view: retrying will not help.
-const NO_RETRY = new Set([1003, 1007, 1009, 4403]);
-const TOKEN_REFUSED = 4401; // missing, invalid or expired room token (--auth token)
+// Closes that reconnecting will not mend: our own bug (1003, 1007, 1009), a refusal by
+// policy (1008), a room this user may not enter (4403: not shared with them, a share
+// revoked, a room token for another room or only to view). 1008 after an "invalid
+// identity token" is retried, as someone new: that cause is gone.
+const NO_RETRY = new Set([1003, 1007, 1008, 1009, 4403]);
+// No, an invalid or an expired token (a room token; a hub login): retried only when
+// options.accessToken is a function, which is asked for a new token.
+const TOKEN_REFUSED = 4401;
+const POLICY = 1008;
 
 export class PresenceClient extends EventTarget {
   /**
@@ -43,6 +55,8 @@ export class PresenceClient extends EventTarget {
     this._lastSent = 0;
     this._retries = 0;
     this._closed = false;
+    this._identityRefused = false; // the server said our identity token is invalid
+    this.stopped = null; // {code, reason} once the client has given up
     this._socket = null;
     this._heartbeat = null;
     this._connect();
@@ -98,13 +112,25 @@ export class PresenceClient extends EventTarget {
 
   _onClose(event) {
     clearInterval(this._heartbeat);
+    const { code, reason } = event;
     const left = [...this.members.values()];
     this.members.clear();
     for (const member of left) this._emit("leave", { member });
-    this._setStatus("closed", event.code, event.reason);
-    if (this._closed || NO_RETRY.has(event.code)) return;
-    // A refused room token given as a string would be refused again.
-    if (event.code === TOKEN_REFUSED && typeof this.accessToken !== "function") return;
+    let retry = !this._closed && !NO_RETRY.has(code);
+    if (code === POLICY && this._identityRefused) {
+      this.token = null; // reconnect as someone new
+      retry = !this._closed;
+    }
+    this._identityRefused = false;
+    // A refused room token given as a string would be refused again, and so would a
+    // hub login's (the page must log in again).
+    if (code === TOKEN_REFUSED && typeof this.accessToken !== "function") retry = false;
+    this._setStatus("closed", code, reason, retry);
+    if (!retry) {
+      this.stopped = { code, reason };
+      this._emit("stopped", this.stopped);
+      return;
+    }
     // Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... 10 s.
     const delay = Math.min(10000, 500 * 2 ** this._retries) * (0.5 + Math.random() / 2);
     this._retries += 1;
@@ -169,7 +195,10 @@ export class PresenceClient extends EventTarget {
         }
         break;
       case "error":
-        if (message.code === "invalid_token") this.token = null; // reconnect as someone new
+        // Our identity token (then the server closes with 1008); the same code names a
+        // refused room or hub token (closed with 4401): that one is no reason to forget
+        // who we are. Decided at the close.
+        if (message.code === "invalid_token") this._identityRefused = true;
         console.warn(`presence: ${message.code}: ${message.message}`);
         break;
     }
@@ -200,9 +229,9 @@ export class PresenceClient extends EventTarget {
     }
   }
 
-  _setStatus(status, code, reason) {
+  _setStatus(status, code, reason, retry = true) {
     this.status = status;
-    this._emit("status", { status, code, reason });
+    this._emit("status", { status, code, reason, retry });
   }
 
   _emit(type, detail) {
