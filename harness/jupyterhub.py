@@ -22,10 +22,15 @@ from harness.processes import ARTIFACTS, die_with_parent, free_port, wait_until_
 ROOT = Path(__file__).resolve().parent.parent
 PROXY = ROOT / "tests" / "js" / "node_modules" / ".bin" / "configurable-http-proxy"
 PASSWORD = "hub-test-password"
+SECRET = "hub-test-secret-that-is-long-enough-for-presence"
 
+# The hub's configuration for presence is the one docs/jupyter.md shows, loaded as is;
+# what follows it only fits the hub to a test (ports, a dummy login, a local spawner).
+DEPLOYED = ROOT / "deploy" / "jupyterhub" / "jupyterhub_config.py"
 CONFIG = """
 c = get_config()  # noqa
 settings = {settings}
+load_subconfig(settings["deployed"])  # noqa
 c.JupyterHub.ip = "127.0.0.1"
 c.JupyterHub.port = settings["port"]
 c.JupyterHub.hub_ip = "127.0.0.1"
@@ -39,35 +44,36 @@ c.JupyterHub.authenticator_class = "dummy"
 c.DummyAuthenticator.password = settings["password"]
 c.Authenticator.allow_all = True
 c.JupyterHub.spawner_class = "simple"
+c.SimpleLocalProcessSpawner.home_dir_template = settings["dir"] + "/home/{{username}}"
+c.Spawner.cmd = settings["singleuser"]
+c.Spawner.args = ["--allow-root"]
+c.Spawner.start_timeout = 90
+c.Spawner.http_timeout = 90
 c.JupyterHub.log_level = "INFO"
-c.JupyterHub.services = [
-    {{
-        "name": "presence",
-        "url": "http://127.0.0.1:%d" % settings["presence_port"],
-        "command": settings["presence_command"],
-        "environment": settings["presence_env"],
-        "oauth_no_confirm": True,
-    }},
-    # The test's own client: creates users, groups, tokens and shares.
-    {{"name": "admin", "api_token": settings["admin_token"]}},
-]
-c.JupyterHub.load_roles = [
-    # Every hub user may use presence (rooms are still checked one by one).
-    {{"name": "user", "scopes": ["self", "access:services!service=presence"]}},
-    {{"name": "presence", "services": ["presence"], "scopes": ["read:users:shares"]}},
+presence = c.JupyterHub.services[0]
+presence["command"] = settings["presence_command"] + presence["command"][2:]
+# The test's own client: creates users, groups, tokens and shares.
+c.JupyterHub.services.append({{"name": "admin", "api_token": settings["admin_token"]}})
+c.JupyterHub.load_roles.append(
     {{
         "name": "test-admin",
         "services": ["admin"],
         "scopes": ["admin:users", "admin:groups", "admin:servers", "shares", "tokens"],
-    }},
-]
+    }}
+)
 """
 
 
 class JupyterHub:
-    """``jupyterhub`` in a temporary directory; ``presence_args`` go to ``presence serve``."""
+    """``jupyterhub`` in a temporary directory; ``presence_args`` go to ``presence serve``.
+    ``anonymous`` is the hub's switch (deploy/jupyterhub/jupyterhub_config.py); single-user
+    servers run ``python -m jupyterhub.singleuser`` of ``python`` (default: this one)."""
 
-    def __init__(self, *presence_args: str) -> None:
+    def __init__(
+        self, *presence_args: str, anonymous: bool = False, python: str = sys.executable
+    ) -> None:
+        self.anonymous = anonymous
+        self.python = python
         self.dir = Path(tempfile.mkdtemp(prefix="presence-hub-"))
         self.port, self.presence_port = free_port(), free_port()
         self.admin_token = os.urandom(16).hex()
@@ -98,18 +104,10 @@ class JupyterHub:
             "password": PASSWORD,
             "admin_token": self.admin_token,
             "presence_port": self.presence_port,
-            "presence_command": [
-                sys.executable,
-                "-m",
-                "presence",
-                "serve",
-                "--auth",
-                "jupyterhub",
-                "--log-format",
-                "json",
-                *self.presence_args,
-            ],
-            "presence_env": {"PRESENCE_SECRET": "hub-test-secret"},
+            "deployed": str(DEPLOYED),
+            # presence serve --auth jupyterhub ... as deployed, from this Python
+            "presence_command": [sys.executable, "-m", "presence", "serve", *self.presence_args],
+            "singleuser": [self.python, "-m", "jupyterhub.singleuser"],
         }
         (self.dir / "jupyterhub_config.py").write_text(CONFIG.format(settings=json.dumps(settings)))
         ARTIFACTS.mkdir(exist_ok=True)
@@ -121,7 +119,13 @@ class JupyterHub:
             stdout=log,
             stderr=subprocess.STDOUT,
             # The proxy, and jupyterhub-singleuser beside this Python (the spawner's).
-            env={**os.environ, "PATH": os.pathsep.join([str(PROXY.parent), bindir, path])},
+            env={
+                **os.environ,
+                "PATH": os.pathsep.join([str(PROXY.parent), bindir, path]),
+                "PRESENCE_SECRET": SECRET,
+                "PRESENCE_SERVICE_URL": f"http://127.0.0.1:{self.presence_port}",
+                "PRESENCE_ANONYMOUS": "true" if self.anonymous else "false",
+            },
             start_new_session=True,
             preexec_fn=die_with_parent,
         )

@@ -16,7 +16,8 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from harness.jupyterhub import PASSWORD, JupyterHub
+from harness.jupyterhub import PASSWORD, SECRET, JupyterHub
+from presence.core.identity import hub_face
 from tests.conftest import Client
 from tests.test_views import sse_events
 from tests.yjs_client import YClient
@@ -228,7 +229,7 @@ async def test_a_browser_logs_in_with_the_hub_and_its_cookie_opens_its_rooms(
 
 @pytest.fixture(scope="module")
 def anonymous_hub() -> Iterator[JupyterHub]:
-    hub = JupyterHub("--jupyterhub-anonymous", "true").start()
+    hub = JupyterHub(anonymous=True).start()
     try:
         hub.api("POST", "/users", json={"usernames": ["alice", "bob"]})
         yield hub
@@ -245,7 +246,13 @@ async def test_anonymous_hub_users_get_the_same_presence_name_every_time(
     # Another token of the same user, in another room (in the same one it is "… 2").
     again = await join(hub, hub.user_token("alice"), "alice/:other")
     shown = first.user
-    assert shown["name"].startswith("Anonymous ") and "alice" not in orjson.dumps(shown).decode()
+    face = hub_face(SECRET, "alice")  # what the hub's post_auth_hook gives JupyterLab
+    assert (shown["name"], shown["initials"], shown["color"]) == (
+        face.name,
+        face.initials,
+        face.color,
+    )
+    assert "alice" not in orjson.dumps(shown).decode()
     assert again.user == shown
     yjs = await YClient.connect(
         ws_url(hub, f"/yjs/{ROOM}?access_token={alice}"), {"user": {"name": "alice"}}

@@ -14,6 +14,7 @@ from presence.backplane.redis import GIVE_UP_AFTER, MAX_BACKOFF
 from presence.codecs.websocket import MAX_FRAGMENTS
 from presence.config import Settings
 from presence.core.room import ROOM_NAME_RULE
+from presence.jupyter.extension import PresenceJupyter
 from presence.server.access import CLOCK_SKEW
 from presence.server.connection import FRAMES_PER_TURN
 from presence.server.identities import DEFAULT_TTL, MAX_BODY, MAX_TTL
@@ -50,6 +51,7 @@ QUOTED = [
     ("README.md", "within `--replica-timeout` (5 s)", "replica_timeout"),
 ]
 # Numbers the docs quote from constants in the code rather than from settings.
+RECHECK = PresenceJupyter.recheck.default_value
 PYTEST = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
 CONSTANTS = [
     ("docs/protocol.md", "More than 10 invalid messages in a row", MAX_CONSECUTIVE_ERRORS),
@@ -66,6 +68,7 @@ CONSTANTS = [
     ("README.md", "fails after 120 s", PYTEST["timeout"]),
     ("docs/protocol.md", "more than 1024 frames", MAX_FRAGMENTS),
     ("docs/protocol.md", "at most 128 frames of one connection", FRAMES_PER_TURN),
+    ("README.md", "the extension's 10 s re-check", RECHECK),
     ("docs/protocol.md", "`nbf` with 60 s of leeway", CLOCK_SKEW),
     ("docs/protocol.md", "plus 128 bytes per `max_room_members`", ECHO_OVERHEAD),
 ]
@@ -174,3 +177,16 @@ def test_every_number_next_to_a_unit_or_a_setting_is_checked() -> None:
             if not any(m.start() in span for span in covered):
                 unchecked.append(f"{doc}: …{text[max(0, m.start() - 40) : m.end() + 25]}…")
     assert not unchecked, "numbers that may quote a default:\n" + "\n".join(unchecked)
+
+
+def test_the_hub_configuration_in_the_docs_is_the_one_the_tests_run() -> None:
+    """docs/jupyter.md shows deploy/jupyterhub/jupyterhub_config.py whole, and
+    harness/jupyterhub.py (tests/test_jupyterhub_story.py) loads that file."""
+    config = (ROOT / "deploy" / "jupyterhub" / "jupyterhub_config.py").read_text()
+    doc = (ROOT / "docs" / "jupyter.md").read_text()
+    assert f"```python\n{config}```\n" in doc
+    from harness.jupyterhub import DEPLOYED
+
+    assert DEPLOYED == ROOT / "deploy" / "jupyterhub" / "jupyterhub_config.py"
+    lines = [ln for ln in config.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert f"It is {len(lines)} lines" in doc

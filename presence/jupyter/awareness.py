@@ -90,6 +90,9 @@ class Ownership:
     def __init__(self, log: logging.Logger | logging.LoggerAdapter[Any]) -> None:
         self.log = log
         self.listeners: list[Listener] = []
+        # (socket, state) -> the state to apply instead, for states a socket sends for its
+        # own clients (on a hub: the ``user`` it shows, presence.jupyter.singleuser).
+        self.rewrite: Callable[[Any, bytes], bytes] | None = None
         self._sockets: weakref.WeakKeyDictionary[Any, _Socket] = weakref.WeakKeyDictionary()
         self._rooms: weakref.WeakKeyDictionary[Any, _Room] = weakref.WeakKeyDictionary()
         # Orders removals and sockets' first reads: a socket that started reading after a
@@ -118,7 +121,8 @@ class Ownership:
     def received(self, socket: Any, message: bytes) -> bytes:
         """A message ``YRoom.serve`` is about to apply: note the IDs the socket owns.
 
-        Returns the message to apply: the same one, or, when a client that was removed at
+        Returns the message to apply: the same one, or one whose states ``rewrite``
+        changed, or, when a client that was removed at
         close comes back on a new socket with its unchanged clock (y-websocket re-sends
         its current clock on reconnect), one with that clock plus one. Peers that saw the
         removal would ignore the old clock until the client's next change or renewal.
@@ -142,7 +146,7 @@ class Ownership:
             mine = self._sockets[socket] = _Socket(next(self._seq))
         awareness: Awareness = room.awareness
         meta, states = awareness.meta, awareness.states
-        bumped = False
+        changed = False
         for i, entry in enumerate(entries):
             cid = entry.client_id
             if cid == awareness.client_id:
@@ -150,7 +154,13 @@ class Ownership:
             known = meta.get(cid)
             clock = 0 if known is None else int(known["clock"])
             if entry.clock > clock:
-                self._own(record, socket, mine, cid, not _is_null(entry.state))
+                live = not _is_null(entry.state)
+                self._own(record, socket, mine, cid, live)
+                if live and self.rewrite is not None:
+                    state = self.rewrite(socket, entry.state)
+                    if state is not entry.state:
+                        entries[i] = yjs.Entry(cid, entry.clock, state)
+                        changed = True
                 continue
             removed = record.removed.get(cid)
             if (
@@ -160,10 +170,13 @@ class Ownership:
                 and cid not in states
                 and not _is_null(entry.state)
             ):
-                entries[i] = yjs.Entry(cid, clock + 1, entry.state)
+                state = entry.state
+                if self.rewrite is not None:
+                    state = self.rewrite(socket, state)
+                entries[i] = yjs.Entry(cid, clock + 1, state)
                 self._own(record, socket, mine, cid, True)
-                bumped = True
-        if not bumped:
+                changed = True
+        if not changed:
             return message
         return create_awareness_message(
             write_var_uint(len(entries))

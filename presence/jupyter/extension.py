@@ -12,11 +12,11 @@ import os
 import socket
 from typing import Any
 
-from traitlets import Float, Unicode
+from traitlets import Bool, Float, Unicode, default
 from traitlets.config import Configurable
 
-from presence.jupyter import awareness
-from presence.jupyter.mirror import RENEW_EVERY, Mirror, sanitize, yjs_url
+from presence.jupyter import awareness, singleuser
+from presence.jupyter.mirror import RENEW_EVERY, Mirror, hub_scope, sanitize, yjs_url
 
 # Without pings, a peer that vanished without a FIN (a laptop lid, a dropped network) is
 # only noticed by the kernel's TCP timeouts, minutes later: its cursor stays until then.
@@ -27,12 +27,32 @@ SCOPE_MAX = 64  # leaves room for the room id in presence's 128 characters
 
 class PresenceJupyter(Configurable):
     url = Unicode(
-        "",
         config=True,
         help="""Base URL of a presence service (http(s):// or ws(s)://) to mirror each
         collaboration room's awareness into, as the presence room <scope>:<room id>.
-        Empty: no mirror.""",
+        Default: $PRESENCE_JUPYTER_URL. Empty: no mirror.""",
     )
+    anonymous = Bool(
+        config=True,
+        help="""On JupyterHub: show every collaborator under an anonymous name, initials
+        and colour (the hub's, from presence's post_auth_hook), never their hub name.
+        Default: $PRESENCE_JUPYTER_ANONYMOUS (1 or true).""",
+    )
+    recheck = Float(
+        10.0,
+        config=True,
+        help="""On JupyterHub: seconds between checks, with the hub, of the open sockets of
+        collaborators (not the owner); a revoked share closes them within that.""",
+    )
+
+    @default("url")
+    def _default_url(self) -> str:
+        return os.environ.get("PRESENCE_JUPYTER_URL", "")
+
+    @default("anonymous")
+    def _default_anonymous(self) -> bool:
+        return os.environ.get("PRESENCE_JUPYTER_ANONYMOUS", "").lower() in ("1", "true", "yes")
+
     scope = Unicode(
         "",
         config=True,
@@ -87,6 +107,7 @@ def load(serverapp: Any) -> None:
         return  # the error is logged: collaboration runs as it would without us
     log.info("presence.jupyter: a collaboration socket's awareness states now leave with it")
     _ensure_pings(serverapp, log)
+    on_hub = _on_hub(serverapp, config, hook, log)
     if not config.url:
         return
     try:
@@ -95,12 +116,47 @@ def load(serverapp: Any) -> None:
         log.error("presence.jupyter: PresenceJupyter.url: %s; no mirror", exc)
         return
     scope = sanitize(config.scope)[:SCOPE_MAX]
+    headers = None
+    if on_hub:
+        # The hub service serves the server's rooms as <owner>/<server>:<room>, to the
+        # server's own token (its 'server' role: docs/jupyter.md).
+        scope = scope or hub_scope(os.environ["JUPYTERHUB_USER"], _server_name())
+        headers = {"Authorization": f"token {os.environ['JUPYTERHUB_API_TOKEN']}"}
     mirror = Mirror(
         config.url,
         (lambda: scope) if scope else (lambda: default_scope(serverapp)),
         hook,
         log,
         renew_every=max(0.1, config.renew_interval),
+        headers=headers,
     )
     hook.listeners.append(mirror)
     log.info("presence.jupyter: mirroring collaboration awareness to presence at %s", config.url)
+
+
+def _server_name() -> str:
+    return os.environ.get("JUPYTERHUB_SERVER_NAME", "")
+
+
+def _on_hub(serverapp: Any, config: PresenceJupyter, hook: awareness.Ownership, log: Any) -> bool:
+    """Under jupyterhub-singleuser: faces and revocation (presence.jupyter.singleuser)."""
+    provider = getattr(serverapp, "identity_provider", None)
+    hub_auth = getattr(provider, "hub_auth", None)
+    owner = os.environ.get("JUPYTERHUB_USER")
+    if hub_auth is None or not owner or not os.environ.get("JUPYTERHUB_API_TOKEN"):
+        return False
+    key = singleuser.server_key(serverapp)
+    faces = singleuser.Faces(
+        anonymous=config.anonymous, key=key, fallback=singleuser.local_faces(key)
+    )
+    guard = singleuser.Guard(provider, faces, owner, max(1.0, config.recheck), log)
+    guard.install()
+    hook.rewrite = guard.rewrite
+    singleuser.shorten_cache(hub_auth, serverapp, config.recheck, log)
+    log.info(
+        "presence.jupyter: on JupyterHub: collaborators shown %s, their sockets re-checked "
+        "every %s s",
+        "anonymously" if config.anonymous else "under their hub names",
+        config.recheck,
+    )
+    return True

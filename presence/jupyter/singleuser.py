@@ -1,0 +1,279 @@
+"""On a JupyterHub single-user server: who collaborators appear as, and who stays in.
+
+jupyterhub-singleuser forces JupyterHub's identity provider, and a share revoked on the
+hub does not reach the server for minutes (``HubAuth.cache_max_age``, 300 s) nor close
+the sockets already open (jupyter-collaboration#434). This module, installed by the
+``presence.jupyter`` extension when it runs under a hub:
+
+- **Faces.** Every hub user who uses this server is shown (``/api/me``, and the
+  ``user`` of each awareness state a socket of theirs sends) under one identity,
+  distinct among this server's live collaborators. In anonymous mode the hub user name
+  is replaced everywhere in awareness, username included; the name, initials and colour
+  come from the hub (presence's ``post_auth_hook`` puts an anonymous face in
+  ``user_info``), or, for a user who logged in before that hook, from this server.
+  A socket cannot show itself as somebody else: the ``user`` it sends is replaced.
+- **Revocation.** Open WebSockets of users other than the owner (collaboration,
+  kernels, terminals) are checked with the hub every ``recheck`` seconds; a user whose
+  access is gone has them closed (4403) and their cached hub answer dropped, so that
+  their next request is refused too. Hub answers are cached ``recheck`` seconds instead
+  of 300 unless ``HubAuth.cache_max_age`` was configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+import weakref
+from collections.abc import Callable
+from functools import lru_cache, partial
+from typing import Any
+
+import orjson
+
+from presence.core.colors import JUPYTER_PALETTE, MIN_CONTRAST, WHITE, contrast_ratio, stable_color
+from presence.core.distinct import LiveIdentities, choose
+from presence.core.identity import Identity, hub_face, initials_of
+from presence.jupyter.hub import ANONYMOUS_MARK
+
+Log = logging.Logger | logging.LoggerAdapter[Any]
+
+LIVE_SECONDS = 3600.0  # a collaborator holds their face this long after their last request
+REVOKED = 4403
+
+
+class Faces:
+    """Hub user name -> the identity this server shows for them, kept distinct."""
+
+    def __init__(
+        self,
+        *,
+        anonymous: bool,
+        key: bytes,
+        fallback: Any,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.anonymous = anonymous
+        self._key = key  # keys opaque usernames: they tell collaborators nothing
+        self._fallback = fallback  # (hub user name) -> Identity, for users without a face
+        self._clock = clock
+        self._live = LiveIdentities()
+
+    def wanted(self, hub_user: dict[str, Any]) -> Identity:
+        """The identity ``hub_user`` (the hub's user model) asks for."""
+        name: str = hub_user["name"]
+        info = hub_user.get("user_info") or {}
+        username = self.username(name)
+        if self.anonymous and not info.get(ANONYMOUS_MARK):
+            face: Identity = self._fallback(name)
+            return Identity(username, face.name, face.initials, face.color)
+        shown = str(info.get("display_name") or info.get("name") or name)
+        initials = str(info.get("initials") or initials_of(shown))
+        color = str(info.get("color") or "")
+        if not _white_readable(color):  # JupyterLab writes the initials in white
+            color = stable_color(name)
+        return Identity(username, shown, initials, color)
+
+    def username(self, hub_name: str) -> str:
+        if not self.anonymous:
+            return hub_name
+        return (
+            "anonymous-" + hmac.new(self._key, hub_name.encode(), hashlib.sha256).hexdigest()[:16]
+        )
+
+    def shown(self, hub_user: dict[str, Any]) -> Identity:
+        """What ``hub_user`` shows now: their wish, changed where a live collaborator
+        holds its name, initials or colour; held for LIVE_SECONDS."""
+        now = self._clock()
+        wanted = self.wanted(hub_user)
+        current = self._live.touch(wanted.username, now, LIVE_SECONDS)
+        if current is not None and (
+            current.name == wanted.name or current.name.startswith(wanted.name + " ")
+        ):
+            return current
+        shown = choose(self._live.held(now), wanted, palette=JUPYTER_PALETTE).identity
+        self._live.put(shown, now, LIVE_SECONDS)
+        return shown
+
+
+def _white_readable(color: str) -> bool:
+    try:
+        return contrast_ratio(WHITE, color) >= MIN_CONTRAST
+    except ValueError:
+        return False
+
+
+def user_field(identity: Identity) -> dict[str, Any]:
+    """The ``user`` of an awareness state, as JupyterLab sets it from ``/api/me``."""
+    return {
+        "username": identity.username,
+        "name": identity.name,
+        "display_name": identity.name,
+        "initials": identity.initials,
+        "avatar_url": None,
+        "color": identity.color,
+    }
+
+
+class Guard:
+    """Installed on the server's JupyterHubIdentityProvider: faces and revocation."""
+
+    def __init__(self, provider: Any, faces: Faces, owner: str, recheck: float, log: Log) -> None:
+        self.provider = provider
+        self.hub_auth = provider.hub_auth
+        self.faces = faces
+        self.owner = owner
+        self.recheck = recheck
+        self.log = log
+        # Open WebSockets of users other than the owner: handler -> (token, hub name).
+        self._sockets: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
+        self._users: weakref.WeakKeyDictionary[Any, Identity] = weakref.WeakKeyDictionary()
+        self._task: asyncio.Task[None] | None = None
+        self.revoked_total = 0
+
+    def install(self) -> None:
+        original = self.provider.get_user
+
+        async def get_user(handler: Any) -> Any:
+            user = await original(handler)
+            if user is not None:
+                try:
+                    self._seen(handler, user)
+                except Exception:
+                    self.log.exception("presence.jupyter: could not place a hub user")
+            return user
+
+        self.provider.get_user = get_user
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._recheck_forever())
+
+    def _seen(self, handler: Any, user: Any) -> None:
+        hub_user = getattr(user, "hub_user", None)
+        if not isinstance(hub_user, dict) or "name" not in hub_user:
+            return
+        identity = self.faces.shown(hub_user)
+        if self.faces.anonymous:
+            user.username = identity.username
+        user.name = user.display_name = identity.name
+        user.initials, user.color = identity.initials, identity.color
+        self._users[handler] = identity
+        if hub_user["name"] != self.owner and _is_websocket(handler):
+            token = self.hub_auth.get_token(handler)
+            if token:
+                self._sockets[handler] = (token, hub_user["name"])
+        self.start()
+
+    # -- awareness: what a socket's states say about its user ------------------------------
+
+    def rewrite(self, socket: Any, state: bytes) -> bytes:
+        """A state ``socket`` sends for its own client: its ``user`` is the socket's."""
+        identity = self._users.get(socket)
+        if identity is None:
+            return state
+        try:
+            parsed = orjson.loads(state)
+        except orjson.JSONDecodeError:
+            return state
+        if not isinstance(parsed, dict):
+            return state
+        if parsed.get("user") == user_field(identity):
+            return state
+        parsed["user"] = user_field(identity)
+        return orjson.dumps(parsed)
+
+    # -- revocation -------------------------------------------------------------------------
+
+    async def _recheck_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.recheck)
+            try:
+                await self.recheck_all()
+            except Exception:
+                self.log.exception("presence.jupyter: re-checking collaborators failed")
+
+    async def recheck_all(self) -> int:
+        """Ask the hub again about every token with open sockets; close the revoked
+        ones' sockets. Returns how many sockets were closed."""
+        by_token: dict[str, list[Any]] = {}
+        names: dict[str, str] = {}
+        for handler, (token, name) in list(self._sockets.items()):
+            if getattr(handler, "ws_connection", None) is None:
+                self._sockets.pop(handler, None)  # closed
+                continue
+            by_token.setdefault(token, []).append(handler)
+            names[token] = name
+        closed = 0
+        for token, handlers in by_token.items():
+            try:
+                model = await self.hub_auth.user_for_token(token, use_cache=False, sync=False)
+            except Exception as exc:  # the hub is away: nothing was revoked that we know of
+                self.log.debug("presence.jupyter: hub not asked: %s", exc)
+                continue
+            if model is not None and self.hub_auth.check_scopes(self.hub_auth.access_scopes, model):
+                continue
+            self._forget(token)
+            self.log.info(
+                "presence.jupyter: access of hub user %s to this server ended: closing %d "
+                "socket(s)",
+                names[token],
+                len(handlers),
+            )
+            for handler in handlers:
+                self._sockets.pop(handler, None)
+                with contextlib.suppress(Exception):
+                    handler.close(REVOKED, "access to this server was revoked")
+                closed += 1
+        self.revoked_total += closed
+        return closed
+
+    def _forget(self, token: str) -> None:
+        """Drop the hub's cached answers for ``token``: its next request asks again."""
+        digest = hashlib.sha256(token.encode("utf8", "replace")).hexdigest()
+        cache = self.hub_auth.cache
+        for key in [k for k in list(cache.values) if str(k).endswith(digest)]:
+            cache.values.pop(key, None)
+            cache.timestamps.pop(key, None)
+
+
+def _is_websocket(handler: Any) -> bool:
+    from tornado.websocket import WebSocketHandler
+
+    return isinstance(handler, WebSocketHandler)
+
+
+def shorten_cache(hub_auth: Any, serverapp: Any, seconds: float, log: Log) -> None:
+    """Hub answers kept ``seconds`` instead of 300, unless the admin chose."""
+    chosen = any(
+        "cache_max_age" in (serverapp.config.get(section) or {})
+        for section in ("HubAuth", "HubOAuth")
+    )
+    if chosen or hub_auth.cache_max_age <= seconds:
+        return
+    hub_auth.cache_max_age = int(max(1, seconds))
+    with contextlib.suppress(AttributeError):
+        hub_auth.cache.max_age = hub_auth.cache.purge_interval = hub_auth.cache_max_age
+    log.info(
+        "presence.jupyter: hub answers are kept %s s (HubAuth.cache_max_age was unset), so "
+        "that a revoked share ends within that",
+        hub_auth.cache_max_age,
+    )
+
+
+def local_faces(key: bytes) -> Callable[[str], Identity]:
+    """Anonymous faces made by this server (with its own key, not the hub's secret), for
+    hub users the hub gave none; in the same style and palette as the hub's."""
+    return lru_cache(maxsize=4096)(partial(hub_face, key))
+
+
+def server_key(serverapp: Any) -> bytes:
+    """A key of this server's, kept across its restarts with jupyter's cookie secret."""
+    cookie_secret = getattr(serverapp, "cookie_secret", b"") or b""
+    if not cookie_secret:
+        return secrets.token_bytes(32)
+    return hmac.new(cookie_secret, b"presence-singleuser", hashlib.sha256).digest()

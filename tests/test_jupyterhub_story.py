@@ -1,0 +1,324 @@
+"""The whole story on a real JupyterHub, as its users live it.
+
+A real hub (harness/jupyterhub.py) runs deploy/jupyterhub/jupyterhub_config.py, the
+configuration docs/jupyter.md gives admins, with presence as its service and real
+single-user JupyterLab servers with presence's extension (this checkout's editable
+install). alice shares her server with a share code made with her own token; bob
+accepts it in his browser and opens her notebook; both see each other's cursor under an
+anonymous name with readable initials; the presence service lists both in alice's room;
+carol is refused everywhere; bob's closed tab leaves no ghost; alice revokes bob, and his
+edits stop reaching her and his reload is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import websockets
+from playwright.async_api import Browser, Page, Playwright, async_playwright
+from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+from harness.jupyterhub import PASSWORD, JupyterHub
+from presence.codecs import yjs
+from presence.core.colors import WHITE, contrast_ratio
+from tests.test_access_jupyterhub import closed, ws_url
+from tests.test_browser import CHROMIUM_FLAGS, chromium
+
+pytestmark = pytest.mark.e2e
+
+NOTEBOOK = {
+    "cells": [
+        {
+            "cell_type": "code",
+            "source": "x = 1\n",
+            "metadata": {},
+            "outputs": [],
+            "execution_count": None,
+        }
+    ],
+    "metadata": {},
+    "nbformat": 4,
+    "nbformat_minor": 5,
+}
+LAB_ROOM = "alice/:JupyterLab:globalAwareness"
+
+
+def wait_for(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[JupyterHub]:
+    hub = JupyterHub(anonymous=True).start()
+    try:
+        hub.api("POST", "/users", json={"usernames": ["alice", "bob", "carol"]})
+        home = hub.dir / "home" / "alice"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "shared.ipynb").write_text(json.dumps(NOTEBOOK))
+        hub.api("POST", "/users/alice/server")
+        wait_for(
+            lambda: (hub.api("GET", "/users/alice").json()["servers"].get("") or {}).get("ready"),
+            90,
+            "alice's server ready",
+        )
+        yield hub
+    finally:
+        hub.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as pw:
+        browser = await launch(pw)
+        yield browser
+        await browser.close()
+
+
+async def launch(pw: Playwright) -> Browser:
+    return await pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+
+
+class Person:
+    """A browser context logged in to the hub; records the awareness it receives."""
+
+    def __init__(self, name: str, page: Page) -> None:
+        self.name = name
+        self.page = page
+        self.states: list[dict[str, Any]] = []
+        page.on("websocket", self._socket)
+
+    def _socket(self, ws: Any) -> None:
+        ws.on("framereceived", self._frame)
+
+    def _frame(self, payload: str | bytes) -> None:
+        if isinstance(payload, str) or not payload or payload[0] != 1:  # awareness
+            return
+        try:
+            update = yjs.read_message(payload)[1]
+            for entry in yjs.read_awareness(update):
+                state = orjson.loads(entry.state)
+                if isinstance(state, dict):
+                    self.states.append(state)
+        except (yjs.MalformedMessage, orjson.JSONDecodeError):
+            pass
+
+
+async def log_in(browser: Browser, hub: JupyterHub, user: str) -> Person:
+    context = await browser.new_context(viewport={"width": 1200, "height": 800})
+    page = await context.new_page()
+    person = Person(user, page)
+    await page.goto(f"{hub.url}/hub/login?next=/hub/home")
+    await page.fill("#username_input", user)
+    await page.fill("#password_input", PASSWORD)
+    await page.click("#login_submit")
+    await page.wait_for_url("**/hub/home")
+    return person
+
+
+async def open_notebook(page: Page, hub: JupyterHub) -> None:
+    if "/lab/tree/shared.ipynb" not in page.url:
+        await page.goto(f"{hub.url}/user/alice/lab/tree/shared.ipynb")
+    await page.locator(".jp-Notebook .jp-Cell .cm-content").first.wait_for(timeout=90_000)
+    dialog = page.locator(".jp-Dialog")  # the notebook names no kernel
+    try:
+        await dialog.wait_for(timeout=3000)
+        await page.keyboard.press("Escape")
+        await dialog.wait_for(state="detached")
+    except PlaywrightTimeout:
+        pass
+
+
+async def put_cursor(page: Page) -> dict[str, str]:
+    await page.locator(".jp-Notebook .jp-Cell .cm-content").first.click()
+    await page.keyboard.press("End")
+    # As JupyterLab asks: cookie-authenticated fetches carry the XSRF token on a hub.
+    me = await page.evaluate(
+        """fetch(location.pathname.split('/lab')[0] + '/api/me', {headers: {
+            'X-XSRFToken': (document.cookie.match(/_xsrf=([^;]+)/) || [])[1]}})
+        .then(r => r.json())"""
+    )
+    assert "identity" in me, me
+    identity: dict[str, str] = me["identity"]
+    return identity
+
+
+async def flag_of_other(page: Page) -> dict[str, Any]:
+    """The remote cursor flag on ``page``: its name (and whether it is cut), and its
+    avatar's initials with their colours as drawn."""
+    name = page.locator(".jp-remote-userFlag-name").first
+    await name.wait_for(state="attached", timeout=30_000)
+    result: dict[str, Any] = await name.evaluate(
+        """e => {
+            const avatar = e.closest('.jp-remote-userFlag')
+                .querySelector('.jp-remote-userFlag-avatar');
+            return {
+                text: e.textContent,
+                initials: avatar.textContent,
+                color: getComputedStyle(avatar).color,
+                background: getComputedStyle(avatar).backgroundColor,
+                cut: e.scrollWidth > e.clientWidth + 1,
+            };
+        }"""
+    )
+    return result
+
+
+def hex_of(css: str) -> str:
+    parts = css[css.index("(") + 1 : css.index(")")].split(",")
+    r, g, b = (int(float(p)) for p in parts[:3])
+    return f"#{r:02X}{g:02X}{b:02X}"
+
+
+def names_in(states: list[dict[str, Any]]) -> str:
+    return orjson.dumps(states).decode().lower()
+
+
+async def cell_text(page: Page) -> str:
+    return str(await page.locator(".jp-Notebook .jp-Cell .cm-content").first.text_content())
+
+
+async def test_share_collaborate_anonymously_leave_and_revoke(
+    hub: JupyterHub, browser: Browser
+) -> None:
+    alice_token = hub.user_token("alice")
+    async with httpx.AsyncClient(base_url=f"{hub.url}/hub/api", timeout=30) as api:
+        # alice makes a share code with her own token (the documented 'user' role).
+        made = await api.post(
+            "/share-codes/alice/", headers={"Authorization": f"token {alice_token}"}
+        )
+        assert made.status_code == 200, made.text
+        accept_url = made.json()["accept_url"]
+
+    alice = await log_in(browser, hub, "alice")
+    await open_notebook(alice.page, hub)
+    bob = await log_in(browser, hub, "bob")
+    await bob.page.goto(f"{hub.url}{accept_url}&next=/user/alice/lab/tree/shared.ipynb")
+    await bob.page.click("button[type=submit]")
+    # The hub asks a collaborator (not the owner) once to let alice's server know them.
+    await bob.page.wait_for_url("**/hub/api/oauth2/authorize*")
+    await bob.page.click("form button[type=submit], form input[type=submit]")
+    await open_notebook(bob.page, hub)
+    assert "/user/alice/lab/tree/shared.ipynb" in bob.page.url
+
+    a_me, b_me = await put_cursor(alice.page), await put_cursor(bob.page)
+    # Anonymous names, from the hub's faces, distinct.
+    for me, hub_name in ((a_me, "alice"), (b_me, "bob")):
+        assert hub_name not in orjson.dumps(me).decode().lower(), me
+    assert a_me["name"] != b_me["name"] and a_me["initials"] != b_me["initials"]
+    assert a_me["color"] != b_me["color"]
+    seen_by_alice, seen_by_bob = await flag_of_other(alice.page), await flag_of_other(bob.page)
+    assert seen_by_alice["text"] == b_me["name"] and seen_by_bob["text"] == a_me["name"]
+    assert seen_by_alice["initials"] == b_me["initials"]
+    assert hex_of(seen_by_alice["background"]) == b_me["color"].upper()
+    for flag in (seen_by_alice, seen_by_bob):
+        ratio = contrast_ratio(hex_of(flag["color"]), hex_of(flag["background"]))
+        assert ratio >= 4.5, flag
+        assert not flag["cut"], f"the flag cuts {flag['text']!r}"
+    print(
+        f"\nflags: {seen_by_alice['text']!r} ({seen_by_alice['initials']} in "
+        f"{hex_of(seen_by_alice['color'])} on {hex_of(seen_by_alice['background'])}, "
+        f"{contrast_ratio(WHITE, b_me['color']):.2f}:1), {seen_by_bob['text']!r} "
+        f"({seen_by_bob['initials']} on {hex_of(seen_by_bob['background'])}, "
+        f"{contrast_ratio(WHITE, a_me['color']):.2f}:1)"
+    )
+    # No hub name in any awareness state either browser received.
+    assert "bob" not in names_in(alice.states) and "alice" not in names_in(alice.states)
+    assert "alice" not in names_in(bob.states) and "bob" not in names_in(bob.states)
+    assert alice.states and bob.states
+
+    # The presence service's view of alice's server's Lab-wide room lists both.
+    async with httpx.AsyncClient(base_url=hub.presence, timeout=30) as http:
+        headers = {"Authorization": f"token {alice_token}"}
+
+        async def listed() -> set[str]:
+            got = await http.get(f"/rooms/{LAB_ROOM}", headers=headers)
+            assert got.status_code == 200, got.text
+            return {m["state"].get("user", {}).get("name") for m in got.json()["members"]}
+
+        deadline = time.monotonic() + 30
+        while not {a_me["name"], b_me["name"]} <= await listed():
+            assert time.monotonic() < deadline, await listed()
+            await asyncio.sleep(0.2)
+
+        # carol: refused by alice's server and by presence.
+        carol_token = hub.user_token("carol")
+        refused = await http.get(
+            f"{hub.url}/user/alice/api/contents", headers={"Authorization": f"token {carol_token}"}
+        )
+        assert refused.status_code == 403
+        view = await http.get(
+            f"/rooms/{LAB_ROOM}", headers={"Authorization": f"token {carol_token}"}
+        )
+        assert view.status_code == 403
+    async with websockets.connect(
+        ws_url(hub, f"/yjs/{LAB_ROOM}"),
+        additional_headers={"Authorization": f"token {carol_token}"},
+    ) as ws:
+        assert (await closed(ws, 10))[0] == 4403
+
+    # bob closes his tab: his cursor leaves alice's screen at once.
+    gone = time.monotonic()
+    await bob.page.close()
+    await alice.page.locator(".jp-remote-cursor").first.wait_for(state="detached", timeout=30_000)
+    ghost = time.monotonic() - gone
+    print(f"bob's tab closed: his cursor left alice's screen after {ghost:.2f} s")
+    assert ghost < 1.0
+
+    # bob comes back and types; alice revokes him.
+    bob_page = await bob.page.context.new_page()
+    await open_notebook(bob_page, hub)
+    await put_cursor(bob_page)
+    typing = True
+
+    async def type_forever() -> None:
+        while typing:
+            try:
+                await bob_page.keyboard.type("b")
+            except Exception:
+                return
+            await asyncio.sleep(0.25)
+
+    typist = asyncio.create_task(type_forever())
+    start = await cell_text(alice.page)
+    last_text, last_change = start, time.monotonic()
+    while last_text == start:  # bob's edits reach alice
+        await asyncio.sleep(0.1)
+        last_text = await cell_text(alice.page)
+        assert time.monotonic() - last_change < 30, "bob's edits never reached alice"
+    async with httpx.AsyncClient(base_url=f"{hub.url}/hub/api", timeout=30) as api:
+        revoked = await api.patch(
+            "/shares/alice/",
+            json={"user": "bob"},
+            headers={"Authorization": f"token {alice_token}"},
+        )
+        assert revoked.status_code == 200, revoked.text
+    revoked_at = last_change = time.monotonic()
+    while time.monotonic() - revoked_at < 40:
+        text = await cell_text(alice.page)
+        if text != last_text:
+            last_text, last_change = text, time.monotonic()
+        await asyncio.sleep(0.1)
+    typing = False
+    await typist
+    reached = last_change - revoked_at
+    print(f"alice revoked bob: his last edit reached her {reached:.1f} s after the revoke")
+    assert reached < 30
+    # His reload is refused.
+    response = await bob_page.goto(f"{hub.url}/user/alice/lab/tree/shared.ipynb")
+    assert response is not None
+    content = await bob_page.content()
+    assert response.status == 403 or "403" in content, (response.status, bob_page.url)
+    assert await bob_page.locator(".jp-Notebook").count() == 0
