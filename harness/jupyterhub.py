@@ -49,6 +49,9 @@ c.Spawner.cmd = settings["singleuser"]
 c.Spawner.args = ["--allow-root"]
 c.Spawner.start_timeout = 90
 c.Spawner.http_timeout = 90
+# Tests stop the hub with its servers: no 10 s wait for each to answer SIGINT.
+c.LocalProcessSpawner.interrupt_timeout = 1
+c.LocalProcessSpawner.term_timeout = 2
 c.JupyterHub.log_level = "INFO"
 presence = c.JupyterHub.services[0]
 presence["command"] = settings["presence_command"] + presence["command"][2:]

@@ -248,6 +248,9 @@ def test_room_names_and_summaries() -> None:
         "selection": True,
     }
     assert summary({}) == {}
+    # What a browser's JSON may hold and UTF-8 (orjson) cannot: left out, not a crash.
+    odd = summary({"user": {"name": "x\ud800", "initials": "X"}, "current": "\udfff"})
+    assert odd == {"user": {"initials": "X"}}
 
 
 @unit

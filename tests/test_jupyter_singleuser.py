@@ -4,6 +4,7 @@ with stand-ins for JupyterHub's HubAuth and tornado handlers and an injected clo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -22,7 +23,6 @@ from presence.jupyter.singleuser import (
     Faces,
     Guard,
     local_faces,
-    shorten_cache,
     user_field,
 )
 
@@ -101,6 +101,7 @@ class Provider:
 class HubAuth:
     """What Guard uses of JupyterHub's HubOAuth."""
 
+    tokens_of: dict[Any, str] = {}  # noqa: RUF012 (for handlers that are no Socket)
     access_scopes = frozenset({"access:servers!server=alice/"})
 
     def __init__(self) -> None:
@@ -109,8 +110,10 @@ class HubAuth:
         self.cache_max_age = 300
         self.asked: list[str] = []
 
+    tokens_of: dict[Any, str]
+
     def get_token(self, handler: Any) -> str:
-        return str(handler.token)
+        return getattr(handler, "token", None) or self.tokens_of[handler]
 
     async def user_for_token(self, token: str, use_cache: bool, sync: bool) -> Any:
         assert not use_cache and not sync
@@ -133,6 +136,10 @@ class Socket(WebSocketHandler):
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         self.closed_with = (code or 0, reason or "")
         self.ws_connection = None
+
+
+class Request:
+    """A tornado RequestHandler that is no WebSocket."""
 
 
 class JupyterUser:
@@ -159,78 +166,143 @@ async def test_a_socket_can_only_show_its_own_user() -> None:
     user = await guard.provider.get_user(bob)
     assert user.username.startswith("anonymous-") and user.name != "bob"  # /api/me
     claim = orjson.dumps({"user": {"username": "alice", "name": "alice"}, "cursors": []})
-    rewritten = orjson.loads(guard.rewrite(bob, claim))
-    assert rewritten == {"user": user_field(guard._users[bob]), "cursors": []}
-    assert "bob" not in orjson.dumps(rewritten).decode()
-    same = orjson.dumps(rewritten)
-    assert guard.rewrite(bob, same) is same  # already right: untouched
-    assert guard.rewrite(bob, b"not json") == b"not json"
-    stranger = Socket("x")
-    assert guard.rewrite(stranger, claim) is claim  # a socket nobody logged in on
+    rewritten = guard.rewrite(bob, claim)
+    assert rewritten is not None
+    assert orjson.loads(rewritten) == {"user": user_field(guard._users[bob]), "cursors": []}
+    assert "bob" not in rewritten.decode()
+    assert guard.rewrite(bob, rewritten) is rewritten  # already right: untouched
+    # What orjson cannot read (browsers might: a lone surrogate, 1e400), and no object.
+    for odd in (b"not json", b'{"user":{"name":"alice"},"z":"\\ud800"}', b"[1]", b"1e400"):
+        assert guard.rewrite(bob, odd) is None, odd
+    assert guard.rewrite(Socket("x"), claim) is None  # a socket of nobody known
+    bob2 = Socket("bob-other-token")
+    users[bob2] = JupyterUser(hub_user("bob"))
+    await guard.provider.get_user(bob2)
+    assert guard.same_person(bob, bob2) and not guard.same_person(bob, Socket("x"))
+    assert guard._task is not None
+    guard._task.cancel()
 
 
-async def test_the_ownership_hook_applies_the_rewrite_to_a_sockets_own_states() -> None:
+class Guarded:
+    """A StateGuard that names the states it rewrote, and knows who is who."""
+
+    def __init__(self, people: dict[Any, str]) -> None:
+        self.people = people
+
+    def rewrite(self, socket: Any, state: bytes) -> bytes | None:
+        return b'{"user":{"name":"%s"}}' % self.people[socket].encode()
+
+    def same_person(self, a: Any, b: Any) -> bool:
+        return self.people[a] == self.people[b]
+
+
+def message(*entries: tuple[int, int, bytes]) -> bytes:
+    body = write_var_uint(len(entries)) + b"".join(yjs.entry(*e) for e in entries)
+    return bytes([1]) + write_var_uint(len(body)) + body
+
+
+def relayed(data: bytes) -> list[tuple[int, int, bytes]]:
+    return [(e.client_id, e.clock, e.state) for e in yjs.read_awareness(yjs.read_message(data)[1])]
+
+
+def room_with(*names: str) -> tuple[awareness.Ownership, Any, list[Any]]:
     hook = awareness.Ownership(log)
     room = type("Room", (), {})()
     room.awareness, room.clients = Awareness(Doc()), set()
-    socket = type("Sock", (), {"room": room, "path": "r"})()
-    hook.rewrite = lambda s, state: b'{"user":{"name":"shown"}}'
+    sockets = [type("Sock", (), {"room": room, "path": "r"})() for _ in names]
+    hook.guard = Guarded(dict(zip(sockets, names, strict=True)))
+    return hook, room, sockets
 
-    def message(cid: int, clock: int, state: bytes) -> bytes:
-        body = write_var_uint(1) + yjs.entry(cid, clock, state)
-        return bytes([1]) + write_var_uint(len(body)) + body
 
-    applied = hook.received(socket, message(7, 1, b'{"user":{"name":"claimed"}}'))
-    states = [e.state for e in yjs.read_awareness(yjs.read_message(applied)[1])]
-    assert states == [b'{"user":{"name":"shown"}}']
-    room.awareness.apply_awareness_update(yjs.read_message(applied)[1].var_bytes(), "test")
-    echo = message(7, 1, b'{"user":{"name":"claimed"}}')  # an unchanged clock: an echo
-    assert hook.received(socket, echo) is echo
-    removal = message(7, 2, b"null")
-    assert hook.received(socket, removal) is removal
+def apply(room: Any, data: bytes) -> None:
+    room.awareness.apply_awareness_update(yjs.read_message(data)[1].var_bytes(), "test")
+
+
+async def test_under_a_guard_only_what_the_room_applies_is_relayed_as_its_sockets() -> None:
+    hook, room, (bob, bob_again, eve) = room_with("bob", "bob", "eve")
+    sent = hook.received(bob, message((7, 1, b'{"user":{"name":"alice"}}')))
+    assert relayed(sent) == [(7, 1, b'{"user":{"name":"bob"}}')]  # its own face
+    apply(room, sent)
+    # An echo (an unchanged clock) is not applied: relayed, it could bring a state back to
+    # a peer that never saw its clock.
+    assert relayed(hook.received(eve, message((7, 1, b'{"user":{"name":"x"}}')))) == []
+    # Nobody speaks for the server's own client.
+    server = room.awareness.client_id
+    assert relayed(hook.received(eve, message((server, 99, b'{"user":{}}')))) == []
+    # Nor changes another person's client while its socket is open, or removes it.
+    assert relayed(hook.received(eve, message((7, 2, b'{"user":{}}')))) == []
+    assert relayed(hook.received(eve, message((7, 1, b"null")))) == []
+    # The same person's new socket may take it over (a reconnect before the close).
+    taken = hook.received(bob_again, message((7, 2, b'{"user":{}}')))
+    assert relayed(taken) == [(7, 2, b'{"user":{"name":"bob"}}')]
+    apply(room, taken)
+    # Its owner may remove it at its clock; a null is relayed as it is.
+    assert relayed(hook.received(bob_again, message((7, 2, b"null")))) == [(7, 2, b"null")]
+
+
+async def test_without_a_guard_messages_are_relayed_as_sent() -> None:
+    hook, room, (bob,) = room_with("bob")
+    hook.guard = None
+    first = message((7, 1, b'{"user":{"name":"claimed"}}'))
+    assert hook.received(bob, first) is first
+    apply(room, first)
+    echo = message((7, 1, b'{"x":1}'))
+    assert hook.received(bob, echo) is echo
 
 
 # -- revocation -----------------------------------------------------------------------
 
 
-async def test_revoked_collaborators_sockets_close_and_their_cached_answers_go() -> None:
+async def test_revoked_collaborators_lose_their_cached_answer_and_their_sockets() -> None:
     guard, hub_auth, users = await guarded(anonymous=False)
     owner, bob, bob2, dave = Socket("alice-t"), Socket("bob-t"), Socket("bob-t"), Socket("dave-t")
-    for socket, name in ((owner, "alice"), (bob, "bob"), (bob2, "bob"), (dave, "dave")):
-        users[socket] = JupyterUser(hub_user(name))
-        await guard.provider.get_user(socket)
+    rest_only = Request()  # a REST request of carol's: no socket, still a token to check
+    for handler, name in ((owner, "alice"), (bob, "bob"), (bob2, "bob"), (dave, "dave")):
+        users[handler] = JupyterUser(hub_user(name))
+        await guard.provider.get_user(handler)
+    carol = JupyterUser(hub_user("carol"))
+    users[rest_only] = carol
+    hub_auth.tokens_of = {rest_only: "carol-t"}
+    await guard.provider.get_user(rest_only)
     assert guard._task is not None
     guard._task.cancel()  # the test drives the checks
     ok = {"name": "x", "scopes": ["access:servers!server=alice/"]}
-    hub_auth.answers = {"bob-t": ok, "dave-t": ok}
+    hub_auth.answers = {"bob-t": ok, "dave-t": ok, "carol-t": ok}
     assert await guard.recheck_all() == 0
-    assert sorted(hub_auth.asked) == ["bob-t", "dave-t"]  # once per token; the owner never
+    assert sorted(hub_auth.asked) == ["bob-t", "carol-t", "dave-t"]  # never the owner's
 
-    import hashlib
-
-    digest = hashlib.sha256(b"bob-t").hexdigest()
-    hub_auth.cache.values[f"token::{digest}"] = ok
-    hub_auth.cache.timestamps[f"token::{digest}"] = 0.0
-    hub_auth.answers = {"bob-t": {"name": "bob", "scopes": []}, "dave-t": RuntimeError("away")}
-    assert await guard.recheck_all() == 2
-    assert bob.closed_with == bob2.closed_with == (REVOKED, "access to this server was revoked")
+    cached = {}
+    for token in ("bob-t", "carol-t", "alice-t"):
+        key = "token::" + hashlib.sha256(token.encode()).hexdigest()
+        hub_auth.cache.values[key] = ok
+        hub_auth.cache.timestamps[key] = 0.0
+        cached[token] = key
+    bob2.ws_connection = None  # still opening (a kernel waits for its kernel first)
+    bob2._on_close_called = False
+    gone = {"name": "x", "scopes": []}
+    hub_auth.answers = {"bob-t": gone, "carol-t": None, "dave-t": RuntimeError("hub away")}
+    assert await guard.recheck_all() == 1
+    assert bob.closed_with == (REVOKED, "access to this server was revoked")
     assert dave.closed_with is None and owner.closed_with is None  # the hub away: kept
-    assert not hub_auth.cache.values  # bob's next request asks the hub
-    hub_auth.answers["dave-t"] = None  # the token is gone
-    assert await guard.recheck_all() == 1 and dave.closed_with is not None
+    assert set(hub_auth.cache.values) == {cached["alice-t"]}  # their next request asks
+    bob2.ws_connection = object()  # now open: the next check closes it too
+    assert await guard.recheck_all() == 1 and bob2.closed_with is not None
     assert await guard.recheck_all() == 0
 
 
-class App:
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-
-
-def test_hub_answers_are_kept_as_long_as_a_recheck_unless_chosen() -> None:
-    hub_auth = HubAuth()
-    hub_auth.cache.max_age = hub_auth.cache.purge_interval = 300
-    shorten_cache(hub_auth, App({}), 10.0, log)
-    assert hub_auth.cache_max_age == 10 and hub_auth.cache.max_age == 10
-    chosen = HubAuth()
-    shorten_cache(chosen, App({"HubOAuth": {"cache_max_age": 600}}), 10.0, log)
-    assert chosen.cache_max_age == 300
+async def test_tokens_are_forgotten_once_the_hubs_cache_would_not_answer_for_them() -> None:
+    guard, hub_auth, users = await guarded(anonymous=False)
+    clock = Clock()
+    guard.clock = clock
+    request = Request()
+    users[request] = JupyterUser(hub_user("bob"))
+    hub_auth.tokens_of = {request: "bob-t"}
+    await guard.provider.get_user(request)
+    assert guard._task is not None
+    guard._task.cancel()
+    hub_auth.answers = {"bob-t": {"name": "bob", "scopes": ["access:servers!server=alice/"]}}
+    await guard.recheck_all()
+    clock.now += hub_auth.cache_max_age + guard.recheck + 1
+    hub_auth.asked.clear()
+    await guard.recheck_all()
+    assert hub_auth.asked == []

@@ -22,31 +22,17 @@ import httpx
 import orjson
 import pytest
 import websockets
-from playwright.async_api import Browser, Page, Playwright, async_playwright
+from playwright.async_api import Browser, Page, async_playwright
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
 from harness.jupyterhub import PASSWORD, JupyterHub
 from presence.codecs import yjs
 from presence.core.colors import WHITE, contrast_ratio
 from tests.test_access_jupyterhub import closed, ws_url
-from tests.test_browser import CHROMIUM_FLAGS, chromium
+from tests.test_jupyter_lab import NOTEBOOK, launch
 
 pytestmark = pytest.mark.e2e
 
-NOTEBOOK = {
-    "cells": [
-        {
-            "cell_type": "code",
-            "source": "x = 1\n",
-            "metadata": {},
-            "outputs": [],
-            "execution_count": None,
-        }
-    ],
-    "metadata": {},
-    "nbformat": 4,
-    "nbformat_minor": 5,
-}
 LAB_ROOM = "alice/:JupyterLab:globalAwareness"
 
 
@@ -85,10 +71,6 @@ async def browser() -> AsyncIterator[Browser]:
         browser = await launch(pw)
         yield browser
         await browser.close()
-
-
-async def launch(pw: Playwright) -> Browser:
-    return await pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
 
 
 class Person:
@@ -316,9 +298,24 @@ async def test_share_collaborate_anonymously_leave_and_revoke(
     reached = last_change - revoked_at
     print(f"alice revoked bob: his last edit reached her {reached:.1f} s after the revoke")
     assert reached < 30
+    assert "access of hub user bob to this server ended" in hub.output()
     # His reload is refused.
     response = await bob_page.goto(f"{hub.url}/user/alice/lab/tree/shared.ipynb")
-    assert response is not None
-    content = await bob_page.content()
-    assert response.status == 403 or "403" in content, (response.status, bob_page.url)
+    assert response is not None and response.status == 403, (response, bob_page.url)
     assert await bob_page.locator(".jp-Notebook").count() == 0
+    # alice was not disturbed: her edit still reaches her server (and its file).
+    await alice.page.locator(".jp-Notebook .jp-Cell .cm-content").first.click()
+    await alice.page.keyboard.press("End")
+    await alice.page.keyboard.type("#owner")
+    async with httpx.AsyncClient(timeout=30) as http:
+        deadline = time.monotonic() + 30
+        while True:
+            saved = await http.get(
+                f"{hub.url}/user/alice/api/contents/shared.ipynb",
+                headers={"Authorization": f"token {alice_token}"},
+            )
+            assert saved.status_code == 200, saved.text
+            if "#owner" in orjson.dumps(saved.json()["content"]).decode():
+                break
+            assert time.monotonic() < deadline, "alice's edit never reached her server"
+            await asyncio.sleep(0.5)

@@ -3,8 +3,8 @@
 #
 # Install `presence[jupyter]` in the hub's environment (this file imports it, and the hub
 # starts the service) and in the single-user image (the server extension is on as soon
-# as it is installed). Set PRESENCE_SECRET in the hub's environment: `presence secret`
-# or `python -c "import secrets; print(secrets.token_urlsafe(32))"`.
+# as it is installed). Set PRESENCE_SECRET wherever `jupyterhub` runs with this file:
+# `python -c "import secrets; print(secrets.token_urlsafe(32))"` makes one; keep it.
 # docs/jupyter.md explains every line; tests/test_jupyterhub_story.py runs this file.
 import os
 
@@ -12,7 +12,9 @@ from presence.jupyter.hub import make_post_auth_hook
 
 c = get_config()  # noqa: F821 (JupyterHub provides it)
 
-SECRET = os.environ["PRESENCE_SECRET"]
+SECRET = os.environ.get("PRESENCE_SECRET", "")
+if not SECRET:
+    raise SystemExit("jupyterhub_config.py: set PRESENCE_SECRET (see the comment above)")
 # Where presence listens: the hub, its proxy and the single-user servers reach it here.
 PRESENCE = os.environ.get("PRESENCE_SERVICE_URL", "http://127.0.0.1:10101")
 # Collaborators appear under anonymous names (False: under their hub names).

@@ -54,6 +54,17 @@ class Room(Protocol):
     awareness: Awareness
 
 
+class StateGuard(Protocol):
+    """Who speaks for whom: states a socket sends for its own clients, and ownership."""
+
+    def rewrite(self, socket: Any, state: bytes) -> bytes | None:
+        """The state to apply instead (``state`` itself if right), None to drop it."""
+
+    def same_person(self, a: Any, b: Any) -> bool:
+        """Whether sockets ``a`` and ``b`` are the same person's (a client ID may move
+        between them: a reconnect before the old socket is seen closed)."""
+
+
 class Listener(Protocol):
     """Told about rooms and sockets (the mirror listens)."""
 
@@ -90,9 +101,9 @@ class Ownership:
     def __init__(self, log: logging.Logger | logging.LoggerAdapter[Any]) -> None:
         self.log = log
         self.listeners: list[Listener] = []
-        # (socket, state) -> the state to apply instead, for states a socket sends for its
-        # own clients (on a hub: the ``user`` it shows, presence.jupyter.singleuser).
-        self.rewrite: Callable[[Any, bytes], bytes] | None = None
+        # On a hub (presence.jupyter.singleuser): what a socket may say. Set, only what
+        # the room applies is relayed, with the states rewritten by it.
+        self.guard: StateGuard | None = None
         self._sockets: weakref.WeakKeyDictionary[Any, _Socket] = weakref.WeakKeyDictionary()
         self._rooms: weakref.WeakKeyDictionary[Any, _Room] = weakref.WeakKeyDictionary()
         # Orders removals and sockets' first reads: a socket that started reading after a
@@ -121,8 +132,8 @@ class Ownership:
     def received(self, socket: Any, message: bytes) -> bytes:
         """A message ``YRoom.serve`` is about to apply: note the IDs the socket owns.
 
-        Returns the message to apply: the same one, or one whose states ``rewrite``
-        changed, or, when a client that was removed at
+        Returns the message to apply: the same one, or one that ``guard`` changed (see
+        there), or, when a client that was removed at
         close comes back on a new socket with its unchanged clock (y-websocket re-sends
         its current clock on reconnect), one with that clock plus one. Peers that saw the
         removal would ignore the old clock until the client's next change or renewal.
@@ -146,21 +157,42 @@ class Ownership:
             mine = self._sockets[socket] = _Socket(next(self._seq))
         awareness: Awareness = room.awareness
         meta, states = awareness.meta, awareness.states
+        guard = self.guard
+        kept: list[yjs.Entry] = []
         changed = False
-        for i, entry in enumerate(entries):
+        for entry in entries:
             cid = entry.client_id
-            if cid == awareness.client_id:
-                continue  # the server's own state: nobody owns it
             known = meta.get(cid)
             clock = 0 if known is None else int(known["clock"])
+            live = not _is_null(entry.state)
+            if cid == awareness.client_id:
+                # The server's own state: nobody owns it, and under a guard nobody may
+                # speak for it (its renewals would carry what they said to everyone).
+                changed |= guard is not None
+                if guard is None:
+                    kept.append(entry)
+                continue
             if entry.clock > clock:
-                live = not _is_null(entry.state)
+                if guard is not None:
+                    owner = record.owners.get(cid)
+                    if (
+                        owner is not None
+                        and owner is not socket
+                        and self.is_open(owner)
+                        and not guard.same_person(owner, socket)
+                    ):
+                        changed = True  # another person's client: not theirs to change
+                        continue
+                    if live:
+                        state = guard.rewrite(socket, entry.state)
+                        if state is None:
+                            changed = True
+                            continue
+                        if state is not entry.state:
+                            entry = yjs.Entry(cid, entry.clock, state)
+                            changed = True
                 self._own(record, socket, mine, cid, live)
-                if live and self.rewrite is not None:
-                    state = self.rewrite(socket, entry.state)
-                    if state is not entry.state:
-                        entries[i] = yjs.Entry(cid, entry.clock, state)
-                        changed = True
+                kept.append(entry)
                 continue
             removed = record.removed.get(cid)
             if (
@@ -168,19 +200,29 @@ class Ownership:
                 and removed[0] == entry.clock == clock
                 and removed[1] < mine.joined
                 and cid not in states
-                and not _is_null(entry.state)
+                and live
             ):
-                state = entry.state
-                if self.rewrite is not None:
-                    state = self.rewrite(socket, state)
-                entries[i] = yjs.Entry(cid, clock + 1, state)
-                self._own(record, socket, mine, cid, True)
+                back = entry.state if guard is None else guard.rewrite(socket, entry.state)
                 changed = True
+                if back is not None:
+                    kept.append(yjs.Entry(cid, clock + 1, back))
+                    self._own(record, socket, mine, cid, True)
+                continue
+            if guard is not None:
+                # What the room does not apply, it still relays: a peer that does not
+                # know the client's clock would take a stale state back, or a null
+                # meant to remove someone else. Relay only a null of one's own client.
+                if entry.clock == clock and not live and record.owners.get(cid) is socket:
+                    self._own(record, socket, mine, cid, False)
+                else:
+                    changed = True
+                    continue
+            kept.append(entry)
         if not changed:
             return message
         return create_awareness_message(
-            write_var_uint(len(entries))
-            + b"".join(yjs.entry(e.client_id, e.clock, e.state) for e in entries)
+            write_var_uint(len(kept))
+            + b"".join(yjs.entry(e.client_id, e.clock, e.state) for e in kept)
         )
 
     def _own(self, record: _Room, socket: Any, mine: _Socket, cid: int, live: bool) -> None:

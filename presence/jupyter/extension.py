@@ -145,14 +145,13 @@ def _on_hub(serverapp: Any, config: PresenceJupyter, hook: awareness.Ownership, 
     owner = os.environ.get("JUPYTERHUB_USER")
     if hub_auth is None or not owner or not os.environ.get("JUPYTERHUB_API_TOKEN"):
         return False
-    key = singleuser.server_key(serverapp)
+    key = singleuser.server_key()
     faces = singleuser.Faces(
         anonymous=config.anonymous, key=key, fallback=singleuser.local_faces(key)
     )
     guard = singleuser.Guard(provider, faces, owner, max(1.0, config.recheck), log)
     guard.install()
-    hook.rewrite = guard.rewrite
-    singleuser.shorten_cache(hub_auth, serverapp, config.recheck, log)
+    hook.guard = guard
     log.info(
         "presence.jupyter: on JupyterHub: collaborators shown %s, their sockets re-checked "
         "every %s s",

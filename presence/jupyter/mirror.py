@@ -123,17 +123,28 @@ def summary(state: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     user = state.get("user")
     if isinstance(user, dict):
-        out["user"] = {
-            k: v[:MAX_TEXT] for k in USER_FIELDS if isinstance(v := user.get(k), str) and v
-        }
-    current = state.get("current")
-    if isinstance(current, str):
-        out["current"] = current[:MAX_TEXT]
+        out["user"] = {k: v for k in USER_FIELDS if (v := _text(user.get(k)))}
+    current = _text(state.get("current"))
+    if current:
+        out["current"] = current
     cursors = state.get("cursors")
     if isinstance(cursors, list):
         out["cursors"] = len(cursors)
         out["selection"] = any(isinstance(c, dict) and c.get("empty") is False for c in cursors)
     return out
+
+
+def _text(value: Any) -> str | None:
+    """A string to relay, cut to MAX_TEXT; None for others and for what UTF-8 cannot
+    carry (a lone surrogate, which JSON from a browser may hold)."""
+    if not isinstance(value, str) or not value:
+        return None
+    text: str = value[:MAX_TEXT]
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return None
+    return text
 
 
 def _http_reason(exc: InvalidStatus) -> str:

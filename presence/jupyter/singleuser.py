@@ -11,12 +11,14 @@ the sockets already open (jupyter-collaboration#434). This module, installed by 
   is replaced everywhere in awareness, username included; the name, initials and colour
   come from the hub (presence's ``post_auth_hook`` puts an anonymous face in
   ``user_info``), or, for a user who logged in before that hook, from this server.
-  A socket cannot show itself as somebody else: the ``user`` it sends is replaced.
-- **Revocation.** Open WebSockets of users other than the owner (collaboration,
-  kernels, terminals) are checked with the hub every ``recheck`` seconds; a user whose
-  access is gone has them closed (4403) and their cached hub answer dropped, so that
-  their next request is refused too. Hub answers are cached ``recheck`` seconds instead
-  of 300 unless ``HubAuth.cache_max_age`` was configured.
+- **Who speaks for whom.** A socket cannot show itself as somebody else: the ``user``
+  of the states it sends for its own clients is replaced, it cannot change another
+  person's client nor the server's, and nothing the room does not apply is relayed.
+- **Revocation.** The tokens of users other than the owner that requests brought lately
+  are checked with the hub every ``recheck`` seconds; a user whose access is gone loses
+  the hub's cached answer (their next request asks the hub, which refuses it) and their
+  open WebSockets (collaboration, kernels, terminals, events: closed with 4403). The
+  owner's requests keep the hub's cache as configured.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ Log = logging.Logger | logging.LoggerAdapter[Any]
 
 LIVE_SECONDS = 3600.0  # a collaborator holds their face this long after their last request
 REVOKED = 4403
+MAX_TOKENS = 10_000  # collaborators' tokens re-checked at most
 
 
 class Faces:
@@ -120,20 +123,32 @@ def user_field(identity: Identity) -> dict[str, Any]:
 
 
 class Guard:
-    """Installed on the server's JupyterHubIdentityProvider: faces and revocation."""
+    """Installed on the server's JupyterHubIdentityProvider: faces, what sockets may say
+    in awareness (:class:`presence.jupyter.awareness.StateGuard`), and revocation."""
 
-    def __init__(self, provider: Any, faces: Faces, owner: str, recheck: float, log: Log) -> None:
+    def __init__(
+        self,
+        provider: Any,
+        faces: Faces,
+        owner: str,
+        recheck: float,
+        log: Log,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.provider = provider
         self.hub_auth = provider.hub_auth
         self.faces = faces
         self.owner = owner
         self.recheck = recheck
         self.log = log
-        # Open WebSockets of users other than the owner: handler -> (token, hub name).
-        self._sockets: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
+        self.clock = clock
+        # Tokens of users other than the owner, by when a request last brought them: the
+        # hub's cached answer lets them in for cache_max_age, so they are asked again.
+        self._tokens: dict[str, tuple[str, float]] = {}  # token -> (hub name, last seen)
+        # Their WebSockets, from the request that opened them (before the handshake).
+        self._sockets: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._users: weakref.WeakKeyDictionary[Any, Identity] = weakref.WeakKeyDictionary()
         self._task: asyncio.Task[None] | None = None
-        self.revoked_total = 0
 
     def install(self) -> None:
         original = self.provider.get_user
@@ -163,29 +178,39 @@ class Guard:
         user.name = user.display_name = identity.name
         user.initials, user.color = identity.initials, identity.color
         self._users[handler] = identity
-        if hub_user["name"] != self.owner and _is_websocket(handler):
+        if hub_user["name"] != self.owner:
             token = self.hub_auth.get_token(handler)
             if token:
-                self._sockets[handler] = (token, hub_user["name"])
+                if len(self._tokens) >= MAX_TOKENS and token not in self._tokens:
+                    self._prune(force=True)
+                self._tokens[token] = (hub_user["name"], self.clock())
+                if _is_websocket(handler):
+                    self._sockets[handler] = token
         self.start()
 
     # -- awareness: what a socket's states say about its user ------------------------------
 
-    def rewrite(self, socket: Any, state: bytes) -> bytes:
-        """A state ``socket`` sends for its own client: its ``user`` is the socket's."""
+    def rewrite(self, socket: Any, state: bytes) -> bytes | None:
+        """A state ``socket`` sends for its own client: its ``user`` is the socket's.
+        None (dropped) for a socket of nobody known, or a state that is no JSON object
+        (what orjson refuses, browsers might still read)."""
         identity = self._users.get(socket)
         if identity is None:
-            return state
+            return None
         try:
             parsed = orjson.loads(state)
         except orjson.JSONDecodeError:
-            return state
+            return None
         if not isinstance(parsed, dict):
-            return state
+            return None
         if parsed.get("user") == user_field(identity):
             return state
         parsed["user"] = user_field(identity)
         return orjson.dumps(parsed)
+
+    def same_person(self, a: Any, b: Any) -> bool:
+        first, second = self._users.get(a), self._users.get(b)
+        return first is not None and second is not None and first.username == second.username
 
     # -- revocation -------------------------------------------------------------------------
 
@@ -197,19 +222,27 @@ class Guard:
             except Exception:
                 self.log.exception("presence.jupyter: re-checking collaborators failed")
 
+    def _prune(self, force: bool = False) -> None:
+        """Forget tokens the hub's cache no longer answers for (and, when ``force``,
+        the least recently seen half)."""
+        horizon = self.clock() - float(self.hub_auth.cache_max_age or 300) - self.recheck
+        live = {t for t in self._sockets.values()}
+        for token, (_, seen) in list(self._tokens.items()):
+            if seen < horizon and token not in live:
+                del self._tokens[token]
+        if force and len(self._tokens) >= MAX_TOKENS:
+            oldest = sorted(self._tokens, key=lambda t: self._tokens[t][1])
+            for token in oldest[: len(oldest) // 2]:
+                del self._tokens[token]
+
     async def recheck_all(self) -> int:
-        """Ask the hub again about every token with open sockets; close the revoked
-        ones' sockets. Returns how many sockets were closed."""
-        by_token: dict[str, list[Any]] = {}
-        names: dict[str, str] = {}
-        for handler, (token, name) in list(self._sockets.items()):
-            if getattr(handler, "ws_connection", None) is None:
-                self._sockets.pop(handler, None)  # closed
-                continue
-            by_token.setdefault(token, []).append(handler)
-            names[token] = name
+        """Ask the hub again about every collaborator's token seen lately; a revoked one
+        loses its cached answer and its open sockets. Returns how many were closed."""
+        for handler in [h for h in list(self._sockets) if getattr(h, "_on_close_called", False)]:
+            self._sockets.pop(handler, None)  # closed
+        self._prune()
         closed = 0
-        for token, handlers in by_token.items():
+        for token, (name, _) in list(self._tokens.items()):
             try:
                 model = await self.hub_auth.user_for_token(token, use_cache=False, sync=False)
             except Exception as exc:  # the hub is away: nothing was revoked that we know of
@@ -218,18 +251,22 @@ class Guard:
             if model is not None and self.hub_auth.check_scopes(self.hub_auth.access_scopes, model):
                 continue
             self._forget(token)
-            self.log.info(
-                "presence.jupyter: access of hub user %s to this server ended: closing %d "
-                "socket(s)",
-                names[token],
-                len(handlers),
-            )
-            for handler in handlers:
+            sockets = [h for h, t in list(self._sockets.items()) if t == token]
+            opened = [h for h in sockets if getattr(h, "ws_connection", None) is not None]
+            if opened or token in self._tokens:
+                self.log.info(
+                    "presence.jupyter: access of hub user %s to this server ended: closing "
+                    "%d socket(s)",
+                    name,
+                    len(opened),
+                )
+            for handler in opened:
                 self._sockets.pop(handler, None)
                 with contextlib.suppress(Exception):
                     handler.close(REVOKED, "access to this server was revoked")
                 closed += 1
-        self.revoked_total += closed
+            if len(opened) == len(sockets):  # none still opening: done with this token
+                self._tokens.pop(token, None)
         return closed
 
     def _forget(self, token: str) -> None:
@@ -247,33 +284,14 @@ def _is_websocket(handler: Any) -> bool:
     return isinstance(handler, WebSocketHandler)
 
 
-def shorten_cache(hub_auth: Any, serverapp: Any, seconds: float, log: Log) -> None:
-    """Hub answers kept ``seconds`` instead of 300, unless the admin chose."""
-    chosen = any(
-        "cache_max_age" in (serverapp.config.get(section) or {})
-        for section in ("HubAuth", "HubOAuth")
-    )
-    if chosen or hub_auth.cache_max_age <= seconds:
-        return
-    hub_auth.cache_max_age = int(max(1, seconds))
-    with contextlib.suppress(AttributeError):
-        hub_auth.cache.max_age = hub_auth.cache.purge_interval = hub_auth.cache_max_age
-    log.info(
-        "presence.jupyter: hub answers are kept %s s (HubAuth.cache_max_age was unset), so "
-        "that a revoked share ends within that",
-        hub_auth.cache_max_age,
-    )
-
-
 def local_faces(key: bytes) -> Callable[[str], Identity]:
     """Anonymous faces made by this server (with its own key, not the hub's secret), for
     hub users the hub gave none; in the same style and palette as the hub's."""
     return lru_cache(maxsize=4096)(partial(hub_face, key))
 
 
-def server_key(serverapp: Any) -> bytes:
-    """A key of this server's, kept across its restarts with jupyter's cookie secret."""
-    cookie_secret = getattr(serverapp, "cookie_secret", b"") or b""
-    if not cookie_secret:
-        return secrets.token_bytes(32)
-    return hmac.new(cookie_secret, b"presence-singleuser", hashlib.sha256).digest()
+def server_key() -> bytes:
+    """A key held in this process's memory only: a collaborator who runs code in the
+    server can read its files (the cookie secret among them), and could then match
+    anonymous usernames against likely hub names."""
+    return secrets.token_bytes(32)
