@@ -172,13 +172,19 @@ async def test_a_socket_can_only_show_its_own_user() -> None:
     assert "bob" not in rewritten.decode()
     assert guard.rewrite(bob, rewritten) is rewritten  # already right: untouched
     # What orjson cannot read (browsers might: a lone surrogate, 1e400), and no object.
-    for odd in (b"not json", b'{"user":{"name":"alice"},"z":"\\ud800"}', b"[1]", b"1e400"):
+    for odd in (b"not json", b"[1]", b"1e400", b'{"z":1e400}', b'{"a":' + b"[" * 300):
         assert guard.rewrite(bob, odd) is None, odd
+    deep = b'{"a":' + b"[" * 300 + b"]" * 300 + b"}"  # orjson reads it, cannot write it
+    assert guard.rewrite(bob, deep) is None
+    # A lone surrogate (a file name that is no UTF-8), which browsers read: replaced.
+    odd_name = guard.rewrite(bob, b'{"current":"notebook:x\\ud800.ipynb"}')
+    assert odd_name is not None and orjson.loads(odd_name)["current"] == "notebook:x?.ipynb"
     assert guard.rewrite(Socket("x"), claim) is None  # a socket of nobody known
     bob2 = Socket("bob-other-token")
     users[bob2] = JupyterUser(hub_user("bob"))
     await guard.provider.get_user(bob2)
-    assert guard.same_person(bob, bob2) and not guard.same_person(bob, Socket("x"))
+    assert guard.person(bob) == guard.person(bob2) is not None
+    assert guard.person(Socket("x")) is None
     assert guard._task is not None
     guard._task.cancel()
 
@@ -192,8 +198,8 @@ class Guarded:
     def rewrite(self, socket: Any, state: bytes) -> bytes | None:
         return b'{"user":{"name":"%s"}}' % self.people[socket].encode()
 
-    def same_person(self, a: Any, b: Any) -> bool:
-        return self.people[a] == self.people[b]
+    def person(self, socket: Any) -> str | None:
+        return self.people.get(socket)
 
 
 def message(*entries: tuple[int, int, bytes]) -> bytes:
@@ -202,6 +208,8 @@ def message(*entries: tuple[int, int, bytes]) -> bytes:
 
 
 def relayed(data: bytes) -> list[tuple[int, int, bytes]]:
+    if data is awareness.NOTHING:
+        return []
     return [(e.client_id, e.clock, e.state) for e in yjs.read_awareness(yjs.read_message(data)[1])]
 
 
@@ -238,6 +246,31 @@ async def test_under_a_guard_only_what_the_room_applies_is_relayed_as_its_socket
     apply(room, taken)
     # Its owner may remove it at its clock; a null is relayed as it is.
     assert relayed(hook.received(bob_again, message((7, 2, b"null")))) == [(7, 2, b"null")]
+    # What we cannot read whole (pycrdt would read more: trailing bytes, larger client
+    # IDs) is not applied at all; nor is a message with nothing left to apply.
+    body = write_var_uint(1) + yjs.entry(8, 1, b"{}") + yjs.entry(7, 9, b'{"user":{}}')
+    smuggled = bytes([1]) + write_var_uint(len(body)) + body  # one entry more than it says
+    assert all(cid != 7 for cid, _, _ in relayed(hook.received(eve, smuggled)))
+    assert hook.received(eve, message((1 << 60, 1, b"{}"))) is awareness.NOTHING
+    assert hook.received(eve, message((7, 1, b"{}"))) is awareness.NOTHING
+
+
+async def test_a_client_removed_at_close_comes_back_only_for_its_person() -> None:
+    hook, room, (bob, eve, bob_again) = room_with("bob", "eve", "bob")
+    room.clients = {bob, eve, bob_again}
+    hook.reading(bob)
+    first = hook.received(bob, message((7, 3, b'{"user":{}}')))
+    apply(room, first)
+    hook.closed(bob)  # bob's tab sleeps: his client is removed, its clock remembered
+    assert 7 not in room.awareness.states
+    hook.reading(eve)
+    hook.reading(bob_again)
+    # eve saw bob's client and clock: she may not take it, at that clock or a later one.
+    assert hook.received(eve, message((7, 3, b'{"user":{}}'))) is awareness.NOTHING
+    assert hook.received(eve, message((7, 9, b'{"user":{}}'))) is awareness.NOTHING
+    # bob, back on a new socket with his old clock, is shown at once (clock + 1).
+    back = hook.received(bob_again, message((7, 3, b'{"user":{}}')))
+    assert relayed(back) == [(7, 4, b'{"user":{"name":"bob"}}')]
 
 
 async def test_without_a_guard_messages_are_relayed_as_sent() -> None:

@@ -45,6 +45,9 @@ ORIGIN = "presence.jupyter"
 # client that comes back on a new socket with its old clock: see Ownership.received.
 REMEMBERED_REMOVALS = 1024
 _MARK = "__presence_hook__"
+# What ``received`` returns for a message with nothing to apply or relay: the socket's
+# next message is read instead (an empty update would still be relayed to everyone).
+NOTHING = b""
 
 
 class Room(Protocol):
@@ -60,9 +63,9 @@ class StateGuard(Protocol):
     def rewrite(self, socket: Any, state: bytes) -> bytes | None:
         """The state to apply instead (``state`` itself if right), None to drop it."""
 
-    def same_person(self, a: Any, b: Any) -> bool:
-        """Whether sockets ``a`` and ``b`` are the same person's (a client ID may move
-        between them: a reconnect before the old socket is seen closed)."""
+    def person(self, socket: Any) -> str | None:
+        """Whose ``socket`` is (None: unknown). A client ID moves only between one
+        person's sockets: a reconnect, before or after the old socket is seen closed."""
 
 
 class Listener(Protocol):
@@ -83,8 +86,8 @@ class _Socket:
 @dataclass(eq=False)
 class _Room:
     owners: dict[int, Any] = field(default_factory=dict)  # client ID -> owning socket
-    # client ID -> (clock, sequence number) of our removal; holds no reference to the room
-    removed: OrderedDict[int, tuple[int, int]] = field(default_factory=OrderedDict)
+    # client ID -> (clock, sequence number, whose) of our removal; no reference to the room
+    removed: OrderedDict[int, tuple[int, int, str | None]] = field(default_factory=OrderedDict)
 
 
 def _is_null(state: bytes) -> bool:
@@ -146,7 +149,9 @@ class Ownership:
         try:
             entries = list(yjs.read_awareness(yjs.read_message(message)[1]))
         except yjs.MalformedMessage:
-            return message  # the room deals with it
+            # The room deals with it; under a guard it gets nothing: pycrdt reads more
+            # than we do (trailing bytes, larger client IDs), unchecked.
+            return message if self.guard is None else NOTHING
         record = self._rooms.get(room)
         if record is None:
             record = self._rooms[room] = _Room()
@@ -172,15 +177,17 @@ class Ownership:
                 if guard is None:
                     kept.append(entry)
                 continue
+            removed = record.removed.get(cid)
             if entry.clock > clock:
                 if guard is not None:
                     owner = record.owners.get(cid)
+                    whose = guard.person(socket)
                     if (
                         owner is not None
                         and owner is not socket
                         and self.is_open(owner)
-                        and not guard.same_person(owner, socket)
-                    ):
+                        and guard.person(owner) != whose
+                    ) or (removed is not None and removed[2] != whose):
                         changed = True  # another person's client: not theirs to change
                         continue
                     if live:
@@ -194,13 +201,13 @@ class Ownership:
                 self._own(record, socket, mine, cid, live)
                 kept.append(entry)
                 continue
-            removed = record.removed.get(cid)
             if (
                 removed is not None
                 and removed[0] == entry.clock == clock
                 and removed[1] < mine.joined
                 and cid not in states
                 and live
+                and (guard is None or removed[2] == guard.person(socket))
             ):
                 back = entry.state if guard is None else guard.rewrite(socket, entry.state)
                 changed = True
@@ -220,6 +227,8 @@ class Ownership:
             kept.append(entry)
         if not changed:
             return message
+        if not kept:
+            return NOTHING
         return create_awareness_message(
             write_var_uint(len(kept))
             + b"".join(yjs.entry(e.client_id, e.clock, e.state) for e in kept)
@@ -281,8 +290,9 @@ class Ownership:
         # The clock stays: y-protocols peers drop a state on a null with the same clock.
         awareness.remove_awareness_states(gone, ORIGIN)
         seq = next(self._seq)
+        whose = None if self.guard is None else self.guard.person(socket)
         for cid in gone:
-            record.removed[cid] = (int(awareness.meta[cid]["clock"]), seq)
+            record.removed[cid] = (int(awareness.meta[cid]["clock"]), seq, whose)
             record.removed.move_to_end(cid)
         while len(record.removed) > REMEMBERED_REMOVALS:
             record.removed.popitem(last=False)
@@ -413,23 +423,29 @@ def install(log: logging.Logger | logging.LoggerAdapter[Any]) -> Ownership | Non
     original_on_close: Callable[[Any], None] = cls.on_close
 
     async def __anext__(self: Any) -> bytes:
-        try:
-            hook.reading(self)
-        except Exception:
-            hook.failed("__anext__")
-        try:
-            message = await original_anext(self)
-        except StopAsyncIteration:
+        while True:
             try:
-                hook.drained(self)
+                hook.reading(self)
             except Exception:
                 hook.failed("__anext__")
-            raise
-        try:
-            return hook.received(self, message)
-        except Exception:
-            hook.failed("__anext__")
-            return message
+            try:
+                message = await original_anext(self)
+            except StopAsyncIteration:
+                try:
+                    hook.drained(self)
+                except Exception:
+                    hook.failed("__anext__")
+                raise
+            try:
+                received = hook.received(self, message)
+            except Exception:
+                hook.failed("__anext__")
+                # Without a guard collaboration goes on as if we were not there; with
+                # one, an awareness message we could not judge is not applied.
+                guarded = hook.guard is not None and message[:1] == bytes([YMessageType.AWARENESS])
+                received = NOTHING if guarded else message
+            if received is not NOTHING:
+                return received
 
     def on_close(self: Any) -> None:
         try:

@@ -27,7 +27,9 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
+import math
 import secrets
 import time
 import weakref
@@ -148,6 +150,7 @@ class Guard:
         # Their WebSockets, from the request that opened them (before the handshake).
         self._sockets: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._users: weakref.WeakKeyDictionary[Any, Identity] = weakref.WeakKeyDictionary()
+        self._revoked: set[str] = set()  # found revoked, with sockets still opening
         self._task: asyncio.Task[None] | None = None
 
     def install(self) -> None:
@@ -197,20 +200,20 @@ class Guard:
         identity = self._users.get(socket)
         if identity is None:
             return None
-        try:
-            parsed = orjson.loads(state)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(parsed, dict):
+        parsed = _json_object(state)
+        if parsed is None:
             return None
         if parsed.get("user") == user_field(identity):
             return state
         parsed["user"] = user_field(identity)
-        return orjson.dumps(parsed)
+        try:
+            return orjson.dumps(parsed)
+        except (TypeError, orjson.JSONEncodeError):  # nested deeper than orjson writes
+            return None
 
-    def same_person(self, a: Any, b: Any) -> bool:
-        first, second = self._users.get(a), self._users.get(b)
-        return first is not None and second is not None and first.username == second.username
+    def person(self, socket: Any) -> str | None:
+        identity = self._users.get(socket)
+        return None if identity is None else identity.username
 
     # -- revocation -------------------------------------------------------------------------
 
@@ -243,29 +246,33 @@ class Guard:
         self._prune()
         closed = 0
         for token, (name, _) in list(self._tokens.items()):
-            try:
-                model = await self.hub_auth.user_for_token(token, use_cache=False, sync=False)
-            except Exception as exc:  # the hub is away: nothing was revoked that we know of
-                self.log.debug("presence.jupyter: hub not asked: %s", exc)
-                continue
-            if model is not None and self.hub_auth.check_scopes(self.hub_auth.access_scopes, model):
-                continue
-            self._forget(token)
-            sockets = [h for h, t in list(self._sockets.items()) if t == token]
-            opened = [h for h in sockets if getattr(h, "ws_connection", None) is not None]
-            if opened or token in self._tokens:
+            if token not in self._revoked:
+                try:
+                    model = await self.hub_auth.user_for_token(token, use_cache=False, sync=False)
+                except Exception as exc:  # the hub is away: nothing was revoked we know of
+                    self.log.debug("presence.jupyter: hub not asked: %s", exc)
+                    continue
+                if model is not None and self.hub_auth.check_scopes(
+                    self.hub_auth.access_scopes, model
+                ):
+                    continue
+                self._revoked.add(token)
+                self._forget(token)
                 self.log.info(
-                    "presence.jupyter: access of hub user %s to this server ended: closing "
-                    "%d socket(s)",
+                    "presence.jupyter: access of hub user %s to this server ended: its "
+                    "sockets are closed, its requests refused",
                     name,
-                    len(opened),
                 )
-            for handler in opened:
+            sockets = [h for h, t in list(self._sockets.items()) if t == token]
+            for handler in sockets:
+                if getattr(handler, "ws_connection", None) is None:
+                    continue  # still opening: closed at a later check
                 self._sockets.pop(handler, None)
                 with contextlib.suppress(Exception):
                     handler.close(REVOKED, "access to this server was revoked")
                 closed += 1
-            if len(opened) == len(sockets):  # none still opening: done with this token
+            if all(h not in self._sockets for h in sockets):  # none left opening
+                self._revoked.discard(token)
                 self._tokens.pop(token, None)
         return closed
 
@@ -276,6 +283,31 @@ class Guard:
         for key in [k for k in list(cache.values) if str(k).endswith(digest)]:
             cache.values.pop(key, None)
             cache.timestamps.pop(key, None)
+
+
+def _json_object(state: bytes) -> dict[str, Any] | None:
+    """``state`` parsed if it is a JSON object, as a browser reads it: a lone surrogate
+    (say, in a file name that is no UTF-8) is replaced, not refused."""
+    try:
+        parsed = orjson.loads(state)
+    except orjson.JSONDecodeError:
+        try:
+            parsed = _readable(json.loads(state))
+        except (ValueError, RecursionError):
+            return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _readable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode()
+    if isinstance(value, list):
+        return [_readable(v) for v in value]
+    if isinstance(value, dict):
+        return {_readable(k): _readable(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("not a JSON number")  # 1e400: JSON.parse says Infinity
+    return value
 
 
 def _is_websocket(handler: Any) -> bool:
