@@ -5,6 +5,7 @@ RUN useradd --create-home --uid 10001 presence
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY presence ./presence
+COPY jupyter-config ./jupyter-config
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
 
 USER presence

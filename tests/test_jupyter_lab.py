@@ -91,9 +91,14 @@ async def open_notebook(browser: Browser, lab: Jupyter) -> Page:
     context = await browser.new_context(viewport={"width": 1200, "height": 800})
     page = await context.new_page()
     await page.goto(f"{lab.http}/lab/tree/shared.ipynb?token={TOKEN}")
-    editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
-    await editor.wait_for(timeout=90_000)
-    # The kernel dialog of a notebook that names no kernel.
+    await notebook_shown(page)
+    return page
+
+
+async def notebook_shown(page: Page) -> None:
+    """Wait for the notebook's first cell; dismiss the kernel dialog of a notebook that
+    names no kernel."""
+    await page.locator(".jp-Notebook .jp-Cell .cm-content").first.wait_for(timeout=90_000)
     dialog = page.locator(".jp-Dialog")
     try:
         await dialog.wait_for(timeout=3000)
@@ -101,7 +106,6 @@ async def open_notebook(browser: Browser, lab: Jupyter) -> Page:
         await dialog.wait_for(state="detached")
     except PlaywrightTimeout:
         pass
-    return page
 
 
 async def put_cursor(page: Page) -> dict[str, str]:

@@ -23,13 +23,12 @@ import orjson
 import pytest
 import websockets
 from playwright.async_api import Browser, Page, async_playwright
-from playwright.async_api import TimeoutError as PlaywrightTimeout
 
 from harness.jupyterhub import PASSWORD, JupyterHub
 from presence.codecs import yjs
 from presence.core.colors import WHITE, contrast_ratio
 from tests.test_access_jupyterhub import closed, ws_url
-from tests.test_jupyter_lab import NOTEBOOK, launch
+from tests.test_jupyter_lab import NOTEBOOK, launch, notebook_shown
 
 pytestmark = pytest.mark.e2e
 
@@ -113,14 +112,7 @@ async def log_in(browser: Browser, hub: JupyterHub, user: str) -> Person:
 async def open_notebook(page: Page, hub: JupyterHub) -> None:
     if "/lab/tree/shared.ipynb" not in page.url:
         await page.goto(f"{hub.url}/user/alice/lab/tree/shared.ipynb")
-    await page.locator(".jp-Notebook .jp-Cell .cm-content").first.wait_for(timeout=90_000)
-    dialog = page.locator(".jp-Dialog")  # the notebook names no kernel
-    try:
-        await dialog.wait_for(timeout=3000)
-        await page.keyboard.press("Escape")
-        await dialog.wait_for(state="detached")
-    except PlaywrightTimeout:
-        pass
+    await notebook_shown(page)
 
 
 async def put_cursor(page: Page) -> dict[str, str]:

@@ -38,6 +38,7 @@ from functools import lru_cache, partial
 from typing import Any
 
 import orjson
+from tornado.websocket import WebSocketHandler
 
 from presence.core.colors import JUPYTER_PALETTE, MIN_CONTRAST, WHITE, contrast_ratio, stable_color
 from presence.core.distinct import LiveIdentities, choose
@@ -59,8 +60,8 @@ class Faces:
         *,
         anonymous: bool,
         key: bytes,
-        fallback: Any,
-        clock: Any = time.monotonic,
+        fallback: Callable[[str], Identity],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.anonymous = anonymous
         self._key = key  # keys opaque usernames: they tell collaborators nothing
@@ -74,7 +75,7 @@ class Faces:
         info = hub_user.get("user_info") or {}
         username = self.username(name)
         if self.anonymous and not info.get(ANONYMOUS_MARK):
-            face: Identity = self._fallback(name)
+            face = self._fallback(name)
             return Identity(username, face.name, face.initials, face.color)
         shown = str(info.get("display_name") or info.get("name") or name)
         initials = str(info.get("initials") or initials_of(shown))
@@ -95,11 +96,7 @@ class Faces:
         holds its name, initials or colour; held for LIVE_SECONDS."""
         now = self._clock()
         wanted = self.wanted(hub_user)
-        current = self._live.touch(wanted.username, now, LIVE_SECONDS)
-        if current is not None and (
-            current.name == wanted.name or current.name.startswith(wanted.name + " ")
-        ):
-            return current
+        # choose keeps what a live user shows now (a renewal keeps their look).
         shown = choose(self._live.held(now), wanted, palette=JUPYTER_PALETTE).identity
         self._live.put(shown, now, LIVE_SECONDS)
         return shown
@@ -311,8 +308,6 @@ def _readable(value: Any) -> Any:
 
 
 def _is_websocket(handler: Any) -> bool:
-    from tornado.websocket import WebSocketHandler
-
     return isinstance(handler, WebSocketHandler)
 
 
