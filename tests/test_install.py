@@ -1,7 +1,8 @@
-"""The Jupyter extension is on however presence was installed: from the checkout in
-editable mode (how the README installs it, and how this suite runs), and from a wheel
-built from the checkout. Both lay down etc/jupyter/jupyter_server_config.d/presence.json,
-so `jupyter server extension list` shows it and a server loads it with no setting."""
+"""presence installs as its users get it: from the checkout in editable mode (how the
+README installs it, and how this suite runs), and from the wheel that `python -m build`
+makes from the sdist (what the package index serves). Both serve, and both lay down
+etc/jupyter/jupyter_server_config.d/presence.json, so `jupyter server extension list`
+shows the extension and a server loads it with no setting."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ import re
 import subprocess
 import sys
 import sysconfig
+import tarfile
+import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 import presence
+from harness.processes import free_port
 from tests.jupyter_helpers import start_jupyter
 
 pytestmark = pytest.mark.e2e
@@ -60,16 +66,41 @@ def test_an_editable_install_enables_the_extension(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh venv with the wheel built from this checkout; the rest of what it needs
-    (jupyter_server, jupyter-collaboration, ...) comes from this suite's environment."""
-    tmp = tmp_path_factory.mktemp("wheel")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`python -m build`: the sdist, then the wheel built from that sdist (not from the
+    checkout), so a file the sdist leaves out fails here."""
+    out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp / "dist"), str(ROOT)],
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
-    (wheel,) = (tmp / "dist").glob("presence-*.whl")
+    return out
+
+
+def test_the_sdist_and_wheel_carry_the_distribution_name_and_version(dist: Path) -> None:
+    (sdist,) = dist.glob("*.tar.gz")
+    (wheel,) = dist.glob("*.whl")
+    assert sdist.name == f"presence_awareness-{presence.__version__}.tar.gz"
+    assert wheel.name == f"presence_awareness-{presence.__version__}-py3-none-any.whl"
+    with tarfile.open(sdist) as tar:
+        names = {Path(n).relative_to(sdist.name.removesuffix(".tar.gz")) for n in tar.getnames()}
+    assert {Path("CHANGELOG.md"), Path("jupyter-config/presence.json")} <= names
+    with zipfile.ZipFile(wheel) as whl:
+        metadata = whl.read(f"presence_awareness-{presence.__version__}.dist-info/METADATA")
+        files = whl.namelist()
+    assert b"\nName: presence-awareness\n" in metadata
+    assert any(f.endswith("data/data/etc/jupyter/jupyter_server_config.d/presence.json")
+               for f in files)  # fmt: skip
+    assert not any(f.startswith(("tests/", "harness/", "load/")) for f in files)
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh venv with the wheel built from the sdist; the rest of what it needs
+    (starlette, jupyter_server, jupyter-collaboration, ...) comes from this suite's
+    environment."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    (wheel,) = dist.glob("*.whl")
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
@@ -101,3 +132,31 @@ def test_a_wheel_enables_the_extension(wheel_venv: Path, tmp_path: Path) -> None
     env = {"JUPYTER_CONFIG_PATH": str(Path(sys.prefix) / "etc" / "jupyter")}
     assert_enabled(extension_list(python))
     loads_extension(tmp_path, python, env)
+
+
+def test_the_wheel_serves_and_says_its_version(wheel_venv: Path, tmp_path: Path) -> None:
+    presence_command = str(wheel_venv / "bin" / "presence")
+    version = subprocess.run(
+        [presence_command, "--version"], check=True, capture_output=True, text=True
+    ).stdout
+    assert version.strip() == f"presence {presence.__version__}"
+    port = free_port()
+    server = subprocess.Popen(
+        [presence_command, "serve", "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr
+                time.sleep(0.1)
+        assert ready.status_code == 200 and ready.json()["ready"] is True
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert f'presence_build_info{{version="{presence.__version__}"' in metrics
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

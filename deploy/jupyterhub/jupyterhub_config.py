@@ -1,7 +1,7 @@
 # presence on a JupyterHub (>= 6): collaborators share servers, see each other's cursors
 # under anonymous names, leave no ghosts, and a revoked collaborator is out.
 #
-# Install `presence[jupyter]` in the hub's environment (this file imports it, and the hub
+# Install `presence-awareness[jupyter]` in the hub's environment (this file imports it, and the hub
 # starts the service) and in the single-user image (the server extension is on as soon
 # as it is installed). Set PRESENCE_SECRET wherever `jupyterhub` runs with this file:
 # `python -c "import secrets; print(secrets.token_urlsafe(32))"` makes one; keep it.
