@@ -1,21 +1,32 @@
-# A slim, non-root image of the presence service.
+# The presence service: a slim, non-root image.
+#   docker build -t presence:0.1.0 .
+# Two stages: the first installs presence and its dependencies into a venv; the second
+# copies only that venv, so the image carries no source tree, build backend or pip cache.
+FROM python:3.11-slim AS build
+
+WORKDIR /src
+# The build's whole context (.dockerignore admits nothing else): the package, its
+# metadata and the Jupyter config file its wheel installs. tests/test_image.py lays
+# out exactly these and runs the install below there.
+COPY pyproject.toml README.md CHANGELOG.md ./
+COPY presence ./presence
+COPY jupyter-config ./jupyter-config
+RUN python -m venv /opt/presence \
+ && /opt/presence/bin/pip install --no-cache-dir .
+
 FROM python:3.11-slim
 
 RUN useradd --create-home --uid 10001 presence
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY presence ./presence
-COPY jupyter-config ./jupyter-config
-RUN pip install --no-cache-dir . && rm -rf /root/.cache
-
+COPY --from=build /opt/presence /opt/presence
 USER presence
-ENV PRESENCE_HOST=0.0.0.0 \
+ENV PATH=/opt/presence/bin:$PATH \
+    PRESENCE_HOST=0.0.0.0 \
     PRESENCE_PORT=8000 \
     PYTHONUNBUFFERED=1
 EXPOSE 8000
-# The port the service listens on, wherever PRESENCE_PORT moves it (503 raises: unhealthy).
+# Ready on the port and under the base path the service has (503 raises: unhealthy).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('PRESENCE_PORT', '8000'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=2).status != 200)"]
+  CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('PRESENCE_PORT', '8000'); base = os.environ.get('PRESENCE_BASE_PATH', '').rstrip('/'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}{base}/readyz', timeout=2).status != 200)"]
 # SIGTERM: clients are closed with 1012 and the members leave everywhere at once.
 STOPSIGNAL SIGTERM
 CMD ["presence", "serve"]

@@ -3,8 +3,9 @@
 # missing, Chromium for the browser tests (Playwright drives it; Playwright's own browser
 # download is not used), redis-server (built with TLS, for the TLS test; without it the
 # tests fall back to the Valkey server of the test extra), the openssl CLI (test
-# certificates) and Node.js with npm (the stock JavaScript Yjs clients); then those
-# clients' npm packages, from tests/js/package-lock.json.
+# certificates), nginx (deploy/'s configurations run in front of replicas) and Node.js
+# with npm (the stock JavaScript Yjs clients); then those clients' npm packages, from
+# tests/js/package-lock.json.
 set -euo pipefail
 
 missing=()
@@ -12,6 +13,7 @@ command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>
   || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 
