@@ -190,3 +190,22 @@ def test_the_hub_configuration_in_the_docs_is_the_one_the_tests_run() -> None:
     assert DEPLOYED == ROOT / "deploy" / "jupyterhub" / "jupyterhub_config.py"
     lines = [ln for ln in config.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert f"It is {len(lines)} lines" in doc
+
+
+def test_every_install_names_the_distribution_not_the_import_name() -> None:
+    """On the package index, `presence` is an unrelated project: an install by that name
+    gets someone else's code. Every install the docs and files show uses ours."""
+    distribution = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"]
+    assert distribution == "presence-awareness"
+    installs = re.compile(r"pip3? install[^\n`&;|]*")
+    files = [ROOT / "README.md", ROOT / "Dockerfile", *ROOT.glob("docs/*.md")]
+    files += [p for p in (ROOT / "deploy").rglob("*") if p.is_file()]
+    wrong = []
+    for path in files:
+        for command in installs.findall(path.read_text()):
+            names = re.findall(r"(?<![\w./-])'?(presence[\w.-]*(?:\[[\w,]+\])?)", command)
+            wrong += [f"{path.relative_to(ROOT)}: {command}" for n in names
+                      if not n.lstrip("'").startswith(distribution)]  # fmt: skip
+    assert not wrong, "\n".join(wrong)
+    for path in files:  # `presence[jupyter]` in prose, as a thing to install
+        assert "`presence[" not in path.read_text(), path
