@@ -1,9 +1,10 @@
 # presence on a JupyterHub (>= 6): collaborators share servers, see each other's cursors
 # under anonymous names, leave no ghosts, and a revoked collaborator is out.
 #
-# Install `presence-awareness[jupyter]` in the hub's environment (this file imports it, and the hub
-# starts the service) and in the single-user image (the server extension is on as soon
-# as it is installed). Set PRESENCE_SECRET wherever `jupyterhub` runs with this file:
+# Install `presence-awareness[jupyter]` in the hub's environment (this file imports it,
+# and the hub starts the service) and in the single-user image (the server extension is
+# on as soon as it is installed). Set PRESENCE_SECRET wherever `jupyterhub` runs with
+# this file:
 # `python -c "import secrets; print(secrets.token_urlsafe(32))"` makes one; keep it.
 # docs/jupyter.md explains every line; tests/test_jupyterhub_story.py runs this file.
 import os
