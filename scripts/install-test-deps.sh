@@ -3,9 +3,9 @@
 # missing, Chromium for the browser tests (Playwright drives it; Playwright's own browser
 # download is not used), redis-server (built with TLS, for the TLS test; without it the
 # tests fall back to the Valkey server of the test extra), the openssl CLI (test
-# certificates), nginx (deploy/'s configurations run in front of replicas) and Node.js
-# with npm (the stock JavaScript Yjs clients); then those clients' npm packages, from
-# tests/js/package-lock.json.
+# certificates), nginx (deploy/'s configurations run in front of replicas), kubectl
+# (renders the Kubernetes manifests) and Node.js with npm (the stock JavaScript Yjs
+# clients); then those clients' npm packages, from tests/js/package-lock.json.
 set -euo pipefail
 
 missing=()
@@ -14,6 +14,9 @@ command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+# kubectl renders deploy/kubernetes (`kubectl kustomize`); Debian's is old (kustomize
+# v2.0.3), which the kustomization is kept simple enough for.
+command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 
