@@ -31,9 +31,16 @@ class Stage:
     runs: list[str] = field(default_factory=list)
 
 
-def stages() -> list[Stage]:
-    """The Dockerfile's stages: WORKDIR, COPY from the context (not --from) and RUN."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+# Built from the repository's root too, with the same .dockerignore.
+Z2JH_IMAGES = [
+    ROOT / "deploy" / "z2jh" / "hub.Dockerfile",
+    ROOT / "deploy" / "z2jh" / "singleuser.Dockerfile",
+]
+
+
+def stages(dockerfile: Path = ROOT / "Dockerfile") -> list[Stage]:
+    """A Dockerfile's stages: WORKDIR, COPY from the context (not --from) and RUN."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
     found: list[Stage] = []
     for line in text.splitlines():
         word, _, rest = line.strip().partition(" ")
@@ -63,6 +70,11 @@ def test_the_context_admits_exactly_what_the_dockerfile_copies() -> None:
     assert copied == admitted()
     for name in copied:
         assert (ROOT / name).exists(), f"the Dockerfile copies {name}, which is not there"
+    for dockerfile in Z2JH_IMAGES:
+        sources = {
+            src.rstrip("/") for s in stages(dockerfile) for srcs, _ in s.copies for src in srcs
+        }
+        assert sources == copied, dockerfile  # the package alone, all of it
 
 
 def lay_out(stage: Stage, root: Path) -> Path:
