@@ -209,3 +209,15 @@ def test_every_install_names_the_distribution_not_the_import_name() -> None:
     assert not wrong, "\n".join(wrong)
     for path in files:  # `presence[jupyter]` in prose, as a thing to install
         assert "`presence[" not in path.read_text(), path
+
+
+def test_links_between_the_docs_and_to_files_resolve() -> None:
+    broken = []
+    for doc in [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("deploy/**/*.md")]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            path = target.split("#")[0]
+            if not path or re.match(r"\w+:", path):  # an anchor here, or a URL
+                continue
+            if not (doc.parent / path).exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target}")
+    assert not broken, "\n".join(broken)
