@@ -444,7 +444,7 @@ def run_churn(opts: argparse.Namespace) -> dict[str, Any]:
             return {
                 "rss_mib": round(rss_bytes(server.proc.pid) / 2**20, 1),  # type: ignore[union-attr]
                 "rooms": m["presence_rooms"],
-                "connections": m["presence_connections"],
+                "connections": sum(v for k, v in m.items() if k.startswith("presence_sessions{")),
                 "tasks": m.get("presence_tasks", float("nan")),
             }
 

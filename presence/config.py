@@ -353,6 +353,14 @@ class Settings:
     log_format: str = _opt(
         "json", choice("json", "text"), "'json' (one object per line) or 'text'.", "FORMAT"
     )
+    access_log: bool = _opt(
+        True,
+        boolean,
+        "Log a line (logger presence.access) when a WebSocket session opens and closes and "
+        "when a connection is refused: protocol, room, client IP, member ids, close code and "
+        "reason, duration; never tokens.",
+        "BOOL",
+    )
 
     def __post_init__(self) -> None:
         if self.idle_after >= self.expire_after:

@@ -17,6 +17,11 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 }
 
 
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields passed with ``extra=``."""
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -27,10 +32,26 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         # Fields passed with ``extra=`` become fields of the entry.
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        entry.update(_fields(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """For people: the message, then the ``extra=`` fields as key=value (an access log
+    line is all fields)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # before a traceback
+        text = super().formatMessage(record)
+        fields = _fields(record)
+        if not fields:
+            return text
+        pairs = (f"{k}={orjson.dumps(v, default=str).decode()}" for k, v in fields.items())
+        return f"{text} {' '.join(pairs)}"
 
 
 def configure(level: str, fmt: str) -> None:
@@ -38,7 +59,7 @@ def configure(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -4,8 +4,9 @@
 # download is not used), redis-server (built with TLS, for the TLS test; without it the
 # tests fall back to the Valkey server of the test extra), the openssl CLI (test
 # certificates), nginx (deploy/'s configurations run in front of replicas), kubectl
-# (renders the Kubernetes manifests) and Node.js with npm (the stock JavaScript Yjs
-# clients); then those clients' npm packages, from tests/js/package-lock.json.
+# (renders the Kubernetes manifests), promtool (checks the alert rules) and Node.js with
+# npm (the stock JavaScript Yjs clients); then those clients' npm packages, from
+# tests/js/package-lock.json.
 set -euo pipefail
 
 missing=()
@@ -31,6 +32,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
+fi
+
+# promtool comes in Debian's prometheus package, whose install would also start a
+# Prometheus server where systemd runs: only the promtool binary is taken out of it.
+if ! command -v promtool >/dev/null 2>&1; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "please install promtool (Prometheus's; the tests need it)" >&2
+    exit 1
+  fi
+  sudo=""
+  if [ "$(id -u)" != "0" ]; then sudo="sudo"; fi
+  echo "installing promtool for the tests (from Debian's prometheus package)…" >&2
+  work="$(mktemp -d)"
+  (cd "$work" && apt-get download prometheus >/dev/null 2>&1 \
+    || { $sudo apt-get update -qq && apt-get download prometheus >/dev/null; })
+  dpkg-deb -x "$work"/prometheus_*.deb "$work/root"
+  $sudo install -m 0755 "$work/root/usr/bin/promtool" /usr/local/bin/promtool
+  rm -rf "$work"
 fi
 
 # tests/js/.npmrc leaves out y-websocket 1.x's optional server dependencies (LevelDB).

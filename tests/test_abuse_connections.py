@@ -344,7 +344,7 @@ async def test_over_the_total_limit_everyone_is_refused_and_the_rooms_go_on(
         f"p99 {p99(latencies) * 1000:.0f} ms; RSS {rss(server):.0f} MiB"
     )
     assert metrics[refused("total")] >= 6
-    assert metrics["presence_connections_limit"] == limit
+    assert metrics["presence_tcp_connections_limit"] == limit
     assert p99(latencies) < 0.5
 
 
@@ -364,7 +364,7 @@ async def test_near_the_fd_limit_new_connections_are_refused_and_rooms_go_on(
 
     monkeypatch.setattr(processes, "die_with_parent", limited)
     server = server_factory("--seed", "27", "--handshake-timeout", "60")
-    assert server.metrics()["presence_connections_limit"] == fds - 64
+    assert server.metrics()["presence_tcp_connections_limit"] == fds - 64
     sender, observer = await room(server)
     started = time.monotonic()
     held = [connect(server, OTHER_IP) for _ in range(2 * fds)]  # more than it can hold

@@ -29,7 +29,7 @@ SENDERS = 4  # members sending BLOB every UPDATE_EVERY: 1 MB/s for the stream
 
 def open_connections(server: Server) -> float:
     # This request's own connection is open while it is counted: one less is the rest.
-    return server.metrics()["presence_connections_open"] - 1
+    return server.metrics()["presence_tcp_connections"] - 1
 
 
 def slow_disconnects(server: Server) -> float:

@@ -215,7 +215,7 @@ async def test_health_readiness_and_metrics(server: Server) -> None:
     await a.update(cursor={"x": 1})
     await b.until(is_type("update"))
     m = server.metrics()
-    assert m["presence_connections"] == 2
+    assert m['presence_sessions{protocol="json"}'] == 2
     assert m["presence_rooms"] == 1
     assert m["presence_members"] == 2
     assert m["presence_messages_in_total"] >= 1
@@ -233,7 +233,7 @@ async def test_empty_rooms_are_freed_after_churn(server: Server) -> None:
             break
         await asyncio.sleep(0.05)
     assert m["presence_rooms"] == 0 and m["presence_members"] == 0
-    assert m["presence_connections"] == 0
+    assert m['presence_sessions{protocol="json"}'] == 0
 
 
 async def test_rate_limit_coalesces_excess_updates(server_factory) -> None:  # type: ignore[no-untyped-def]

@@ -240,7 +240,7 @@ async def test_queries_from_a_peer_that_never_reads_do_not_flood(
     assert_not_flooded(figures)
     # It never answers a ping: the keepalive drops it (its outbox is detached).
     deadline = time.monotonic() + 15
-    while server.metrics()["presence_connections"] > len(members):
+    while server.metrics()['presence_sessions{protocol="yjs"}'] > len(members):
         assert time.monotonic() < deadline, "the silent client was not dropped"
         await asyncio.sleep(0.2)
     sock.close()

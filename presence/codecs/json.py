@@ -154,6 +154,8 @@ def error(code: str, message: str) -> str:
 class JsonEncoder:
     """Frames are the same for every JSON connection: encode once, send as is."""
 
+    protocol = "json"
+
     def shared(self, batch: Batch) -> list[str]:
         return encode_batch(batch)
 

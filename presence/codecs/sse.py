@@ -23,6 +23,8 @@ KEEPALIVE = ": keep-alive\n\n"  # a comment line: keeps proxies from closing an 
 
 
 class SseEncoder:
+    protocol = "sse"
+
     def shared(self, batch: Batch) -> list[str]:
         return [event(m["type"], m) for m in batch_messages(batch)]
 

@@ -36,6 +36,7 @@ from presence.core.access import (
 )
 from presence.core.identity import hub_face
 from presence.core.room import is_valid_room_name
+from presence.server.access_log import access_log_of
 from presence.server.views import bearer
 
 if TYPE_CHECKING:
@@ -224,36 +225,49 @@ def guarded(handler: Handler, *, stream: bool = False) -> Handler:
     share revoked)."""
 
     async def view(request: Request) -> Response:
-        access = Access.of(request.app.state.hub)
-        metrics = request.app.state.hub.metrics
+        hub = request.app.state.hub
+        access = Access.of(hub)
+        metrics = hub.metrics
+        room = request.path_params["room"]
+
+        def refusal(reason: str, message: str, status: int) -> None:
+            metrics.refused(reason)
+            # The client as uvicorn's proxy headers make it (with --forwarded-allow-ips
+            # '*' the leftmost X-Forwarded-For entry, where the limits take the last).
+            ip = request.client.host if request.client else None
+            access_log_of(hub).refused(
+                "sse" if stream else "http", ip, reason, message, room=room, status=status
+            )
+
         if stream and not access.origin_allowed(
             request.headers.get("origin"), request.headers.get("host")
         ):
-            metrics.refused("origin")
-            return JSONResponse(
-                {"error": "origin", "message": "this origin may not use this service"},
-                status_code=403,
-            )
-        room = request.path_params["room"]
+            message = "this origin may not use this service"
+            refusal("origin", message, 403)
+            return JSONResponse({"error": "origin", "message": message}, status_code=403)
         grant, token = None, None
         if is_valid_room_name(room):  # else the view answers 400
             token = access.token_of(request.headers, request.query_params, http=True)
             try:
                 grant = await access.check(token, room, "view")
             except AccessError as exc:
-                metrics.refused("access_" + exc.code)
+                refusal("access_" + exc.code, exc.message, exc.status)
                 return _refusal(exc)
         response = await handler(request)
         left = access.until_expiry(grant)
-        hub = access.jupyterhub if token else None
-        if not isinstance(response, StreamingResponse) or (left is None and hub is None):
+        jupyterhub = access.jupyterhub if token else None
+        if not isinstance(response, StreamingResponse) or (left is None and jupyterhub is None):
             return response
 
         def arm(ended: asyncio.Event) -> Callable[[], None]:
             """Set ``ended`` when the token expires or the hub revokes; returns the
             function that disarms both."""
             timer = None if left is None else asyncio.get_running_loop().call_later(left, ended.set)
-            unwatch = None if hub is None else hub.watch(str(token), room, lambda _: ended.set())
+            unwatch = (
+                None
+                if jupyterhub is None
+                else jupyterhub.watch(str(token), room, lambda _: ended.set())
+            )
 
             def disarm() -> None:
                 if timer is not None:

@@ -37,6 +37,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from presence.codecs import websocket as ws
 from presence.config import Settings
 from presence.server.access import Access
+from presence.server.access_log import access_log_of
 from presence.server.hub import Hub
 from presence.server.json_ws import JsonEndpoint
 from presence.server.outbox import Outbox
@@ -60,6 +61,8 @@ class Endpoint(Protocol):
     # Its messages are text frames (str), binary frames (bytes), or either (None: the
     # echo endpoint of scripts/autobahn_echo.py); what it sends goes out as its type.
     text: ClassVar[bool | None]
+    # Its name in the access log ('json', 'yjs').
+    protocol: ClassVar[str]
 
     async def open(self) -> None:
         """Join the room; may close the connection instead."""
@@ -70,6 +73,10 @@ class Endpoint(Protocol):
     def closed(self) -> None:
         """The connection is gone, however it ended (called once)."""
 
+    def spoke_for(self) -> list[str]:
+        """The member ids this connection has spoken for, those that left too (for the
+        access log)."""
+
 
 class Connection(asyncio.Protocol):
     """One WebSocket connection: handshake, framing, keepalive, closing, flow control."""
@@ -78,6 +85,16 @@ class Connection(asyncio.Protocol):
     # The frames last written, and their bytes: a room's batch goes to all its sockets
     # in a row, so this one entry saves framing it again for each of them.
     _framed: ClassVar[tuple[object, bytes]] = (None, b"")
+    # The session, for the access log and presence_closes_total; class defaults, so that
+    # a connection only holds what it sets. ``since``: loop time of the handshake (None:
+    # not upgraded); ``ended``: the first close frame's code and reason, who sent it, and
+    # the members the socket spoke for then (the hub forgets them as it closes).
+    since: float | None = None
+    ended: tuple[int, str, str, tuple[str, ...]] | None = None
+    room = ""
+    protocol = ""
+    ip: str | None = None
+    _refusal_logged = False
 
     def __init__(
         self,
@@ -124,6 +141,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = "closed"
         self.connections.discard(self)
+        self._finished()
         if self.slot is not None:
             self.slot.release()
         for handle in (self._timer, self._turn):
@@ -177,6 +195,7 @@ class Connection(asyncio.Protocol):
             return
         assert self.transport is not None
         self.state = "closing"
+        self._ending(code, reason, "server")
         if self.outbox is not None:
             self.outbox.close()
         self.transport.write(ws.close_frame(code, reason))
@@ -203,9 +222,19 @@ class Connection(asyncio.Protocol):
         except ws.HandshakeError as exc:
             self.transport.write(ws.reject(exc.status, str(exc)))
             self._drop()
+            access_log_of(self.hub).refused(
+                self.protocol or "websocket",
+                self._client_ip(),
+                "origin" if exc.status == 403 else "handshake",
+                str(exc),
+                room=self.room or None,
+                status=exc.status,
+            )
             return
         self.transport.write(response)
         self.state = "opening"
+        self.since = asyncio.get_running_loop().time()
+        self.ip = self._client_ip()
         self.query, self.headers = request.query, request.headers
         # An endpoint may take larger messages than --max-message-bytes (Yjs echoes).
         limit = getattr(endpoint_class, "max_message_bytes", None)
@@ -229,8 +258,19 @@ class Connection(asyncio.Protocol):
     def _route(self, path: str) -> Any:
         parts = self._path(path).split("/", 2)  # a room's name may hold "/"
         if len(parts) == 3 and parts[0] == "" and parts[1] in self.routes and parts[2]:
-            return self.routes[parts[1]]
+            endpoint = self.routes[parts[1]]
+            self.room, self.protocol = parts[2], getattr(endpoint, "protocol", parts[1])
+            return endpoint
         raise ws.HandshakeError(404, f"no WebSocket endpoint at {path[:100]}")
+
+    def _client_ip(self) -> str | None:
+        """The client as the connection limits count it (HttpProtocol claimed it: the
+        peer, or a proxy's X-Forwarded-For client), else the peer."""
+        if self.slot is not None and self.slot.ip is not None:
+            return self.slot.ip
+        extra = getattr(self.transport, "get_extra_info", None)
+        peer = extra("peername") if extra is not None else None
+        return str(peer[0]) if peer else None
 
     async def _open(self) -> None:
         assert self.endpoint is not None
@@ -246,8 +286,17 @@ class Connection(asyncio.Protocol):
             if self.state == "closed":
                 self._detach()  # it went away while joining
         if self.state != "opening":
+            if self.state == "closing" and self.ended is not None and self.ended[2] == "server":
+                # The endpoint refused it (access 4401/4403, room full 1013, a bad room
+                # name or identity token 1008): one line for it, none at the close.
+                code, reason, _by, _members = self.ended
+                self._refusal_logged = True
+                access_log_of(self.hub).refused(
+                    self.protocol, self.ip, "join", reason, room=self.room, code=code
+                )
             return
         self.state = "open"
+        access_log_of(self.hub).opened(self.protocol, self.room, self.ip, self._members())
         self._set_timer(self.hub.settings.ping_interval, self._keepalive)
         self._process()
 
@@ -338,9 +387,10 @@ class Connection(asyncio.Protocol):
     def _closed_by_client(self, payload: bytes) -> None:
         assert self.transport is not None
         try:
-            code, _reason = ws.parse_close(payload)
+            code, reason = ws.parse_close(payload)
         except ws.ProtocolError as exc:
-            code = exc.code
+            code, reason = exc.code, exc.reason
+        self._ending(code, reason, "client")
         if self.state == "open":
             # Echo the code, as RFC 6455 asks; the client then closes the TCP connection.
             reply = ws.close_frame(code, "") if code != 1005 else ws.frame(ws.CLOSE, b"")
@@ -371,6 +421,39 @@ class Connection(asyncio.Protocol):
         self._heard = False
         self.transport.write(ws.frame(ws.PING, b""))
         self._set_timer(self.hub.settings.ping_interval, self._keepalive)
+
+    def _ending(self, code: int, reason: str, by: str) -> None:
+        """A close frame was sent or received (``by``: who sent it; "" for neither)."""
+        if self.ended is None and self.since is not None:
+            self.ended = (code, reason, by, self._members())
+
+    def _members(self) -> tuple[str, ...]:
+        spoke_for = getattr(self.endpoint, "spoke_for", None)  # (the test endpoints': none)
+        if spoke_for is not None:
+            return tuple(spoke_for())
+        return tuple(self.outbox.members) if self.outbox is not None else ()
+
+    def _finished(self) -> None:
+        """The TCP connection is gone: count how the session ended and log it."""
+        if self.since is None:
+            return  # never upgraded: a refused handshake is logged as such
+        if self.ended is None:
+            self._ending(1006, "", "")  # no close frame either way: the connection dropped
+        assert self.ended is not None
+        code, reason, by, members = self.ended
+        self.hub.metrics.closed(code)
+        if self._refusal_logged:
+            return
+        access_log_of(self.hub).closed(
+            self.protocol,
+            self.room,
+            self.ip,
+            members,
+            code=code,
+            reason=reason,
+            by=by,
+            duration=asyncio.get_running_loop().time() - self.since,
+        )
 
     def _detach(self) -> None:
         """Tell the endpoint that the connection is gone, once however it ended."""
@@ -421,12 +504,13 @@ class Limits:
         self.metrics = metrics
         self.open = 0
         self.per_ip: dict[str, int] = {}
-        metrics.gauges["connections_open"] = (
-            "Open TCP connections, HTTP and WebSocket (against --max-connections).",
+        metrics.gauges["tcp_connections"] = (
+            "Open TCP connections, HTTP and WebSocket, counted against --max-connections "
+            "(clients joined to rooms: presence_sessions).",
             lambda: self.open,
         )
-        metrics.gauges["connections_limit"] = (
-            "--max-connections: connections beyond it are refused with 503.",
+        metrics.gauges["tcp_connections_limit"] = (
+            "--max-connections: TCP connections beyond it are refused with 503.",
             lambda: self.max_total,
         )
 
@@ -621,6 +705,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._refused = True
         self._cancel_deadline()
         self._limits.metrics.refused(reason)
+        self._log_refusal(reason, message, status)
         extra = b"Retry-After: 5\r\n" if status == 503 else b""
         self.transport.write(_response(status, message, extra))
         if (
@@ -638,7 +723,14 @@ class HttpProtocol(HttpToolsProtocol):
         self._deadline = None
         if not (self._upgraded or self.transport.is_closing()):
             self._limits.metrics.refused("handshake_timeout")
+            self._log_refusal("handshake_timeout", "request not complete in time")
             self.transport.close()
+
+    def _log_refusal(self, reason: str, message: str, status: int | None = None) -> None:
+        slot = self._slot
+        ip = slot.ip if slot is not None and slot.ip else (self.client[0] if self.client else None)
+        fields = {} if status is None else {"status": status}
+        access_log_of(self.app_state.get("hub")).refused("tcp", ip, reason, message, **fields)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:

@@ -24,7 +24,8 @@ from presence.config import Settings
 from presence.core.events import Event, MemberInfo, State
 from presence.core.identity import Identity, IdentityFactory
 from presence.core.room import Room, RoomError, Timing
-from presence.server.metrics import Metrics
+from presence.server.access_log import AccessLog
+from presence.server.metrics import PROTOCOLS, Metrics
 from presence.server.outbox import Outbox
 
 log = logging.getLogger("presence.hub")
@@ -92,6 +93,7 @@ class Hub:
         self.backplane = backplane or MemoryBackplane(new_replica_id())
         self.clock = clock
         self.metrics = metrics or Metrics()
+        self.access_log = AccessLog(settings.access_log)
         self.timing = Timing(settings.idle_after, settings.expire_after)
         self.rooms: dict[str, Room] = {}
         self.outboxes: dict[str, set[Outbox[Any]]] = {}
@@ -102,15 +104,21 @@ class Hub:
         self._soon_handle: asyncio.Handle | None = None
         self._waiting: dict[str, asyncio.TimerHandle] = {}
         self._flushed: dict[str, float] = {}
+        # When the earliest event waiting in each room reached the hub (self.clock), from
+        # this replica's clients and from the others: the fan-out delay's start.
+        self._local_since: dict[str, float] = {}
+        self._remote_since: dict[str, float] = {}
         self.tick_interval = settings.flush_interval
         self.lag = 0.0  # how late flush timers fire, seconds, moving average
         self._sweeper: asyncio.Task[None] | None = None
         self._opening: dict[str, asyncio.Future[None]] = {}
         self.started = False
         m = self.metrics
-        m.gauges["connections"] = (
-            "Open client connections.",
-            lambda: sum(len(s) for s in self.outboxes.values()),
+        m.labelled_gauges["sessions"] = (
+            "Clients joined to a room on this replica (WebSockets, and SSE streams), by "
+            "protocol: json, yjs, sse. TCP connections: presence_tcp_connections.",
+            "protocol",
+            self.sessions,
         )
         m.gauges["rooms"] = ("Rooms with members.", lambda: len(self.rooms))
         m.gauges["backplane_up"] = (
@@ -146,6 +154,15 @@ class Hub:
     @property
     def replica_id(self) -> str:
         return self.backplane.replica_id
+
+    def sessions(self) -> dict[str, float]:
+        """The connections attached to rooms, by protocol (read at scrape time)."""
+        counts = dict.fromkeys(PROTOCOLS, 0.0)
+        for outboxes in self.outboxes.values():
+            for outbox in outboxes:
+                protocol = outbox.encoder.protocol
+                counts[protocol] = counts.get(protocol, 0.0) + 1
+        return counts
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -209,6 +226,7 @@ class Hub:
         now = self.clock()
         given = room.join(member_id, identity, now, state)
         outbox.members.add(member_id)
+        self._local_since.setdefault(room.name, now)
         self._mark(room.name)
         return given
 
@@ -267,12 +285,16 @@ class Hub:
         return room
 
     def update(self, room_name: str, member_id: str, patch: State) -> None:
-        self.rooms[room_name].update(member_id, patch, self.clock())
+        now = self.clock()
+        self.rooms[room_name].update(member_id, patch, now)
+        self._local_since.setdefault(room_name, now)
         self._mark(room_name)
 
     def replace(self, room_name: str, member_id: str, state: State) -> None:
         """A member's whole new state (Room.replace)."""
-        self.rooms[room_name].replace(member_id, state, self.clock())
+        now = self.clock()
+        self.rooms[room_name].replace(member_id, state, now)
+        self._local_since.setdefault(room_name, now)
         self._mark(room_name)
 
     def heartbeat(self, room_name: str, member_id: str) -> None:
@@ -295,6 +317,7 @@ class Hub:
         room = self.rooms.get(room_name)
         if room is not None:
             room.apply(events)
+            self._remote_since.setdefault(room_name, self.clock())
             self._mark(room_name, at_once=True)
 
     def on_full_state(self, room_name: str, origin: str, members: Sequence[MemberInfo]) -> None:
@@ -372,9 +395,13 @@ class Hub:
         room = self.rooms.get(name)
         if room is None:
             self._flushed.pop(name, None)
+            self._local_since.pop(name, None)
+            self._remote_since.pop(name, None)
             return
         with contextlib.suppress(RuntimeError):
             self._flushed[name] = asyncio.get_running_loop().time()
+        local_since = self._local_since.pop(name, None)
+        remote_since = self._remote_since.pop(name, None)
         local, remote = room.take()
         if local:
             self.backplane.publish(name, *room.outgoing(local))
@@ -385,11 +412,15 @@ class Hub:
         outboxes = self.outboxes[name]
         if batch and outboxes:
             shared: dict[int, Any] = {}  # one encoding per wire format
+            protocols: list[str] = []
             for outbox in outboxes:
                 key = id(outbox.encoder)
                 if key not in shared:
                     shared[key] = outbox.encoder.shared(batch)
+                    protocols.append(outbox.encoder.protocol)
                 outbox.push_batch(batch, shared[key])
+            if local_since is not None or remote_since is not None:
+                self._observe_fanout(protocols, local_since, remote_since)
         if not outboxes and not room.has_local_members and name not in self._opening:
             # Memory must not grow with churn: an empty room is forgotten.
             del self.rooms[name]
@@ -397,6 +428,21 @@ class Hub:
             self._observers.pop(name, None)
             self._flushed.pop(name, None)
             self.backplane.close_room(name)
+
+    def _observe_fanout(
+        self, protocols: list[str], local_since: float | None, remote_since: float | None
+    ) -> None:
+        """The room's frames are written: once per batch and protocol, how long its
+        earliest event waited (not once per event: this is the hot path). SSE streams are
+        left out: their sink only queues, the response task writes later."""
+        now = self.clock()
+        for protocol in protocols:
+            if protocol == "sse":
+                continue
+            if local_since is not None:
+                self.metrics.fanout(protocol, "local", now - local_since)
+            if remote_since is not None:
+                self.metrics.fanout(protocol, "remote", now - remote_since)
 
     def observe_lag(self, late: float) -> None:
         """A flush timer fired ``late`` seconds after its time: adjust the tick."""

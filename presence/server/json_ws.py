@@ -21,6 +21,7 @@ MAX_CONSECUTIVE_ERRORS = 10
 
 class JsonEndpoint:
     text: ClassVar[bool] = True
+    protocol: ClassVar[str] = "json"
 
     def __init__(self, connection: Connection, hub: Hub, room: str) -> None:
         self.connection = connection
@@ -108,6 +109,9 @@ class JsonEndpoint:
                 self.connection.close(1008, "too many invalid messages")
                 return
             self.outbox.push([codec.error(exc.code, str(exc))])
+
+    def spoke_for(self) -> list[str]:
+        return [] if self.membership is None else [self.membership.member.id]
 
     def closed(self) -> None:
         if self.admission is not None:

@@ -1,9 +1,28 @@
-"""Prometheus metrics, in the text exposition format (no client library needed)."""
+"""Prometheus metrics: presence's own in the text exposition format, written by hand
+(values read at scrape time cost nothing in between), then prometheus_client's for what
+it does better: the process collector (CPU, memory, descriptors) and the fan-out delay
+histogram. Both live in a registry of this object's own, not the library's global one:
+a Jupyter server hosting presence has its own metrics there, and tests make many."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import platform
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
+from prometheus_client.exposition import generate_latest
+
+from presence import __version__
+
+# Fan-out delays are a few milliseconds on a healthy replica; the top buckets catch one
+# whose event loop is saturated (ticks stretched, timers late).
+FANOUT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# The protocols sessions are counted by: always all of them, so that dashboards see a
+# series (at 0) for one nobody uses yet.
+PROTOCOLS = ("json", "yjs", "sse")
 
 
 @dataclass
@@ -16,15 +35,53 @@ class Metrics:
     protocol_errors: dict[str, int] = field(default_factory=dict)
     # Connections refused or closed before their request was complete, by reason.
     connections_refused: dict[str, int] = field(default_factory=dict)
+    # WebSockets ended, by close code (the server's, the client's, 1006 if neither sent one).
+    closes: dict[int, int] = field(default_factory=dict)
     # Values read at scrape time from their owners, so they can never drift.
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
     counters: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
+    # The same with one label: (help, label name, read -> {label value: value}).
+    labelled_gauges: dict[str, tuple[str, str, Callable[[], Mapping[str, float]]]] = field(
+        default_factory=dict
+    )
+    registry: CollectorRegistry = field(init=False, repr=False)
+    _fanout: Histogram = field(init=False, repr=False)
+    _fanout_children: dict[tuple[str, str], Any] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        self._fanout = Histogram(
+            "presence_fanout_seconds",
+            "Time from a member event reaching this replica's hub (a client's update or "
+            "join, from its socket and past its rate limit; or a batch from another replica, "
+            "from Redis: origin) to the frames carrying it being written to every socket of "
+            "the room that takes writes (lagging clients wait in their outbox: not counted), "
+            "by protocol (json, yjs; SSE streams write in their own task: not measured).",
+            ["protocol", "origin"],
+            buckets=FANOUT_BUCKETS,
+            registry=self.registry,
+        )
+        # The library looks children up under a lock: cached, since this is per flush.
+        self._fanout_children = {}
 
     def error(self, code: str) -> None:
         self.protocol_errors[code] = self.protocol_errors.get(code, 0) + 1
 
     def refused(self, reason: str) -> None:
         self.connections_refused[reason] = self.connections_refused.get(reason, 0) + 1
+
+    def closed(self, code: int) -> None:
+        self.closes[code] = self.closes.get(code, 0) + 1
+
+    def fanout(self, protocol: str, origin: str, seconds: float) -> None:
+        """One flush delivered events that reached the hub ``seconds`` ago (the earliest
+        of the batch) over ``protocol``; ``origin``: 'local' or 'remote'."""
+        key = (protocol, origin)
+        child = self._fanout_children.get(key)
+        if child is None:
+            child = self._fanout_children[key] = self._fanout.labels(protocol, origin)
+        child.observe(seconds)
 
     def render(self) -> str:
         lines: list[str] = []
@@ -34,8 +91,23 @@ class Metrics:
             lines.append(f"# TYPE presence_{name} {kind}")
             lines.extend(f"presence_{name}{labels} {value:g}" for labels, value in samples)
 
+        # Labels in this order (version first): what `grep presence_build_info` shows.
+        metric(
+            "build_info",
+            "gauge",
+            "Always 1: the version of presence and of Python this replica runs.",
+            [(f'{{version="{__version__}",python="{platform.python_version()}"}}', 1)],
+        )
         for name, (help_, read) in self.gauges.items():
             metric(name, "gauge", help_, [("", read())])
+        for name, (help_, label, read_all) in self.labelled_gauges.items():
+            values = read_all()
+            metric(
+                name,
+                "gauge",
+                help_,
+                [(f'{{{label}="{key}"}}', values[key]) for key in sorted(values)],
+            )
         for name, (help_, read) in self.counters.items():
             metric(name, "counter", help_, [("", read())])
         metric(
@@ -76,8 +148,16 @@ class Metrics:
             "connections_refused_total",
             "counter",
             "Connections refused (503: over the 'total' or 'per_ip' limit; 431: "
-            "'header_too_large') or closed before their request was complete "
-            "('handshake_timeout').",
+            "'header_too_large'; 403: 'origin'; 'access_*': a room token or hub refused) or "
+            "closed before their request was complete ('handshake_timeout').",
             [(f'{{reason="{r}"}}', n) for r, n in sorted(self.connections_refused.items())],
         )
-        return "\n".join(lines) + "\n"
+        metric(
+            "closes_total",
+            "counter",
+            "WebSocket sessions ended, by close code: the server's if it closed first (1009 "
+            "message too big, 1013 room full or client too slow, 4401/4403 access), else "
+            "the client's (1000, 1001), 1006 if the connection dropped without one.",
+            [(f'{{code="{code}"}}', n) for code, n in sorted(self.closes.items())],
+        )
+        return "\n".join(lines) + "\n" + generate_latest(self.registry).decode()

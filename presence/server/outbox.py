@@ -28,6 +28,9 @@ F = TypeVar("F", str, bytes)
 class Encoder(Protocol[F]):
     """A wire format's encoding of room batches, shared by the connections that use it."""
 
+    # 'json', 'yjs' or 'sse': the label of its sessions and fan-out delays on /metrics.
+    protocol: str
+
     def shared(self, batch: Batch) -> Any:
         """Encode a batch once, for every connection of the room using this format."""
 

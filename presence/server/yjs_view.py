@@ -129,6 +129,8 @@ def holds_of(hub: Hub) -> Holds:
 
 
 class YjsView:
+    protocol = "yjs"  # as an encoder of the room's batches (server.outbox.Encoder)
+
     def __init__(self, room: Room, hub: Hub, *, wall: Callable[[], float] = time.time) -> None:
         self.room = room
         self._wall = wall  # clocks are wall-clock milliseconds: see the module's doc

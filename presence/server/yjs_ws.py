@@ -215,6 +215,7 @@ class YjsClient:
 
 class YjsEndpoint:
     text: ClassVar[bool] = False
+    protocol: ClassVar[str] = "yjs"
 
     @staticmethod
     def max_message_bytes(settings: Any) -> int:
@@ -309,6 +310,14 @@ class YjsEndpoint:
         except yjs.MalformedMessage as exc:
             hub.metrics.error("malformed")
             self.connection.close(1007, f"malformed message: {exc}")
+
+    def spoke_for(self) -> list[str]:
+        """Its client IDs, those whose state went null too (a stock client nulls its
+        own before closing): every ID it announced a state of (``clocks``)."""
+        if self.client is None:
+            return []
+        ids = {yjs.member_id_of(client_id) for client_id in self.client.clocks}
+        return sorted(ids | self.client.outbox.members)
 
     def closed(self) -> None:
         if self.admission is not None:
