@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -13,6 +15,9 @@ from typing import Any
 from presence import __version__
 from presence.config import ConfigError, Settings
 from presence.core.access import ROLES
+
+# The open files presence takes at most (connection.default_max_connections counts on it).
+MAX_OPEN_FILES = 1 << 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +119,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve(settings)
 
 
+def raise_open_files_limit() -> None:
+    """Every connection is a file descriptor, and containers often start with a soft
+    limit of 1024 under a far higher hard one: take what the hard limit allows (as Go's
+    runtime does), before --max-connections' default is read from it. Workers inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
@@ -122,6 +138,7 @@ def serve(settings: Settings) -> None:
     from presence.server.connection import Connection, HttpProtocol
 
     logs.configure(settings.log_level, settings.log_format)
+    raise_open_files_limit()
     options: dict[str, Any] = {}
     if settings.workers > 1:
         # Workers are separate processes: they read the settings from the environment,

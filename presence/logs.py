@@ -17,6 +17,10 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 }
 
 
+# A field's dict may have keys that are not strings (room sizes by count, say).
+_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     """The fields passed with ``extra=``."""
     return {k: v for k, v in vars(record).items() if k not in _STANDARD}
@@ -35,7 +39,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(_fields(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return orjson.dumps(entry, default=str, option=_OPTIONS).decode()
 
 
 class TextFormatter(logging.Formatter):
@@ -50,7 +54,10 @@ class TextFormatter(logging.Formatter):
         fields = _fields(record)
         if not fields:
             return text
-        pairs = (f"{k}={orjson.dumps(v, default=str).decode()}" for k, v in fields.items())
+        pairs = (
+            f"{k}={orjson.dumps(v, default=str, option=_OPTIONS).decode()}"
+            for k, v in fields.items()
+        )
         return f"{text} {' '.join(pairs)}"
 
 

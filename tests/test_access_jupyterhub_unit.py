@@ -294,6 +294,19 @@ def test_the_hub_environment_of_a_service() -> None:
     assert service.access_scopes == {"access:services", "access:services!service=awareness"}
 
 
+def test_a_service_the_hub_does_not_start_takes_its_callback_under_the_base_url() -> None:
+    # JupyterHub registers an external service's OAuth callback as
+    # <base_url>services/<name>/oauth_callback, and tells only the services it starts.
+    env = {"JUPYTERHUB_API_URL": "http://hub:8081/jupyter/hub/api", "JUPYTERHUB_API_TOKEN": "t"}
+    for base, callback in (
+        (None, "/services/presence/oauth_callback"),
+        ("/jupyter/", "/jupyter/services/presence/oauth_callback"),
+        ("/jupyter", "/jupyter/services/presence/oauth_callback"),
+    ):
+        service = HubService.from_env(env | ({"JUPYTERHUB_BASE_URL": base} if base else {}))
+        assert service.callback_url == callback
+
+
 def test_settings_outside_and_inside_a_hub() -> None:
     from presence.config import ConfigError, Settings
 

@@ -1,9 +1,10 @@
+import resource
 import subprocess
 import sys
 
 import pytest
 
-from presence.cli import build_parser
+from presence.cli import build_parser, raise_open_files_limit
 from presence.config import ConfigError, Settings
 
 
@@ -73,3 +74,18 @@ def test_readme_documents_every_setting() -> None:
         shown = "unset" if default in ("", None) else f"`{default}`"
         row = f"| `--{name.replace('_', '-')}` | `{var}` | {shown} |"
         assert row in readme, f"README's configuration table lacks or misstates: {row}"
+
+
+@pytest.mark.unit
+def test_serve_takes_the_open_files_the_hard_limit_allows() -> None:
+    """A container's soft limit of 1024 would cap a replica near 900 connections."""
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = before
+    assert hard == resource.RLIM_INFINITY or hard > 256, "this test needs a hard limit above 256"
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        raise_open_files_limit()
+        raised, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert raised == (1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)

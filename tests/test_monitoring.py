@@ -26,6 +26,7 @@ from presence.backplane.memory import MemoryBus
 from presence.codecs import sse
 from presence.server.access_log import REFUSAL_BURST, AccessLog
 from presence.server.hub import Hub
+from presence.server.metrics import Metrics
 from presence.server.outbox import Outbox
 from tests.conftest import FAST, Server
 from tests.test_hub import Clock, make_hub, outbox_for
@@ -183,20 +184,45 @@ def test_the_dashboard_asks_for_its_prometheus() -> None:
 
 
 @pytest.mark.e2e
-def test_the_alert_rules_pass_promtool() -> None:
+def test_the_scrape_configuration_and_rules_pass_promtool(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail(
             "promtool not found: install it with scripts/install-test-deps.sh (Debian's "
             "prometheus package ships it)"
         )
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    # It scrapes what deploy/kubernetes runs: the path under its base path, its pods.
+    kubernetes = MONITORING.parent / "kubernetes"
+    settings = yaml.safe_load((kubernetes / "presence-configmap.yaml").read_text())["data"]
+    assert job["metrics_path"] == settings["PRESENCE_BASE_PATH"] + "/metrics"
+    deployment = yaml.safe_load((kubernetes / "presence-deployment.yaml").read_text())
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    kept = {
+        rule["source_labels"][0]: rule["regex"]
+        for rule in job["relabel_configs"]
+        if rule.get("action") == "keep"
+    }
+    for name, value in labels.items():
+        meta = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9]", "_", name)
+        assert kept.get(meta, value) == value
+    assert kept["__meta_kubernetes_pod_label_app_kubernetes_io_name"] == "presence"
+    # Debian's promtool is built without Kubernetes discovery: the rest is checked with
+    # a static target in its place (and the rules through rule_files).
+    del job["kubernetes_sd_configs"]
+    job["static_configs"] = [{"targets": ["127.0.0.1:8000"]}]
+    shutil.copy(MONITORING / "alerts.yaml", tmp_path / "alerts.yaml")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     result = subprocess.run(
-        [promtool, "check", "rules", str(MONITORING / "alerts.yaml")],
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    rules = yaml.safe_load((MONITORING / "alerts.yaml").read_text())["groups"]
+    assert f"SUCCESS: {sum(len(g['rules']) for g in rules)} rules found" in result.stdout
 
 
 @pytest.mark.e2e
@@ -222,7 +248,7 @@ async def test_the_dashboard_and_rules_name_what_replicas_expose(
         await websockets.connect(f"{r1.ws}/rooms/doc", origin="https://evil.example")
     await b.close()  # a close code
     deadline = time.monotonic() + 5
-    while 'presence_closes_total{code="1000"}' not in r2.metrics():
+    while 'presence_closes_total{code="1000",by="client"}' not in r2.metrics():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     page = httpx.get(r1.http + "/metrics").text
@@ -292,7 +318,6 @@ async def test_sse_streams_count_as_sessions_but_are_not_timed() -> None:
     await asyncio.sleep(0.01)
     assert any("event: join" in frame for frame in viewer.frames)
     assert fanout(hub, "presence_fanout_seconds_count", "sse") == 0
-    assert fanout(hub, "presence_fanout_seconds_count", "json") == 0
     assert hub.sessions() == {"json": 0, "yjs": 0, "sse": 1}
     await hub.stop()
 
@@ -314,6 +339,38 @@ def test_refusal_lines_are_rate_limited_and_say_how_many_were_not(
         log.refused("tcp", "192.0.2.1", "per_ip", "too many connections", status=503)
     last = caplog.records[-1]
     assert last.suppressed == 30 and last.ip == "192.0.2.1" and last.status == 503  # type: ignore[attr-defined]
+
+
+@pytest.mark.unit
+def test_clients_cannot_add_close_code_series_without_end() -> None:
+    metrics = Metrics()
+    for code in range(3000, 5000):  # any code a client may send
+        metrics.closed(code, "client")
+    metrics.closed(1000, "client")
+    metrics.closed(4403, "server")
+    metrics.closed(1006, "")
+    assert metrics.closes == {
+        ("other", "client"): 2000,
+        ("1000", "client"): 1,
+        ("4403", "server"): 1,
+        ("1006", ""): 1,
+    }
+    assert 'presence_closes_total{code="4403",by="server"} 1' in metrics.render()
+
+
+@pytest.mark.unit
+def test_what_a_client_chooses_is_bounded_in_the_access_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = AccessLog()
+    with caplog.at_level(logging.INFO, "presence.access"):
+        log.closed("yjs", "r" * 5000, "192.0.2.1", [f"y{n}" for n in range(2000)],
+                   code=1000, reason="x" * 200, by="client", duration=1.0)  # fmt: skip
+        log.refused("websocket", "192.0.2.1", "handshake", "bad request", room="r" * 5000)
+    closed, refused = caplog.records
+    assert closed.room == refused.room == "r" * 128 + "…"  # type: ignore[attr-defined]
+    assert len(closed.members) == 16 and closed.members_more == 1984  # type: ignore[attr-defined]
+    assert closed.reason == "x" * 128  # type: ignore[attr-defined]
 
 
 def access_lines(server: Server) -> list[dict[str, Any]]:

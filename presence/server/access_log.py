@@ -33,6 +33,22 @@ log = logging.getLogger("presence.access")
 
 REFUSALS_PER_SECOND = 10.0
 REFUSAL_BURST = 100
+# Bounds on what a client chooses: a room name as long as the request allows, a Yjs
+# socket announcing thousands of client IDs. Valid room names are at most 128.
+MAX_ROOM = 128
+MAX_MEMBERS = 16
+
+
+def _bounded(fields: dict[str, Any], members: Iterable[str] | None = None) -> dict[str, Any]:
+    room = fields.get("room")
+    if isinstance(room, str) and len(room) > MAX_ROOM:
+        fields["room"] = room[:MAX_ROOM] + "…"
+    if members is not None:
+        listed = sorted(members)
+        fields["members"] = listed[:MAX_MEMBERS]
+        if len(listed) > MAX_MEMBERS:
+            fields["members_more"] = len(listed) - MAX_MEMBERS
+    return fields
 
 
 class AccessLog:
@@ -45,8 +61,7 @@ class AccessLog:
     def opened(self, protocol: str, room: str, ip: str | None, members: Iterable[str]) -> None:
         if self.enabled:
             log.info(
-                "open",
-                extra={"protocol": protocol, "room": room, "ip": ip, "members": sorted(members)},
+                "open", extra=_bounded({"protocol": protocol, "room": room, "ip": ip}, members)
             )
 
     def closed(
@@ -62,19 +77,9 @@ class AccessLog:
         duration: float,
     ) -> None:
         if self.enabled:
-            log.info(
-                "close",
-                extra={
-                    "protocol": protocol,
-                    "room": room,
-                    "ip": ip,
-                    "members": sorted(members),
-                    "code": code,
-                    "reason": reason,
-                    "by": by,
-                    "duration": round(duration, 3),
-                },
-            )
+            fields: dict[str, Any] = {"protocol": protocol, "room": room, "ip": ip, "code": code}
+            fields |= {"reason": reason[:MAX_ROOM], "by": by, "duration": round(duration, 3)}
+            log.info("close", extra=_bounded(fields, members))
 
     def refused(
         self, protocol: str, ip: str | None, refusal: str, reason: str, **fields: Any
@@ -88,7 +93,7 @@ class AccessLog:
         extra = {"protocol": protocol, "ip": ip, "refusal": refusal, "reason": reason, **fields}
         if self.suppressed:
             extra["suppressed"], self.suppressed = self.suppressed, 0
-        log.info("refused", extra=extra)
+        log.info("refused", extra=_bounded(extra))
 
 
 # For a hub without one (a test's stand-in): logs nothing.

@@ -78,6 +78,11 @@ class Endpoint(Protocol):
         access log)."""
 
 
+# Close codes with which an endpoint refuses a socket as it joins (an error while
+# joining, 1011, or a shutdown meanwhile, 1012, end it as a session instead).
+JOIN_REFUSALS = frozenset((1008, 1013, 4401, 4403))
+
+
 class Connection(asyncio.Protocol):
     """One WebSocket connection: handshake, framing, keepalive, closing, flow control."""
 
@@ -141,7 +146,10 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = "closed"
         self.connections.discard(self)
-        self._finished()
+        try:  # bookkeeping: nothing in it may keep the slot and the room from being freed
+            self._finished()
+        except Exception:
+            log.exception("could not log a closed connection")
         if self.slot is not None:
             self.slot.release()
         for handle in (self._timer, self._turn):
@@ -286,7 +294,12 @@ class Connection(asyncio.Protocol):
             if self.state == "closed":
                 self._detach()  # it went away while joining
         if self.state != "opening":
-            if self.state == "closing" and self.ended is not None and self.ended[2] == "server":
+            if (
+                self.state == "closing"
+                and self.ended is not None
+                and self.ended[2] == "server"
+                and self.ended[0] in JOIN_REFUSALS
+            ):
                 # The endpoint refused it (access 4401/4403, room full 1013, a bad room
                 # name or identity token 1008): one line for it, none at the close.
                 code, reason, _by, _members = self.ended
@@ -441,7 +454,7 @@ class Connection(asyncio.Protocol):
             self._ending(1006, "", "")  # no close frame either way: the connection dropped
         assert self.ended is not None
         code, reason, by, members = self.ended
-        self.hub.metrics.closed(code)
+        self.hub.metrics.closed(code, by)
         if self._refusal_logged:
             return
         access_log_of(self.hub).closed(

@@ -81,15 +81,18 @@ class HubService:
         public = urlsplit(
             env.get("JUPYTERHUB_PUBLIC_HUB_URL") or env.get("JUPYTERHUB_PUBLIC_URL", "")
         )
+        base_url = env.get("JUPYTERHUB_BASE_URL", "/").rstrip("/") + "/"
         return HubService(
             api_url=env[HUB_API_URL].rstrip("/"),
             api_token=env[HUB_API_TOKEN],
             name=name,
             client_id=env.get("JUPYTERHUB_CLIENT_ID", f"service-{name}"),
+            # A service the hub does not start (on Kubernetes) is told no callback: the
+            # one the hub registers for it is under the hub's base URL.
             callback_url=env.get(
-                "JUPYTERHUB_OAUTH_CALLBACK_URL", f"/services/{name}/oauth_callback"
+                "JUPYTERHUB_OAUTH_CALLBACK_URL", f"{base_url}services/{name}/oauth_callback"
             ),
-            base_url=env.get("JUPYTERHUB_BASE_URL", "/").rstrip("/") + "/",
+            base_url=base_url,
             public_origin=f"{public.scheme}://{public.netloc}".lower() if public.netloc else None,
         )
 

@@ -24,6 +24,9 @@ FANOUT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 # series (at 0) for one nobody uses yet.
 PROTOCOLS = ("json", "yjs", "sse")
 
+# The close codes of RFC 6455 a client may send; any other it sends counts as "other".
+CLIENT_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1005, 1007, 1008, 1009, 1010, 1011))
+
 
 @dataclass
 class Metrics:
@@ -35,8 +38,8 @@ class Metrics:
     protocol_errors: dict[str, int] = field(default_factory=dict)
     # Connections refused or closed before their request was complete, by reason.
     connections_refused: dict[str, int] = field(default_factory=dict)
-    # WebSockets ended, by close code (the server's, the client's, 1006 if neither sent one).
-    closes: dict[int, int] = field(default_factory=dict)
+    # WebSockets ended, by (close code, who sent it first: server, client, "" for none).
+    closes: dict[tuple[str, str], int] = field(default_factory=dict)
     # Values read at scrape time from their owners, so they can never drift.
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
     counters: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
@@ -71,8 +74,11 @@ class Metrics:
     def refused(self, reason: str) -> None:
         self.connections_refused[reason] = self.connections_refused.get(reason, 0) + 1
 
-    def closed(self, code: int) -> None:
-        self.closes[code] = self.closes.get(code, 0) + 1
+    def closed(self, code: int, by: str) -> None:
+        # A client may send any code from 3000 to 4999: those of RFC 6455 are counted as
+        # they are, the rest as "other", so that clients cannot add series without end.
+        label = str(code) if by != "client" or code in CLIENT_CLOSE_CODES else "other"
+        self.closes[label, by] = self.closes.get((label, by), 0) + 1
 
     def fanout(self, protocol: str, origin: str, seconds: float) -> None:
         """One flush delivered events that reached the hub ``seconds`` ago (the earliest
@@ -155,9 +161,10 @@ class Metrics:
         metric(
             "closes_total",
             "counter",
-            "WebSocket sessions ended, by close code: the server's if it closed first (1009 "
-            "message too big, 1013 room full or client too slow, 4401/4403 access), else "
-            "the client's (1000, 1001), 1006 if the connection dropped without one.",
-            [(f'{{code="{code}"}}', n) for code, n in sorted(self.closes.items())],
+            "WebSocket sessions ended, by close code and by who sent it first: by='server' "
+            "(1009 message too big, 1013 room full or client too slow, 4401/4403 access), "
+            "by='client' (RFC 6455's codes; any other is code='other'), by='' with code "
+            "1006 if the connection dropped without one.",
+            [(f'{{code="{code}",by="{by}"}}', n) for (code, by), n in sorted(self.closes.items())],
         )
         return "\n".join(lines) + "\n" + generate_latest(self.registry).decode()
