@@ -6,6 +6,7 @@ shows the extension and a server loads it with no setting."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -88,9 +89,12 @@ def test_the_sdist_and_wheel_carry_the_distribution_name_and_version(dist: Path)
     with zipfile.ZipFile(wheel) as whl:
         metadata = whl.read(f"presence_awareness-{presence.__version__}.dist-info/METADATA")
         files = whl.namelist()
+        (config,) = [
+            f for f in files if f.endswith("etc/jupyter/jupyter_server_config.d/presence.json")
+        ]
+        enabled = json.loads(whl.read(config))
     assert b"\nName: presence-awareness\n" in metadata
-    assert any(f.endswith("data/data/etc/jupyter/jupyter_server_config.d/presence.json")
-               for f in files)  # fmt: skip
+    assert enabled == {"ServerApp": {"jpserver_extensions": {"presence.jupyter": True}}}
     assert not any(f.startswith(("tests/", "harness/", "load/")) for f in files)
 
 

@@ -2,10 +2,6 @@
 initials, or anonymous faces) and the server extension being on once the package is
 installed."""
 
-import json
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -118,30 +114,3 @@ def test_anonymous_hook_needs_the_secret() -> None:
     for secret in (None, ""):
         with pytest.raises(ValueError, match="PRESENCE_SECRET"):
             make_post_auth_hook(anonymous=True, secret=secret)
-
-
-@pytest.mark.e2e
-def test_the_package_enables_its_jupyter_server_extension(tmp_path: Path) -> None:
-    # What pip installs from the wheel: the extension is on wherever presence is installed,
-    # the way Jupyter packages ship it (editable installs do not copy data files).
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    [wheel] = tmp_path.glob("presence-*.whl")
-    with zipfile.ZipFile(wheel) as z:
-        [config] = [n for n in z.namelist() if n.endswith("jupyter_server_config.d/presence.json")]
-        assert json.loads(z.read(config)) == {
-            "ServerApp": {"jpserver_extensions": {"presence.jupyter": True}}
-        }
