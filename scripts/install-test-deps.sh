@@ -21,35 +21,31 @@ command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 
-if [ ${#missing[@]} -gt 0 ]; then
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "please install: ${missing[*]} (the tests need them)" >&2
-    exit 1
-  fi
-  sudo=""
-  if [ "$(id -u)" != "0" ]; then sudo="sudo"; fi
-  echo "installing ${missing[*]} for the tests (apt-get)…" >&2
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    "${missing[@]}" >/dev/null
-fi
-
 # promtool comes in Debian's prometheus package, whose install would also start a
 # Prometheus server where systemd runs: only the promtool binary is taken out of it.
-if ! command -v promtool >/dev/null 2>&1; then
+promtool=""
+command -v promtool >/dev/null 2>&1 || promtool="promtool"
+
+if [ ${#missing[@]} -gt 0 ] || [ -n "$promtool" ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "please install promtool (Prometheus's; the tests need it)" >&2
+    echo "please install: ${missing[*]} $promtool (the tests need them)" >&2
     exit 1
   fi
   sudo=""
   if [ "$(id -u)" != "0" ]; then sudo="sudo"; fi
-  echo "installing promtool for the tests (from Debian's prometheus package)…" >&2
-  work="$(mktemp -d)"
-  (cd "$work" && apt-get download prometheus >/dev/null 2>&1 \
-    || { $sudo apt-get update -qq && apt-get download prometheus >/dev/null; })
-  dpkg-deb -x "$work"/prometheus_*.deb "$work/root"
-  $sudo install -m 0755 "$work/root/usr/bin/promtool" /usr/local/bin/promtool
-  rm -rf "$work"
+  echo "installing ${missing[*]} $promtool for the tests (apt-get)…" >&2
+  $sudo apt-get update -qq
+  if [ ${#missing[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
+  fi
+  if [ -n "$promtool" ]; then
+    work="$(mktemp -d)"
+    (cd "$work" && apt-get download -qq prometheus)
+    dpkg-deb -x "$work"/prometheus_*.deb "$work/root"
+    $sudo install -m 0755 "$work/root/usr/bin/promtool" /usr/local/bin/promtool
+    rm -rf "$work"
+  fi
 fi
 
 # tests/js/.npmrc leaves out y-websocket 1.x's optional server dependencies (LevelDB).
