@@ -347,6 +347,23 @@ def test_where_a_request_carries_its_hub_token() -> None:
     assert auth.token_of({**cookie, "sec-fetch-mode": "navigate"}, {}, http=True) == "from-cookie"
 
 
+def test_two_login_cookies_are_refused_not_the_last_taken() -> None:
+    """A page of the hub's origin (another user's server) can set a cookie of the same
+    name at path /, which browsers send after the real one: last-wins ran the victim's
+    sockets as the attacker."""
+    from presence.core.access import AccessError
+
+    auth, _, _ = auth_with_fake()
+    planted = {"cookie": "service-presence=victims; x=1; service-presence=attackers"}
+    for http in (False, True):
+        with pytest.raises(AccessError) as refused:
+            auth.token_of({**planted, "sec-fetch-mode": "navigate"}, {}, http=http)
+        assert refused.value.status == 401 and "two cookies" in refused.value.message
+    # A token sent explicitly is not ambiguous.
+    assert auth.token_of({**planted, "authorization": "Bearer t"}, {}) == "t"
+    assert auth.token_of({"cookie": "service-presence="}, {}) is None
+
+
 def test_only_a_hub_service_counts_its_own_host_as_an_allowed_origin() -> None:
     from presence.server.access import Access
 

@@ -178,3 +178,25 @@ def test_client_modules_load_from_other_origins(server: Server) -> None:
         assert response.headers["access-control-allow-origin"] == "*"
     page = httpx.get(server.http + "/")
     assert page.status_code == 200 and 'src="static/demo.js"' in page.text
+
+
+async def test_no_page_may_frame_a_view(server_factory: ServerFactory) -> None:
+    """A room's views are data: a page of the same origin (another user's server on a
+    hub) must not load them in a frame and read what the viewer's cookie lets in."""
+    server = server_factory(*FAST, "--allowed-origins", "https://ok.example")
+    async with httpx.AsyncClient(timeout=10) as http:
+        answers = [
+            await http.get(f"{server.http}/rooms/doc"),
+            await http.get(f"{server.http}/rooms/bad%00name"),  # 400
+            # A stream refused by --allowed-origins (403), and one let in.
+            await http.get(
+                f"{server.http}/rooms/doc/events", headers={"Origin": "https://evil.example"}
+            ),
+        ]
+        async with http.stream("GET", f"{server.http}/rooms/doc/events") as stream:
+            answers.append(stream)
+    assert [a.status_code for a in answers] == [200, 400, 403, 200]
+    for answer in answers:
+        assert answer.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+        assert answer.headers["x-content-type-options"] == "nosniff"

@@ -132,10 +132,10 @@ async def _hub_user(hub: JupyterHubAuth, request: Request) -> str | bool:
     is refused with 4401); True: load the page without knowing whose it is (a hub that
     does not answer is no reason to log in again, nor is a token without access to this
     service: its sockets will say why)."""
-    token = hub.token_of(request.headers, request.query_params)
-    if not token:
-        return False
     try:
+        token = hub.token_of(request.headers, request.query_params)
+        if not token:
+            return False
         return (await hub.user(token)).name
     except AccessError as exc:
         return exc.status != 401

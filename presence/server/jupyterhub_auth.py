@@ -36,7 +36,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 import orjson
-from starlette.requests import Request, cookie_parser
+from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -366,9 +366,21 @@ class JupyterHubAuth:
             return query["access_token"]
         if http and headers.get("sec-fetch-mode") != "navigate":
             return None
-        # Starlette's lenient parser: one odd cookie of another app on the hub's domain
-        # must not hide ours (http.cookies drops the whole header then).
-        return cookie_parser(headers.get("cookie", "")).get(self.cookie) or None
+        # Split by hand, leniently: one odd cookie of another app on the hub's domain
+        # must not hide ours (http.cookies drops the whole header then). Two of ours
+        # are refused, not the last taken: a page of the hub's origin (another user's
+        # server) can set one at path / that browsers send after the real one, and the
+        # victim's sockets would run as the attacker.
+        ours = [
+            value.strip()
+            for name, _, value in (c.partition("=") for c in headers.get("cookie", "").split(";"))
+            if name.strip() == self.cookie
+        ]
+        if len(ours) > 1:
+            raise AccessError(
+                401, "invalid_token", f"two cookies named {self.cookie}: log in again"
+            )
+        return ours[0] if ours and ours[0] else None
 
     def login(self, request: Request, prefix: str, wanted: str = "") -> Response:
         """Off to the hub's authorize page; it comes back to the callback with a code,
@@ -436,6 +448,8 @@ class JupyterHubAuth:
         wanted = _local(wanted, prefix)
         response = RedirectResponse(wanted, status_code=302)
         secure = request.url.scheme == "https"
+        if prefix:  # a cookie of ours planted at / (token_of refuses two) is gone too
+            response.delete_cookie(self.cookie, path="/")
         response.set_cookie(
             self.cookie, token, path=prefix + "/", httponly=True, samesite="lax", secure=secure
         )
