@@ -44,6 +44,10 @@ def die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+# The secret of every Server unless its env says otherwise (at least 32 bytes).
+SECRET = "presence-test-secret-of-32-bytes-or-more"
+
+
 def wait_until_up(
     proc: subprocess.Popen[bytes],
     url: str,
@@ -297,7 +301,7 @@ class Server:
         self.logs.mkdir(exist_ok=True)
         log = open(self.log_file, "ab")  # noqa: SIM115
         self.log_start = log.seek(0, os.SEEK_END)
-        env = {**os.environ, "PRESENCE_SECRET": "test-secret", **self.env}
+        env = {**os.environ, "PRESENCE_SECRET": SECRET, **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "presence", "serve", "--port", str(self.port), *self.args],
             env=env,

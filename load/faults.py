@@ -28,6 +28,7 @@ import httpx
 import orjson
 import websockets
 
+from harness.processes import SECRET as LOAD_SECRET
 from harness.processes import RedisProcess, Server
 
 ROOMS = 4
@@ -97,7 +98,7 @@ class Run:
         self.redis = RedisProcess().start()
         args = ["--log-level", "warning", "--replica-timeout", str(TIMEOUT)]
         args += ["--redis-url", self.redis.url, "--expire-after", "60"]
-        self.replicas = [Server(args, {"PRESENCE_SECRET": "load"}).start() for _ in range(2)]
+        self.replicas = [Server(args, {"PRESENCE_SECRET": LOAD_SECRET}).start() for _ in range(2)]
         self.viewers = [
             Viewer(replica=i % 2, room=f"faults-{i // MEMBERS}") for i in range(ROOMS * MEMBERS)
         ]

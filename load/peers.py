@@ -17,6 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from harness.processes import SECRET as LOAD_SECRET
 from harness.processes import RedisProcess, Server, die_with_parent, free_port, wait_until_up
 
 NODE = Path(__file__).resolve().parent / "node"
@@ -119,7 +120,7 @@ def start_presence(n: int, extra: list[str]) -> tuple[list[Server], RedisProcess
     ]
     if redis is not None:
         args += ["--redis-url", redis.url]
-    return [Server(args, {"PRESENCE_SECRET": "load"}).start() for _ in range(n)], redis
+    return [Server(args, {"PRESENCE_SECRET": LOAD_SECRET}).start() for _ in range(n)], redis
 
 
 def start_target(

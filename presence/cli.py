@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import resource
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from presence import __version__
-from presence.config import ConfigError, Settings
+from presence.config import MIN_SECRET_BYTES, ConfigError, Settings
 from presence.core.access import ROLES
 
 # The open files presence takes at most (connection.default_max_connections counts on it).
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--color", help="colour to show for the member (#rrggbb)")
     token.add_argument("--username", help="stable id of the person")
     token.add_argument("--secret", help="default: PRESENCE_SECRET")
+    commands.add_parser(
+        "secret",
+        help="print a new secret (for PRESENCE_SECRET)",
+        description="Print a new random secret: 32 random bytes, URL-safe (43 characters).",
+    )
     return parser
 
 
@@ -105,6 +111,9 @@ def _shown(default: object) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "secret":
+        print(secrets.token_urlsafe(MIN_SECRET_BYTES))
+        return
     if args.command == "token":
         args.secret = args.secret or os.environ.get("PRESENCE_SECRET", "")
         if not args.secret:

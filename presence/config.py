@@ -19,6 +19,10 @@ from presence.core.identity import NAME_STYLES, TOKEN_MAX_AGE
 ENV_PREFIX = "PRESENCE_"
 
 
+# Shorter HMAC keys fall to a brute force of one token they signed (a 3-byte secret took
+# 0.04 s); 32 bytes is SHA-256's own size.
+MIN_SECRET_BYTES = 32
+
 class ConfigError(ValueError):
     """A setting with a bad value; the message names the setting and what is expected."""
 
@@ -165,9 +169,19 @@ class Settings:
     secret: str = _opt(
         "",
         str,
-        "Secret that signs identity tokens. All replicas must share it; if unset, a random "
-        "one is made at start-up and tokens do not survive a restart.",
+        "Secret that signs identity tokens (and room tokens with --auth token): at least "
+        "32 bytes, such as `presence secret` prints. All replicas must share it; if "
+        "unset, a random one is made at start-up and tokens do not survive a restart.",
         "SECRET",
+    )
+    previous_secrets: str = _opt(
+        "",
+        str,
+        "Secrets used before --secret, comma-separated: tokens they signed are still "
+        "accepted (identity tokens come back signed with --secret at the next welcome), "
+        "so that a secret can be rotated without logging anyone out. Drop them once the "
+        "tokens they signed have expired.",
+        "SECRETS",
     )
     token_max_age: float = _opt(
         TOKEN_MAX_AGE,
@@ -385,6 +399,17 @@ class Settings:
                 f"replica_permdown ({self.replica_permdown:g}s) must be longer than "
                 f"replica_timeout ({self.replica_timeout:g}s)"
             )
+        for name, secret in [("--secret", self.secret)] + [
+            ("--previous-secrets", s) for s in self.previous_secret_list
+        ]:
+            if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+                raise ConfigError(
+                    f"{name} is {len(secret.encode())} bytes: use at least {MIN_SECRET_BYTES} "
+                    "(a shorter one can be guessed from one token it signed); "
+                    "`presence secret` prints a good one"
+                )
+        if self.previous_secrets and not self.secret:
+            raise ConfigError("--previous-secrets needs --secret, the one that replaces them")
         if self.auth == "token" and not self.secret:
             raise ConfigError(
                 "--auth token needs --secret (PRESENCE_SECRET): room tokens are signed with it"
@@ -396,6 +421,10 @@ class Settings:
             )
         if self.max_state_bytes < 64:
             raise ConfigError("max_state_bytes must be at least 64")
+
+    @property
+    def previous_secret_list(self) -> list[str]:
+        return [s.strip() for s in self.previous_secrets.split(",") if s.strip()]
 
     def to_env(self) -> dict[str, str]:
         """These settings as PRESENCE_* variables (how worker processes receive them)."""

@@ -40,7 +40,9 @@ class EchoConnection(Connection):
 
 def main(port: int) -> None:
     # Autobahn's largest messages in cases 1-7 and 10 are 64 KiB (1.1.6-1.1.8, 10.1.1).
-    settings = Settings(secret="autobahn", max_message_bytes=1 << 20)
+    settings = Settings(
+        secret="autobahn-echo-secret-of-32-bytes-or-more", max_message_bytes=1 << 20
+    )
     uvicorn.run(
         create_app(settings),
         host="127.0.0.1",

@@ -27,7 +27,7 @@ from tests.test_json_protocol import join
 
 pytestmark = pytest.mark.e2e
 
-SECRET = "abuse-limits-secret"
+SECRET = "abuse-limits-secret-of-32-bytes-or-more"
 DAY = 24 * 3600.0
 
 

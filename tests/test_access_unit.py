@@ -250,3 +250,17 @@ def test_each_hub_has_its_own_access_rules_object() -> None:
     del one
     gc.collect()
     assert gone() is None and two in _accesses
+
+
+def test_room_tokens_of_a_secret_being_rotated_out_still_pass() -> None:
+    old = "old-secret-being-rotated-out-of-32-bytes"
+    claims = {"room": "r1", "exp": 4_000_000_000}
+    signed_before = jwt.encode(claims, old, algorithm="HS256")
+    with pytest.raises(AccessError, match="bad signature"):
+        Access("token", SECRET, None).check_token(signed_before, "r1", "join")
+    rotating = Access("token", SECRET, None, previous_secrets=(old,))
+    assert rotating.check_token(signed_before, "r1", "join") is not None
+    assert rotating.check_token(jwt.encode(claims, SECRET, algorithm="HS256"), "r1", "join")
+    expired = jwt.encode({"room": "r1", "exp": 1}, old, algorithm="HS256")
+    with pytest.raises(AccessError, match="expired"):
+        rotating.check_token(expired, "r1", "join")

@@ -11,6 +11,7 @@ import jwt
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
+from harness.processes import SECRET
 from presence.core.colors import PALETTE, contrast_ratio
 from tests.conftest import ARTIFACTS, Server
 
@@ -330,7 +331,7 @@ def overlaps(p: dict[str, float], q: dict[str, float]) -> bool:
 async def test_the_client_fetches_a_new_room_token_when_its_own_expires(
     browser: Browser, server_factory: ServerFactory
 ) -> None:
-    server = server_factory("--auth", "token", "--seed", "13")  # secret: test-secret
+    server = server_factory("--auth", "token", "--seed", "13")  # secret: harness SECRET
     page = await (await browser.new_context()).new_page()
     await page.goto(f"{server.http}/healthz")  # any page of the service's origin
     issued: list[float] = []
@@ -338,7 +339,7 @@ async def test_the_client_fetches_a_new_room_token_when_its_own_expires(
     def issue(room: str) -> str:  # what the application's backend does
         issued.append(time.monotonic())
         claims = {"room": room, "exp": int(time.time()) + 2}
-        return jwt.encode(claims, "test-secret", algorithm="HS256")
+        return jwt.encode(claims, SECRET, algorithm="HS256")
 
     await page.expose_function("issueToken", issue)
     await page.evaluate(

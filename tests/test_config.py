@@ -1,3 +1,4 @@
+import os
 import resource
 import subprocess
 import sys
@@ -89,3 +90,43 @@ def test_serve_takes_the_open_files_the_hard_limit_allows() -> None:
         assert raised == (1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, before)
+
+
+@pytest.mark.e2e
+def test_a_weak_secret_is_refused_and_presence_secret_prints_a_good_one() -> None:
+    """A 3-byte secret was brute-forced from one room token it signed in 0.04 s, and a
+    forged token joined another room as "Admin": the service no longer starts with one."""
+
+    def serve(secret: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "presence", "serve", "--auth", "token", "--port", "1"],
+            env={**os.environ, "PRESENCE_SECRET": secret},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    refused = serve("abc")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "presence: error: --secret is 3 bytes: use at least 32 (a shorter one can be guessed "
+        "from one token it signed); `presence secret` prints a good one"
+    ]
+    made = subprocess.run(
+        [sys.executable, "-m", "presence", "secret"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert len(made) == 43 and made != subprocess.getoutput(f"{sys.executable} -m presence secret")
+    assert Settings.load({}, {"PRESENCE_SECRET": made}).secret == made
+
+
+@pytest.mark.unit
+def test_secrets_being_rotated_out_must_be_strong_too() -> None:
+    strong = "n" * 32
+    settings = Settings.load({}, {"PRESENCE_SECRET": strong, "PRESENCE_PREVIOUS_SECRETS": "o" * 40})
+    assert settings.previous_secret_list == ["o" * 40]
+    with pytest.raises(ConfigError, match="--previous-secrets is 4 bytes"):
+        Settings.load(
+            {}, {"PRESENCE_SECRET": strong, "PRESENCE_PREVIOUS_SECRETS": "o" * 40 + ",weak"}
+        )
+    with pytest.raises(ConfigError, match="needs --secret"):
+        Settings.load({}, {"PRESENCE_PREVIOUS_SECRETS": "o" * 40})

@@ -159,7 +159,9 @@ def topology(server_factory: Callable[..., Server]) -> Iterator[tuple[RedisProce
     service = next(iter(replica_services().values()))
     env = {k: substitute(v) for k, v in service["environment"].items()}
     env.update(
-        PRESENCE_REDIS_URL=redis.url, PRESENCE_HOST="127.0.0.1", PRESENCE_SECRET="shared-secret"
+        PRESENCE_REDIS_URL=redis.url,
+        PRESENCE_HOST="127.0.0.1",
+        PRESENCE_SECRET="shared-secret-of-the-compose-replicas",
     )
     del env["PRESENCE_PORT"]  # each local replica gets a free port
     yield redis, [server_factory(env=env) for _ in range(3)]

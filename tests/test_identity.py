@@ -259,3 +259,16 @@ def test_a_token_without_an_issue_time_is_refused_like_an_expired_one() -> None:
 def test_the_maximum_age_must_be_positive() -> None:
     with pytest.raises(ValueError):
         factory(max_age=0)
+
+
+def test_tokens_of_a_secret_being_rotated_out_still_verify() -> None:
+    old, new = b"o" * 32, b"n" * 32
+    token = factory(secret=old).token(factory(secret=old).create())
+    with pytest.raises(InvalidToken, match="signature"):
+        factory(secret=new).verify(token)
+    rotated = factory(secret=new, previous=[old])
+    identity = rotated.verify(token)
+    # Re-signed with the new secret: once the old one is dropped, this still verifies.
+    assert factory(secret=new).verify(rotated.token(identity)) == identity
+    with pytest.raises(InvalidToken, match="signature"):
+        factory(secret=new, previous=[b"x" * 32]).verify(token)

@@ -434,12 +434,29 @@ async def test_forged_token_is_rejected(server: Server, token: str) -> None:
 
 async def test_token_from_another_deployment_is_rejected(server_factory) -> None:  # type: ignore[no-untyped-def]
     ours = server_factory("--seed", "5")
-    theirs = server_factory("--seed", "5", env={"PRESENCE_SECRET": "another-secret"})
+    theirs = server_factory(
+        "--seed", "5", env={"PRESENCE_SECRET": "another-secret-of-at-least-32-bytes"}
+    )
     foreign = (await join(theirs)).welcome["token"]
     ws = await websockets.connect(f"{ours.ws}/rooms/doc?token={foreign}")
     assert "signature" in str(await ws.recv())
     with pytest.raises(ConnectionClosed):
         await ws.recv()
+
+
+async def test_a_rotated_secret_keeps_everyone_logged_in(server_factory) -> None:  # type: ignore[no-untyped-def]
+    old, new = "the-secret-before-the-rotation-32-bytes", "the-secret-after-the-rotation-32-bytes"
+    before = server_factory("--seed", "5", env={"PRESENCE_SECRET": old})
+    first = await join(before)
+    after = server_factory(
+        "--seed", "6", env={"PRESENCE_SECRET": new, "PRESENCE_PREVIOUS_SECRETS": old}
+    )
+    again = await join(after, token=first.welcome["token"])
+    assert again.user == first.user  # the same identity, from the old secret's token
+    # ...handed back signed with the new secret, which a replica without the old one takes.
+    only_new = server_factory("--seed", "7", env={"PRESENCE_SECRET": new})
+    last = await join(only_new, token=again.welcome["token"])
+    assert last.user == first.user
 
 
 async def test_too_many_invalid_messages_close_with_1008(server: Server) -> None:

@@ -38,7 +38,7 @@ from tests.jupyter_helpers import Jupyter, start_jupyter
 from tests.test_browser import CHROMIUM_FLAGS, chromium
 from tests.test_jupyter_lab import NOTEBOOK, open_notebook, put_cursor
 
-SECRET = "faces-test-secret"
+SECRET = "faces-test-secret-of-32-bytes-or-more"
 
 
 # -- the palette ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 from traitlets import TraitError
 from traitlets.config import Config, Configurable
 
-from harness.processes import ARTIFACTS, Server, die_with_parent, free_port
+from harness.processes import ARTIFACTS, SECRET, Server, die_with_parent, free_port
 from presence.core.colors import PALETTE
 from presence.core.identity import Identity, IdentityFactory
 
@@ -150,7 +150,7 @@ def presence_token(cookie: str) -> str:
 @pytest.fixture(scope="module")
 def service() -> Iterator[Server]:
     """A presence service whose names are animals: Jupyter's own are moons."""
-    server = Server(["--name-style", "animal"]).start()  # PRESENCE_SECRET=test-secret
+    server = Server(["--name-style", "animal"]).start()  # PRESENCE_SECRET: harness SECRET
     yield server
     server.stop()
 
@@ -290,7 +290,7 @@ def test_without_the_service_users_log_in_and_once_it_is_back_their_identities_j
         f"--PresenceIdentityProvider.url=http://127.0.0.1:{closed}",
         "--PresenceIdentityProvider.scope=lab:outage",
         "--PresenceIdentityProvider.retry_after=1",
-        PRESENCE_SECRET="test-secret",  # the service's (harness.processes.Server)
+        PRESENCE_SECRET=SECRET,  # the service's (harness.processes.Server)
     )
     clients = [browser(j) for _ in range(5)]
     identities = [me(c, token=True) for c in clients]
@@ -353,7 +353,7 @@ def test_identities_come_from_the_service_and_stay_live_there_while_used(
         f"--PresenceIdentityProvider.url={service.http}",
         "--PresenceIdentityProvider.scope=lab:team",
         "--PresenceIdentityProvider.live_seconds=3",  # renewed at least every second
-        PRESENCE_SECRET="test-secret",
+        PRESENCE_SECRET=SECRET,
     )
     clients = [browser(j) for _ in range(4)]
     identities = [me(c, token=True) for c in clients]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +18,7 @@ from starlette.routing import Mount
 
 from presence import __version__
 from presence.cli import build_parser
-from presence.config import Settings
+from presence.config import ConfigError, Settings
 from presence.server.app import create_app
 from presence.server.jupyterhub_auth import HubService
 
@@ -155,7 +156,11 @@ def test_environment_is_what_the_service_accepts(rendered: Docs) -> None:
     known = {var for _, var, *_ in Settings.options()}
     unknown = {var for var in env if var.startswith("PRESENCE_")} - known
     assert not unknown, f"variables the service ignores: {unknown}"
-    settings = Settings.load({k: v for k, v in vars(args).items() if k != "command"}, env)
+    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    with pytest.raises(ConfigError, match="use at least 32"):  # the example's placeholder
+        Settings.load(flags, env)
+    env["PRESENCE_SECRET"] = secrets.token_hex(32)  # what the admin puts there
+    settings = Settings.load(flags, env)
     assert settings.auth == "jupyterhub"
     assert (settings.host, settings.port) == ("0.0.0.0", 8000)
     assert settings.redis_url == "redis://presence-redis:6379/0"

@@ -15,7 +15,7 @@ import random
 import re
 import string
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -338,9 +338,13 @@ class IdentityFactory:
         seed: int | None = None,
         max_age: float = TOKEN_MAX_AGE,
         clock: Callable[[], float] = time.time,
+        previous: Sequence[bytes] = (),
     ) -> None:
         if not secret:
             raise ValueError("the identity secret must not be empty")
+        # Secrets being rotated out: tokens they signed still verify (names and digests
+        # come from ``secret`` alone).
+        self._previous = tuple(previous)
         if not max_age > 0:
             raise ValueError("the token max age must be positive")
         self._secret = secret
@@ -424,7 +428,11 @@ class IdentityFactory:
             payload, mac = unb64url(payload_b64), unb64url(mac_b64)
         except ValueError:
             raise InvalidToken("malformed identity token") from None
-        if not hmac.compare_digest(mac, self._mac(payload)):
+        signed_by = (self._secret, *self._previous)
+        if not any(
+            hmac.compare_digest(mac, hmac.new(key, payload, hashlib.sha256).digest())
+            for key in signed_by
+        ):
             raise InvalidToken(
                 "identity token signature does not match (forged, altered, "
                 "or issued by a server with another secret)"

@@ -61,6 +61,7 @@ class Access:
     origins: frozenset[str] | None
     clock: Callable[[], float] = time.time
     jupyterhub: JupyterHubAuth | None = None
+    previous_secrets: tuple[str, ...] = ()  # being rotated out: their tokens still pass
 
     @staticmethod
     def of(hub: Any) -> Access:
@@ -112,24 +113,26 @@ class Access:
             return None
         if not token:
             raise missing()
-        try:
-            claims = jwt.decode(
-                token,
-                self.secret,
-                algorithms=ALGORITHMS,
-                # ``iat`` is not checked: a backend whose clock runs ahead would mint
-                # tokens "from the future" that PyJWT refuses. The leeway lets an ``nbf``
-                # a little ahead pass; ``exp`` is decided without it (decide()).
-                options={"require": ["exp"], "verify_iat": False},
-                leeway=CLOCK_SKEW,
-            )
-        except jwt.ExpiredSignatureError:
-            raise expired() from None
-        except jwt.InvalidSignatureError:
-            raise invalid("bad signature (not signed with this service's secret)") from None
-        except jwt.InvalidTokenError as exc:
-            raise invalid(str(exc)) from None
-        return decide(claims, room, want, self.clock())
+        for key in (self.secret, *self.previous_secrets):
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=ALGORITHMS,
+                    # ``iat`` is not checked: a backend whose clock runs ahead would mint
+                    # tokens "from the future" that PyJWT refuses. The leeway lets an
+                    # ``nbf`` a little ahead pass; ``exp`` is decided without it (decide()).
+                    options={"require": ["exp"], "verify_iat": False},
+                    leeway=CLOCK_SKEW,
+                )
+            except jwt.ExpiredSignatureError:
+                raise expired() from None
+            except jwt.InvalidSignatureError:
+                continue  # perhaps signed with a secret being rotated out
+            except jwt.InvalidTokenError as exc:
+                raise invalid(str(exc)) from None
+            return decide(claims, room, want, self.clock())
+        raise invalid("bad signature (not signed with this service's secret)")
 
     def until_expiry(self, grant: Grant | None) -> float | None:
         """Seconds left of ``grant``; None if it does not expire."""
@@ -144,7 +147,8 @@ _accesses: weakref.WeakKeyDictionary[Hub, Access] = weakref.WeakKeyDictionary()
 def _access_of(settings: Settings) -> Access:
     origins = parse_origins(settings.allowed_origins)
     if settings.auth != "jupyterhub":
-        return Access(settings.auth, settings.secret, origins or None)
+        previous = tuple(settings.previous_secret_list)
+        return Access(settings.auth, settings.secret, origins or None, previous_secrets=previous)
     from presence.server.jupyterhub_auth import HubService, JupyterHubAuth
 
     service = HubService.from_env(os.environ)

@@ -69,6 +69,7 @@ def make_hub(settings: Settings) -> Hub:
         locale=settings.locale,
         seed=settings.seed,
         max_age=settings.token_max_age,
+        previous=[s.encode() for s in settings.previous_secret_list],
     )
     hub = Hub(settings, identities=identities, backplane=make_backplane(settings))
     replication_metrics(hub)
