@@ -156,7 +156,7 @@ def service() -> Iterator[Server]:
 
 
 def claim(service: Server, scope: str, wanted: Identity) -> dict[str, Any]:
-    token = IdentityFactory(b"test-secret").token(wanted)
+    token = IdentityFactory(SECRET.encode()).token(wanted)
     response = httpx.post(f"{service.http}/identities", json={"scope": scope, "token": token})
     assert response.status_code == 200, response.text
     identity: dict[str, Any] = response.json()["identity"]

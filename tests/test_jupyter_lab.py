@@ -23,7 +23,7 @@ import pytest
 from playwright.async_api import Browser, Page, Playwright, async_playwright
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
-from harness.processes import ARTIFACTS, Server
+from harness.processes import ARTIFACTS, SECRET, Server
 from tests.jupyter_helpers import TOKEN, Jupyter, start_jupyter
 from tests.test_browser import CHROMIUM_FLAGS, chromium, rgb, rgb_of_hex
 
@@ -67,7 +67,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, presence_service: Server) -> I
         "--ServerApp.jpserver_extensions=presence.jupyter=True",
         "--ServerApp.identity_provider_class=presence.jupyter.PresenceIdentityProvider",
         f"--PresenceIdentityProvider.url={presence_service.http}",
-        "--PresenceIdentityProvider.secret=test-secret",  # the service's (harness.processes)
+        f"--PresenceIdentityProvider.secret={SECRET}",  # the service's (harness.processes)
         f"--PresenceJupyter.url={presence_service.http}",
         f"--PresenceJupyter.scope={SCOPE}",
     )
