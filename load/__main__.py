@@ -8,6 +8,8 @@ Scenarios (docs/benchmarks.md has the results):
   e      churn: 100 joins and leaves per second for a minute
   faults 2 replicas + Redis under load: a replica stalled and resumed, Redis restarted
          and frozen, a replica killed; what the members saw (load/faults.py)
+  claims what one POST /identities costs with 0, 2,000 and 20,000 claims made before
+         in its scope (load/claims.py)
   hall   the lecture hall: 1 room of 300 stock clients joining within 10 s, a presenter
          at 20 Hz, 10 others at 5 Hz (the presenter's cursor as every viewer sees it)
   scale  the mid load of compare on 1, 2 and 4 presence replicas, each room on 2 of
@@ -479,7 +481,7 @@ def main() -> None:
     parser.add_argument(
         "scenario",
         choices=[
-            *("a", "b", "c", "d", "e", "faults", "custom", "sweep"),
+            *("a", "b", "c", "d", "e", "faults", "claims", "custom", "sweep"),
             *("compare", "hall", "scale", "report"),
         ],
     )
@@ -531,6 +533,10 @@ def main() -> None:
         from load.faults import run_faults
 
         result = run_faults()
+    elif opts.scenario == "claims":
+        from load.claims import run_claims
+
+        result = run_claims()
     elif opts.scenario == "e":
         result = run_churn(opts)
     elif opts.scenario == "compare":

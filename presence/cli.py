@@ -16,6 +16,7 @@ from typing import Any
 from presence import __version__
 from presence.config import MIN_SECRET_BYTES, ConfigError, Settings
 from presence.core.access import ROLES
+from presence.core.identity import IdentityFactory
 
 # The open files presence takes at most (connection.default_max_connections counts on it).
 MAX_OPEN_FILES = 1 << 20
@@ -64,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--color", help="colour to show for the member (#rrggbb)")
     token.add_argument("--username", help="stable id of the person")
     token.add_argument("--secret", help="default: PRESENCE_SECRET")
+    scope_key = commands.add_parser(
+        "scope-key",
+        help="print the key of an identity scope (for POST /identities)",
+        description="Print the key that POST /identities asks for a scope (Authorization: "
+        "Bearer KEY). The Jupyter identity provider makes its own from the same secret.",
+    )
+    scope_key.add_argument("scope", help="the scope (a Jupyter server's, like lab1-8888)")
+    scope_key.add_argument("--secret", help="default: PRESENCE_SECRET")
     commands.add_parser(
         "secret",
         help="print a new secret (for PRESENCE_SECRET)",
@@ -114,11 +123,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "secret":
         print(secrets.token_urlsafe(MIN_SECRET_BYTES))
         return
-    if args.command == "token":
+    if args.command in ("token", "scope-key"):
         args.secret = args.secret or os.environ.get("PRESENCE_SECRET", "")
         if not args.secret:
             parser.exit(2, "presence: error: set PRESENCE_SECRET (or --secret) to sign tokens\n")
-        print(mint(args, time.time()))
+        if args.command == "token":
+            print(mint(args, time.time()))
+        else:
+            print(IdentityFactory(args.secret.encode()).scope_key(args.scope))
         return
     flags = {k: v for k, v in vars(args).items() if k != "command"}
     try:

@@ -22,6 +22,8 @@ ENV_PREFIX = "PRESENCE_"
 # Shorter HMAC keys fall to a brute force of one token they signed (a 3-byte secret took
 # 0.04 s); 32 bytes is SHA-256's own size.
 MIN_SECRET_BYTES = 32
+MAX_SCOPE_IDENTITIES = 26 * 26  # pairs of initials; past them claims would clash forever
+
 
 class ConfigError(ValueError):
     """A setting with a bad value; the message names the setting and what is expected."""
@@ -306,6 +308,21 @@ class Settings:
     max_room_members: int = _opt(
         500, positive_int, "Members per room; one more is refused with close code 1013.", "N"
     )
+    max_identities_per_scope: int = _opt(
+        500,
+        positive_int,
+        "Live identities per scope of POST /identities (up to 676, the pairs of "
+        "initials that keep them apart); a new one past it reclaims the one renewed "
+        "longest ago.",
+        "N",
+    )
+    identity_claim_rate: float = _opt(
+        50.0,
+        positive_float,
+        "POST /identities claims per second of one scope per replica (bursts of ten "
+        "times as many); past it, 429 with Retry-After.",
+        "PER_SECOND",
+    )
     max_room_state_bytes: int = _opt(
         512 * 1024,
         positive_int,
@@ -408,6 +425,11 @@ class Settings:
                     "(a shorter one can be guessed from one token it signed); "
                     "`presence secret` prints a good one"
                 )
+        if self.max_identities_per_scope > MAX_SCOPE_IDENTITIES:
+            raise ConfigError(
+                f"--max-identities-per-scope is {self.max_identities_per_scope}: at most "
+                f"{MAX_SCOPE_IDENTITIES} live identities of a scope can show distinct initials"
+            )
         if self.previous_secrets and not self.secret:
             raise ConfigError("--previous-secrets needs --secret, the one that replaces them")
         if self.auth == "token" and not self.secret:

@@ -74,7 +74,8 @@ async def test_refused_tokens_get_the_invalid_token_answer_everywhere(
         got = await http.get("/identity", params={"token": token})
         assert got.status_code == 400 and got.json()["error"] == "invalid_token", got.text
         body = {"scope": "lab", "token": token}
-        got = await http.post("/identities", json=body)
+        key = IdentityFactory(SECRET.encode()).scope_key("lab")
+        got = await http.post("/identities", json=body, headers={"Authorization": f"Bearer {key}"})
         assert got.status_code == 400 and got.json()["error"] == "invalid_token", got.text
     # Over the JSON protocol: the error, then close 1008 (the client drops the token);
     # on the Yjs endpoint, close 1008.

@@ -7,6 +7,7 @@ import pytest
 
 from presence.cli import build_parser, raise_open_files_limit
 from presence.config import ConfigError, Settings
+from presence.core.identity import IdentityFactory
 
 
 @pytest.mark.unit
@@ -130,3 +131,23 @@ def test_secrets_being_rotated_out_must_be_strong_too() -> None:
         )
     with pytest.raises(ConfigError, match="needs --secret"):
         Settings.load({}, {"PRESENCE_PREVIOUS_SECRETS": "o" * 40})
+
+
+@pytest.mark.unit
+def test_a_scope_keeps_at_most_as_many_identities_as_there_are_pairs_of_initials() -> None:
+    assert Settings.load({}, {}).max_identities_per_scope == 500
+    assert Settings.load({"max_identities_per_scope": "676"}).max_identities_per_scope == 676
+    with pytest.raises(ConfigError, match="at most 676"):
+        Settings.load({"max_identities_per_scope": "677"})
+
+
+@pytest.mark.e2e
+def test_presence_scope_key_prints_the_key_the_service_asks_for() -> None:
+    secret = "k" * 32
+    printed = subprocess.run(
+        [sys.executable, "-m", "presence", "scope-key", "lab1-8888", "--secret", secret],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert IdentityFactory(secret.encode()).is_scope_key("lab1-8888", printed)

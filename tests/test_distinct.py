@@ -150,3 +150,16 @@ def test_two_users_with_one_face_are_told_apart_by_a_number() -> None:
     assert second.name == first.name + " 2"
     assert first.initials == initials_of(first.name)
     assert second.initials == first.name.split()[1][0] + "2"  # "O2" for "Brave Otter 2"
+
+
+def test_a_bounded_scope_lets_go_of_the_identity_renewed_longest_ago() -> None:
+    live, make = LiveIdentities(), factory()
+    first, second, third = (make.create() for _ in range(3))
+    for i, identity in enumerate((first, second)):
+        assert live.claim(choose(live.held(i), identity), float(i), 60, keep=2) is None
+    assert live.touch(first.username, 2.0, 60) is not None  # now second is the oldest
+    assert live.claim(choose(live.held(3), third), 3.0, 60, keep=2) is None
+    assert set(live.held(3.0)) == {first.username, third.username}
+    # Without a bound, nobody is let go.
+    assert live.claim(choose(live.held(4), second), 4.0, 60) is None
+    assert len(live) == 3

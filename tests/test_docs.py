@@ -17,7 +17,7 @@ from presence.core.room import ROOM_NAME_RULE
 from presence.jupyter.extension import PresenceJupyter
 from presence.server.access import CLOCK_SKEW
 from presence.server.connection import FRAMES_PER_TURN
-from presence.server.identities import DEFAULT_TTL, MAX_BODY, MAX_TTL
+from presence.server.identities import BURST_SECONDS, DEFAULT_TTL, MAX_BODY, MAX_TTL
 from presence.server.json_ws import MAX_CONSECUTIVE_ERRORS
 from presence.server.yjs_ws import ECHO_OVERHEAD, MAX_CLIENT_IDS
 
@@ -49,6 +49,8 @@ QUOTED = [
     ("docs/protocol.md", "`yjs_id_grace` (30 s", "yjs_id_grace"),
     ("docs/benchmarks.md", "defaults (2 ms flush interval", "flush_interval"),
     ("README.md", "within `--replica-timeout` (5 s)", "replica_timeout"),
+    ("docs/protocol.md", "`--max-identities-per-scope` (500)", "max_identities_per_scope"),
+    ("docs/protocol.md", "`--identity-claim-rate` (50)", "identity_claim_rate"),
 ]
 # Numbers the docs quote from constants in the code rather than from settings.
 RECHECK = PresenceJupyter.recheck.default_value
@@ -65,6 +67,7 @@ CONSTANTS = [
     ("docs/protocol.md", "(default 3600 s", DEFAULT_TTL),
     ("docs/protocol.md", "at most 604800 s", MAX_TTL),
     ("docs/protocol.md", "at most 4096 bytes", MAX_BODY),
+    ("docs/protocol.md", "what 10 s would allow", BURST_SECONDS),
     ("README.md", "fails after 120 s", PYTEST["timeout"]),
     ("docs/protocol.md", "more than 1024 frames", MAX_FRAGMENTS),
     ("docs/protocol.md", "at most 128 frames of one connection", FRAMES_PER_TURN),

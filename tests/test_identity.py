@@ -272,3 +272,15 @@ def test_tokens_of_a_secret_being_rotated_out_still_verify() -> None:
     assert factory(secret=new).verify(rotated.token(identity)) == identity
     with pytest.raises(InvalidToken, match="signature"):
         factory(secret=new, previous=[b"x" * 32]).verify(token)
+
+
+def test_a_scope_key_is_made_only_with_the_secret_and_for_one_scope() -> None:
+    old, new = b"o" * 32, b"n" * 32
+    key = factory(secret=new).scope_key("lab1-8888")
+    assert factory(secret=new).is_scope_key("lab1-8888", key)
+    assert not factory(secret=new).is_scope_key("lab2-8888", key)
+    assert not factory(secret=old).is_scope_key("lab1-8888", key)
+    assert not factory(secret=new).is_scope_key("lab1-8888", "")
+    # While a secret is rotated out, keys made with it still open the scope.
+    old_key = factory(secret=old).scope_key("lab1-8888")
+    assert factory(secret=new, previous=[old]).is_scope_key("lab1-8888", old_key)

@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from harness.processes import RedisProcess
+from harness.processes import SECRET, RedisProcess
 from presence.core.colors import PALETTE
+from presence.core.identity import IdentityFactory
 from tests.conftest import Server
 
 pytestmark = pytest.mark.e2e
@@ -20,8 +21,13 @@ pytestmark = pytest.mark.e2e
 ServerFactory = Callable[..., Server]
 
 
+def key_of(scope: str) -> dict[str, str]:
+    """The header that opens ``scope``: its key, made with the service's secret."""
+    return {"Authorization": f"Bearer {IdentityFactory(SECRET.encode()).scope_key(scope)}"}
+
+
 async def claim(http: httpx.AsyncClient, base: str, **body: Any) -> dict[str, Any]:
-    response = await http.post(f"{base}/identities", json=body)
+    response = await http.post(f"{base}/identities", json=body, headers=key_of(body["scope"]))
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
@@ -91,7 +97,7 @@ async def test_bad_requests_get_a_400_that_says_why(server: Server) -> None:
             ([1, 2], "invalid_request"),
         ]
         for body, code in cases:
-            response = await http.post(url, json=body)
+            response = await http.post(url, json=body, headers=key_of("ok"))
             assert response.status_code == 400, body
             assert response.json()["error"] == code, body
         invalid_scope = (await http.post(url, json={"scope": "a b"})).json()["message"]
@@ -129,11 +135,12 @@ async def test_replicas_on_one_redis_hand_out_unique_identities_within_a_scope(
         again = await claim(http, r2.http, scope="hub:lab", token=first[0]["token"])
         assert again["identity"] == identities[0]
     with redis_server.client() as client:
-        live, expiry = "presence:scope:{hub:lab}:live", "presence:scope:{hub:lab}:expiry"
-        assert client.hlen(live) == 40 and client.zcard(expiry) == 40
-        # Abandoned scopes vanish: both keys expire with their last identity.
-        assert 3500_000 < client.pttl(live) <= 3600_000
-        assert 3500_000 < client.pttl(expiry) <= 3600_000
+        keys = scope_keys("hub:lab")
+        assert client.hlen(keys["live"]) == 40 and client.zcard(keys["expiry"]) == 40
+        assert_indexed(client, "hub:lab")
+        # Abandoned scopes vanish: the keys expire with their last identity.
+        for key in keys.values():
+            assert 3500_000 < client.pttl(key) <= 3600_000, key
 
 
 async def test_expired_identities_leave_redis_and_an_abandoned_scope_vanishes(
@@ -144,8 +151,98 @@ async def test_expired_identities_leave_redis_and_an_abandoned_scope_vanishes(
         for _ in range(3):
             await claim(http, r1.http, scope="brief", ttl=1)
     with redis_server.client() as client:
-        assert client.hlen("presence:scope:{brief}:live") == 3
+        assert client.hlen(scope_keys("brief")["live"]) == 3
         deadline = time.monotonic() + 5
-        while client.exists("presence:scope:{brief}:live", "presence:scope:{brief}:expiry"):
+        while client.exists(*scope_keys("brief").values()):
             assert time.monotonic() < deadline, "the scope's keys did not expire"
             await asyncio.sleep(0.1)
+
+
+def scope_keys(scope: str) -> dict[str, str]:
+    kinds = ("live", "expiry", "renewed", "names", "initials", "colors")
+    return {k: f"presence:scope2:{{{scope}}}:{k}" for k in kinds}
+
+
+def assert_indexed(client: Any, scope: str) -> None:
+    """Redis's indexes of the scope name exactly what its live identities show."""
+    import json
+
+    keys = scope_keys(scope)
+    live = {u.decode(): json.loads(r) for u, r in client.hgetall(keys["live"]).items()}
+    names = {n.decode(): u.decode() for n, u in client.hgetall(keys["names"]).items()}
+    initials = {i.decode(): u.decode() for i, u in client.hgetall(keys["initials"]).items()}
+    colors = {c.decode(): int(n) for c, n in client.hgetall(keys["colors"]).items()}
+    assert names == {r["n"]: u for u, r in live.items()}
+    assert initials == {r["i"]: u for u, r in live.items()}
+    shown: dict[str, int] = {}
+    for r in live.values():
+        shown[r["c"]] = shown.get(r["c"], 0) + 1
+    assert colors == shown
+    assert set(client.zrange(keys["renewed"], 0, -1)) == {u.encode() for u in live}
+
+
+async def test_claims_need_the_scope_key(server: Server) -> None:
+    """Anyone could claim before: 2,150 claims locked a scope's logins out for 7 days."""
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        body = {"scope": "lab1-8888", "ttl": 604800}
+        for headers in (
+            {},
+            {"Authorization": "Bearer not-the-key"},
+            key_of("lab2-8888"),  # another scope's key
+            {"Authorization": key_of("lab1-8888")["Authorization"].replace("Bearer", "Basic")},
+        ):
+            response = await http.post("/identities", json=body, headers=headers)
+            assert response.status_code == 401, headers
+            assert response.json()["error"] == "unauthorized"
+            assert response.headers["www-authenticate"].startswith("Bearer")
+            assert "presence scope-key" in response.json()["message"]
+        ok = await http.post("/identities", json=body, headers=key_of("lab1-8888"))
+        assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("backplane", ["memory", "redis"])
+async def test_a_flood_of_claims_reclaims_its_own_and_never_locks_a_scope_out(
+    server_factory: ServerFactory, redis_server: RedisProcess, backplane: str
+) -> None:
+    """More new identities than the scope keeps: every claim is answered, the scope keeps
+    its bound, and those renewed longest ago are let go (renewed, they come back)."""
+    redis = ("--redis-url", redis_server.url) if backplane == "redis" else ()
+    server = server_factory("--max-identities-per-scope", "40", *redis)
+    scope = f"flood-{backplane}"
+    async with httpx.AsyncClient(timeout=30) as http:
+        first = await claim(http, server.http, scope=scope)
+        for _ in range(3):
+            await asyncio.gather(*(claim(http, server.http, scope=scope) for _ in range(20)))
+        kept = await claim(http, server.http, scope=scope)
+        for _ in range(3):  # twice the bound more: every one answered 200 (claim() checks)
+            await asyncio.gather(*(claim(http, server.http, scope=scope) for _ in range(20)))
+            await claim(http, server.http, scope=scope, token=kept["token"])  # kept renewed
+        latest = [(await claim(http, server.http, scope=scope))["identity"] for _ in range(38)]
+        assert_distinct(latest)
+        # The first was let go long ago: its renewal is answered all the same (it may show
+        # another name now), never refused. The 38, it and kept make 40: all live.
+        back = await claim(http, server.http, scope=scope, token=first["token"])
+        assert back["identity"]["username"] == first["identity"]["username"]
+        renewed = await claim(http, server.http, scope=scope, token=kept["token"])
+        assert renewed["identity"] == kept["identity"]
+    if backplane == "redis":
+        with redis_server.client() as client:
+            assert client.hlen(scope_keys(scope)["live"]) == 40
+            assert_indexed(client, scope)
+
+
+async def test_claims_of_a_scope_past_its_rate_get_429_and_other_scopes_do_not(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory("--identity-claim-rate", "1")
+    async with httpx.AsyncClient(base_url=server.http) as http:
+
+        async def post(scope: str) -> httpx.Response:
+            return await http.post("/identities", json={"scope": scope}, headers=key_of(scope))
+
+        burst = [(await post("busy")).status_code for _ in range(12)]
+        assert burst[:10] == [200] * 10 and burst[10:] == [429, 429]  # 10 s worth of 1/s
+        refused = await post("busy")
+        assert refused.json()["error"] == "rate_limited"
+        assert refused.headers["retry-after"] == "1"
+        assert (await post("quiet")).status_code == 200

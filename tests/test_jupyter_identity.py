@@ -157,7 +157,12 @@ def service() -> Iterator[Server]:
 
 def claim(service: Server, scope: str, wanted: Identity) -> dict[str, Any]:
     token = IdentityFactory(SECRET.encode()).token(wanted)
-    response = httpx.post(f"{service.http}/identities", json={"scope": scope, "token": token})
+    key = IdentityFactory(SECRET.encode()).scope_key(scope)
+    response = httpx.post(
+        f"{service.http}/identities",
+        json={"scope": scope, "token": token},
+        headers={"Authorization": f"Bearer {key}"},
+    )
     assert response.status_code == 200, response.text
     identity: dict[str, Any] = response.json()["identity"]
     return identity

@@ -146,9 +146,10 @@ class Backplane(ABC):
 
     @abstractmethod
     async def claim_identity(
-        self, scope: str, claim: Claim, ttl: float
+        self, scope: str, claim: Claim, ttl: float, keep: int
     ) -> dict[str, Identity] | None:
         """Atomically: unless another live identity of ``scope`` clashes with the claim
         (:func:`presence.core.distinct.clashes`), hold ``claim.identity`` for ``ttl``
-        seconds and return None; otherwise return the scope's live identities, to choose
-        again from. Raises :class:`Unavailable`."""
+        seconds and return None, letting go of the identities renewed longest ago past
+        ``keep``; otherwise return the scope's live identities, to choose again from.
+        Raises :class:`Unavailable`."""

@@ -189,10 +189,10 @@ class MemoryTransport(Transport):
         return held
 
     async def claim_identity(
-        self, scope: str, claim: Claim, ttl: float
+        self, scope: str, claim: Claim, ttl: float, keep: int
     ) -> dict[str, Identity] | None:
         live = self.bus.scopes.setdefault(scope, LiveIdentities())
-        return live.claim(claim, self.bus.clock(), ttl)
+        return live.claim(claim, self.bus.clock(), ttl, keep)
 
 
 class MemoryBackplane(Replication):

@@ -89,34 +89,60 @@ end
 return 1
 """
 
-# An identity scope: forget the expired identities, then, given a claim (ARGV: username,
-# identity as JSON, ttl in ms, exclusive colour "1"/"0"), hold it unless another live
-# identity shows its name or initials (or its colour, if exclusive): the check of
-# presence.core.distinct.clashes, atomic across replicas. Returns {1} when held, else
-# {0, the live identities as HGETALL gives them}. TIME is Redis's clock, the same for all
-# replicas; replicate_commands lets a script write after reading it on Redis < 7.
+# An identity scope: forget expired identities (a bounded number per call), then, given a
+# claim (ARGV: username, identity as JSON, ttl in ms, exclusive colour "1"/"0", the most
+# identities kept), hold it unless another live identity shows its name or initials (or
+# its colour, if exclusive): the check of presence.core.distinct.clashes, atomic across
+# replicas. Indexes of names, initials and colours make a claim O(log n) in the scope,
+# and past the bound the identity renewed longest ago goes, so that a flood reclaims its
+# own. Returns {1} when held, else {0, the live identities as HGETALL gives them}. TIME
+# is Redis's clock, the same for all replicas; replicate_commands lets a script write
+# after reading it on Redis < 7.
 SCOPE_SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
+local live, expiry, renewed, names, initials, colors = unpack(KEYS)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for _, username in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
-  redis.call('HDEL', KEYS[1], username)
-  redis.call('ZREM', KEYS[2], username)
-end
-local held = redis.call('HGETALL', KEYS[1])
-if #ARGV == 0 then return {0, held} end
-local me, ttl, exclusive = ARGV[1], tonumber(ARGV[3]), ARGV[4] == '1'
-local mine = cjson.decode(ARGV[2])
-for i = 1, #held, 2 do
-  if held[i] ~= me then
-    local other = cjson.decode(held[i + 1])
-    if other.n == mine.n or other.i == mine.i or (exclusive and other.c == mine.c) then
-      return {0, held}
-    end
+local function drop(u)
+  local record = redis.call('HGET', live, u)
+  if record then
+    local r = cjson.decode(record)
+    if redis.call('HGET', names, r.n) == u then redis.call('HDEL', names, r.n) end
+    if redis.call('HGET', initials, r.i) == u then redis.call('HDEL', initials, r.i) end
+    if redis.call('HINCRBY', colors, r.c, -1) <= 0 then redis.call('HDEL', colors, r.c) end
+    redis.call('HDEL', live, u)
   end
+  redis.call('ZREM', expiry, u)
+  redis.call('ZREM', renewed, u)
 end
-redis.call('HSET', KEYS[1], me, ARGV[2])
-redis.call('ZADD', KEYS[2], now + ttl, me)
+for _, u in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, 64)) do
+  drop(u)
+end
+if #ARGV == 0 then return {0, redis.call('HGETALL', live)} end
+local me, record, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local exclusive, keep = ARGV[4] == '1', tonumber(ARGV[5])
+local mine = cjson.decode(record)
+local function other(holder) return holder and holder ~= me end
+local clash = other(redis.call('HGET', names, mine.n))
+  or other(redis.call('HGET', initials, mine.i))
+if exclusive and not clash then
+  local shown = tonumber(redis.call('HGET', colors, mine.c) or '0')
+  local old = redis.call('HGET', live, me)
+  if old and cjson.decode(old).c == mine.c then shown = shown - 1 end
+  clash = shown > 0
+end
+if clash then return {0, redis.call('HGETALL', live)} end
+drop(me)
+redis.call('HSET', live, me, record)
+redis.call('HSET', names, mine.n, me)
+redis.call('HSET', initials, mine.i, me)
+redis.call('HINCRBY', colors, mine.c, 1)
+redis.call('ZADD', expiry, now + ttl, me)
+redis.call('ZADD', renewed, now, me)
+while redis.call('ZCARD', renewed) > keep do
+  local oldest = redis.call('ZRANGE', renewed, 0, 1)
+  drop(oldest[1] == me and oldest[2] or oldest[1])
+end
 for _, key in ipairs(KEYS) do
   if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
 end
@@ -544,22 +570,25 @@ class RedisTransport(Transport):
     # -- identity scopes ---------------------------------------------------------------
 
     def scope_keys(self, scope: str) -> list[str]:
-        """The keys of an identity scope; the ``{scope}`` hash tag keeps them in one slot."""
-        base = f"{self.prefix}:scope:{{{scope}}}"
-        return [base + ":live", base + ":expiry"]
+        """The keys of an identity scope; the ``{scope}`` hash tag keeps them in one slot.
+        (``scope2``: the layout with indexes, apart from the one of release 0.1.0.)"""
+        base = f"{self.prefix}:scope2:{{{scope}}}"
+        return [
+            base + ":" + k for k in ("live", "expiry", "renewed", "names", "initials", "colors")
+        ]
 
     async def scope_identities(self, scope: str) -> dict[str, Identity]:
         _, held = await self._run_scope(scope)
         return held
 
     async def claim_identity(
-        self, scope: str, claim: Claim, ttl: float
+        self, scope: str, claim: Claim, ttl: float, keep: int
     ) -> dict[str, Identity] | None:
         i = claim.identity
         record = codec.dumps({"u": i.username, "n": i.name, "i": i.initials, "c": i.color})
         exclusive = "1" if claim.exclusive_color else "0"
         ttl_ms = max(1, round(ttl * 1000))
-        done, held = await self._run_scope(scope, i.username, record, ttl_ms, exclusive)
+        done, held = await self._run_scope(scope, i.username, record, ttl_ms, exclusive, keep)
         return None if done else held
 
     async def _run_scope(self, scope: str, *args: Any) -> tuple[bool, dict[str, Identity]]:

@@ -753,9 +753,9 @@ class Replication(Backplane):
         return await self.transport.scope_identities(scope)
 
     async def claim_identity(
-        self, scope: str, claim: Claim, ttl: float
+        self, scope: str, claim: Claim, ttl: float, keep: int
     ) -> dict[str, Identity] | None:
-        return await self.transport.claim_identity(scope, claim, ttl)
+        return await self.transport.claim_identity(scope, claim, ttl, keep)
 
 
 MAX_HOLD_SECONDS = 3600.0  # a replica's claim is believed up to this long

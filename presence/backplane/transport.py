@@ -158,5 +158,5 @@ class Transport(ABC):
 
     @abstractmethod
     async def claim_identity(
-        self, scope: str, claim: Claim, ttl: float
+        self, scope: str, claim: Claim, ttl: float, keep: int
     ) -> dict[str, Identity] | None: ...

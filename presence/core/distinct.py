@@ -209,24 +209,31 @@ class LiveIdentities:
         entry = self._held.get(username)
         return entry[0] if entry is not None and entry[1] > now else None
 
-    def claim(self, claim: Claim, now: float, ttl: float) -> dict[str, Identity] | None:
+    def claim(
+        self, claim: Claim, now: float, ttl: float, keep: int | None = None
+    ) -> dict[str, Identity] | None:
         """Hold ``claim.identity`` for ``ttl`` seconds unless it clashes with another live
-        identity. None when held; else the live identities, to choose again from."""
+        identity, and let go of those renewed longest ago past ``keep``. None when held;
+        else the live identities, to choose again from."""
         held = self.held(now)
         if clashes(held, claim):
             return held
         self.put(claim.identity, now, ttl)
+        while keep is not None and len(self._held) > keep:
+            del self._held[next(iter(self._held))]  # the first is the one renewed longest ago
         return None
 
     def put(self, identity: Identity, now: float, ttl: float) -> None:
         """Hold ``identity`` as it is (another authority, the service, chose it)."""
+        # Last in the dict's order: the order in which they were renewed.
+        self._held.pop(identity.username, None)
         self._held[identity.username] = (identity, now + ttl)
 
     def touch(self, username: str, now: float, ttl: float) -> Identity | None:
         """Keep a live identity for ``ttl`` more seconds; None if it is not live."""
         shown = self.get(username, now)
         if shown is not None:
-            self._held[username] = (shown, now + ttl)
+            self.put(shown, now, ttl)
         return shown
 
     def release(self, username: str) -> None:

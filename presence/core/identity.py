@@ -406,8 +406,21 @@ class IdentityFactory:
 
     # -- tokens ------------------------------------------------------------------------
 
-    def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._secret, payload, hashlib.sha256).digest()
+    def _mac(self, payload: bytes, secret: bytes | None = None) -> bytes:
+        return hmac.new(secret or self._secret, payload, hashlib.sha256).digest()
+
+    def scope_key(self, scope: str) -> str:
+        """The credential of ``POST /identities`` for ``scope``: only holders of the secret
+        (the service and the Jupyter servers it serves) can make it."""
+        return b64url(self._mac(b"scope:" + scope.encode()))
+
+    def is_scope_key(self, scope: str, key: str) -> bool:
+        """Whether ``key`` is ``scope``'s, made with the secret or a previous one."""
+        payload = b"scope:" + scope.encode()
+        return any(
+            hmac.compare_digest(key.encode(), b64url(self._mac(payload, s)).encode())
+            for s in (self._secret, *self._previous)
+        )
 
     def token(self, identity: Identity) -> str:
         payload = orjson.dumps(

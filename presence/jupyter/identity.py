@@ -205,6 +205,7 @@ class PresenceIdentityProvider(PasswordIdentityProvider):
             self._service = ServiceClient(
                 self.url,
                 self.scope,
+                key=self.factory.scope_key(self.scope),
                 verify=self.factory.verify,
                 timeout=self.timeout,
                 retry_after=self.retry_after,

@@ -31,6 +31,11 @@ class Assigned:
     token: str
 
 
+SECRET_ADVICE = (
+    "set PresenceIdentityProvider.secret (or PRESENCE_SECRET) to the service's PRESENCE_SECRET"
+)
+
+
 class ServiceError(Exception):
     """The service could not be reached, failed, or answered something unusable."""
 
@@ -91,6 +96,7 @@ class ServiceClient:
         url: str,
         scope: str,
         *,
+        key: str,
         verify: Callable[[str], Identity],
         timeout: float,
         retry_after: float,
@@ -98,6 +104,7 @@ class ServiceClient:
     ) -> None:
         self.endpoint = url.rstrip("/") + "/identities"
         self.scope = scope
+        self.headers = {"Authorization": f"Bearer {key}"}  # the scope's key: claims need it
         self.verify = verify  # the provider's token check: the cookie must pass it later
         self.timeout = timeout
         self.breaker = CircuitBreaker(f"presence service {self.endpoint}", retry_after, log)
@@ -110,7 +117,7 @@ class ServiceClient:
         if not self.breaker.allow():
             return None
         if self._sync is None:
-            self._sync = httpx.Client(timeout=self.timeout)
+            self._sync = httpx.Client(timeout=self.timeout, headers=self.headers)
         started = time.monotonic()
         try:
             response = self._sync.post(self.endpoint, json={"scope": self.scope, "ttl": ttl})
@@ -131,7 +138,7 @@ class ServiceClient:
         if not self.breaker.allow():
             return None
         if self._async is None:
-            self._async = httpx.AsyncClient(timeout=self.timeout)
+            self._async = httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
         body = {"scope": self.scope, "token": token, "ttl": ttl}
         try:
             return self._answer(await self._async.post(self.endpoint, json=body), token)
@@ -140,6 +147,8 @@ class ServiceClient:
             return None
 
     def _answer(self, response: httpx.Response, sent: str | None) -> Assigned:
+        if response.status_code == 401:
+            raise ServiceError(f"it refused this server's key to the scope: {SECRET_ADVICE}")
         if response.status_code != 200:
             raise ServiceError(f"HTTP {response.status_code}: {response.text[:200]}")
         try:
@@ -154,9 +163,7 @@ class ServiceClient:
                 raise ServiceError("the answer is not about the identity asked for")
         except InvalidToken:
             raise ServiceError(
-                "its tokens do not verify with this server's secret: set "
-                "PresenceIdentityProvider.secret (or PRESENCE_SECRET) to the service's "
-                "PRESENCE_SECRET"
+                f"its tokens do not verify with this server's secret: {SECRET_ADVICE}"
             ) from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ServiceError(f"unexpected answer: {exc!r}") from None

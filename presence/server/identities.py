@@ -5,6 +5,11 @@ Jupyter server (presence.jupyter.identity asks here for each new one, and renews
 ones). No two live identities of a scope show one name or one pair of initials, nor one
 colour while the palette has a free one; the backplane makes each claim atomically
 (in Redis, for all replicas), and a claim that lost a race is chosen again.
+
+Only holders of the secret may claim: a request carries the scope's key
+(:meth:`IdentityFactory.scope_key`). A scope keeps at most ``--max-identities-per-scope``
+live identities, letting go of those renewed longest ago, and each replica takes a
+scope's claims at a bounded rate: what a scope costs is bounded, and nobody is locked out.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import AsyncIterator
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from presence.backplane.base import Unavailable
 from presence.core.distinct import choose, create
 from presence.core.identity import Identity, InvalidToken
+from presence.core.ratelimit import TokenBucket
 from presence.core.room import ROOM_NAME_RULE, is_valid_room_name
 from presence.server.hub import Hub
 
@@ -35,6 +43,11 @@ MAX_BODY = 4096  # bytes: a scope, a token and a ttl
 # all), and would otherwise lose in lockstep.
 ATTEMPTS = 16
 PAUSE = 0.002  # seconds, times the attempt number, at most
+# Claims of a scope per replica (--identity-claim-rate) come in bursts of ten times the
+# rate: a class logging in at once. A scope's key that leaked cannot make a replica or
+# Redis spend more on it.
+BURST_SECONDS = 10.0
+MAX_BUCKETS = 10_000  # scopes whose rate is followed; the least recent is forgotten
 
 
 class Contended(Exception):
@@ -59,6 +72,26 @@ async def _one_at_a_time(scope: str) -> AsyncIterator[None]:
             _queues[scope] = (lock, users - 1)
 
 
+class ClaimRates:
+    """The rate of claims of each scope on this replica."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.clock = clock
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def wait_time(self, scope: str) -> float:
+        """0 and a claim taken if the scope may claim now, else seconds to wait."""
+        now = self.clock()
+        bucket = self._buckets.pop(scope, None) or TokenBucket(
+            self.rate, max(1.0, self.rate * BURST_SECONDS), now
+        )
+        self._buckets[scope] = bucket
+        if len(self._buckets) > MAX_BUCKETS:
+            self._buckets.popitem(last=False)
+        return 0.0 if bucket.allow(now) else bucket.wait_time(now)
+
+
 async def assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> Identity:
     """The identity that ``wanted`` (a new one when None) shows in ``scope``, now held
     there for ``ttl`` seconds."""
@@ -73,7 +106,9 @@ async def _assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> 
     held = {} if wanted is not None else await backplane.scope_identities(scope)
     for attempt in range(ATTEMPTS):
         claim = choose(held, wanted or create(held, hub.identities))
-        again = await backplane.claim_identity(scope, claim, ttl)
+        again = await backplane.claim_identity(
+            scope, claim, ttl, hub.settings.max_identities_per_scope
+        )
         if again is None:
             return claim.identity
         await asyncio.sleep(random.uniform(0, PAUSE * (attempt + 1)))
@@ -92,8 +127,13 @@ async def _body(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
-def _error(status: int, code: str, message: str) -> Response:
-    return JSONResponse({"error": code, "message": message}, status_code=status)
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def _key(request: Request) -> str:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""
 
 
 def _ttl(value: Any) -> float | None:
@@ -121,6 +161,23 @@ async def post_identities(request: Request) -> Response:
     scope = body.get("scope")
     if not isinstance(scope, str) or not is_valid_room_name(scope):
         return _error(400, "invalid_scope", f"scope names are {ROOM_NAME_RULE}; got {scope!r}")
+    if not hub.identities.is_scope_key(scope, _key(request)):
+        return _error(
+            401,
+            "unauthorized",
+            "claims need the scope's key in Authorization: Bearer <key> (the Jupyter "
+            "identity provider sends it; `presence scope-key SCOPE` prints it)",
+            {"WWW-Authenticate": 'Bearer realm="presence"'},
+        )
+    wait = request.app.state.claim_rates.wait_time(scope)
+    if wait > 0:
+        return _error(
+            429,
+            "rate_limited",
+            f"more than {hub.settings.identity_claim_rate:g} claims per second in scope "
+            f"{scope!r} (--identity-claim-rate)",
+            {"Retry-After": str(math.ceil(wait))},
+        )
     ttl = _ttl(body.get("ttl", DEFAULT_TTL))
     if ttl is None:
         return _error(400, "invalid_ttl", f"ttl is a number of seconds from 1 to {MAX_TTL:g}")
