@@ -115,7 +115,7 @@ def start_presence(n: int, extra: list[str]) -> tuple[list[Server], RedisProcess
     args = [
         *("--log-level", "warning", "--rate-limit", "100"),
         # Every client of the generator comes from 127.0.0.1.
-        *("--max-connections-per-ip", "100000"),
+        *("--max-connections-per-ip", "100000", "--connection-rate-per-ip", "100000"),
         *extra,
     ]
     if redis is not None:

@@ -362,20 +362,29 @@ class Settings:
         "N",
     )
     max_connections_per_ip: int = _opt(
-        256,
+        1024,
         positive_int,
-        "Open TCP connections per client IP per replica; more are refused with 503. The "
-        "client IP is the peer's, or the X-Forwarded-For client when the peer is one of "
-        "--forwarded-allow-ips.",
+        "Open TCP connections per client IP per replica; more are refused with 503. A "
+        "lecture hall behind one NAT address fits; one address cannot take a replica's "
+        "--max-connections. The client IP is the peer's, or the X-Forwarded-For client "
+        "when the peer is one of --forwarded-allow-ips.",
         "N",
     )
+    connection_rate_per_ip: float = _opt(
+        50.0,
+        positive_float,
+        "New TCP connections per second per client IP per replica, in bursts of what "
+        "10 s would allow; faster ones are refused with 429 and Retry-After.",
+        "PER_SECOND",
+    )
     forwarded_allow_ips: str = _opt(
-        "127.0.0.1,::1",
+        "",
         str,
         "Proxies (comma-separated IPs or networks, or *) whose X-Forwarded-For header "
-        "names the client (for the per-IP limit and the HTTP views). Set it to the "
-        "load balancer's address when there is one. With *, the last address of the "
-        "header is the client: the proxy must set it, not append to the client's.",
+        "names the client (for the per-IP limits and the HTTP views). None by default: "
+        "set it to the load balancer's address when there is one. With *, the last "
+        "address of the header is the client: the proxy must set it, not append to the "
+        "client's.",
         "IPS",
     )
     log_level: str = _opt(

@@ -278,8 +278,10 @@ async def test_one_address_over_its_limit_is_refused_with_503_and_others_get_in(
 async def test_behind_a_proxy_the_forwarded_client_is_counted(
     server_factory: Callable[..., Server],
 ) -> None:
-    # 127.0.0.1 is one of --forwarded-allow-ips by default: it is a proxy here.
-    server = server_factory("--seed", "24", "--max-connections-per-ip", "3")
+    # 127.0.0.1 is the proxy here.
+    server = server_factory(
+        "--seed", "24", "--max-connections-per-ip", "3", "--forwarded-allow-ips", "127.0.0.1"
+    )
     held = [connect(server) for _ in range(3)]
     for sock in held:
         assert ask(sock, upgrade("X-Forwarded-For: 10.0.0.1")).startswith(b"HTTP/1.1 101 ")
@@ -313,6 +315,77 @@ async def test_behind_a_proxy_the_forwarded_client_is_counted(
     assert status.startswith(b"HTTP/1.1 503 "), status
     for sock in [*held, first]:
         sock.close()
+
+
+async def test_no_address_is_a_proxy_by_default_not_even_the_loopback(
+    server_factory: Callable[..., Server],
+) -> None:
+    """Before: 127.0.0.1 was trusted by default. Any local process dodged the per-IP
+    limit with a new X-Forwarded-For per connection, and its silent connections were not
+    counted at all (10,000 held before the handshake timeout)."""
+    server = server_factory(
+        "--seed", "29", "--max-connections-per-ip", "3", "--handshake-timeout", "60"
+    )
+    held = [connect(server) for _ in range(2)]
+    for i, sock in enumerate(held):
+        status = ask(sock, upgrade(f"X-Forwarded-For: 10.0.0.{i}"))
+        assert status.startswith(b"HTTP/1.1 101 "), status
+    held.append(connect(server))  # silent: counted from the moment it connects
+    status = ask(connect(server), upgrade("X-Forwarded-For: 10.0.0.9"))
+    assert status.startswith(b"HTTP/1.1 503 "), status
+    for sock in held:
+        sock.close()
+    deadline = time.monotonic() + 5
+    while True:  # the metrics come over a connection from 127.0.0.1 too, once one is free
+        try:
+            assert server.metrics()[refused("per_ip")] == 1
+            break
+        except ValueError:
+            assert time.monotonic() < deadline, "127.0.0.1's connections stayed counted"
+            await asyncio.sleep(0.05)
+
+
+async def test_a_lecture_hall_behind_one_address_gets_in_with_the_defaults(
+    server_factory: Callable[..., Server],
+) -> None:
+    """Before: with 256 connections per IP, students 257 to 300 were refused (503)."""
+    server = server_factory("--seed", "30")  # the default limits
+    students: list[Client] = []
+    started = time.monotonic()
+    for _wave in range(6):  # 300 within a few seconds, 50 at once
+        students += await asyncio.gather(
+            *(Client.connect(f"{server.ws}/rooms/hall") for _ in range(50))
+        )
+    joined = time.monotonic() - started
+    last = students[-1]
+    assert len(last.welcome["members"]) == 299  # everyone else
+    assert not any(k.startswith("presence_connections_refused_total") for k in server.metrics())
+    sender, observer = students[0], students[-1]
+    latencies = await relaying(sender, observer)
+    print(
+        f"\nlecture hall: 300 joined from one address in {joined:.2f} s; observer p99 "
+        f"{p99(latencies) * 1000:.0f} ms"
+    )
+    await asyncio.gather(*(s.close() for s in students))
+
+
+async def test_one_address_opening_connections_too_fast_gets_429(
+    server_factory: Callable[..., Server],
+) -> None:
+    """New connections past the rate (after its burst) are refused with 429, others'
+    still get in, and the room relays."""
+    server = server_factory("--seed", "31", "--connection-rate-per-ip", "5")  # bursts of 50
+    sender, observer = await room(server)
+    statuses = []
+    for _ in range(60):
+        sock = connect(server, OTHER_IP)
+        statuses.append(ask(sock, get("/healthz")))
+        sock.close()
+    assert all(s.startswith(b"HTTP/1.1 200 ") for s in statuses[:48]), statuses
+    assert sum(s.startswith(b"HTTP/1.1 429 ") for s in statuses) >= 8, statuses
+    assert ask(connect(server), get("/healthz")).startswith(b"HTTP/1.1 200 ")
+    assert server.metrics()[refused("per_ip_rate")] >= 8
+    await relaying(sender, observer)
 
 
 async def test_over_the_total_limit_everyone_is_refused_and_the_rooms_go_on(

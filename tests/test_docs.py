@@ -16,7 +16,7 @@ from presence.config import Settings
 from presence.core.room import ROOM_NAME_RULE
 from presence.jupyter.extension import PresenceJupyter
 from presence.server.access import CLOCK_SKEW
-from presence.server.connection import FRAMES_PER_TURN
+from presence.server.connection import FRAMES_PER_TURN, RATE_BURST_SECONDS
 from presence.server.identities import BURST_SECONDS, DEFAULT_TTL, MAX_BODY, MAX_TTL
 from presence.server.json_ws import MAX_CONSECUTIVE_ERRORS
 from presence.server.yjs_ws import ECHO_OVERHEAD, MAX_CLIENT_IDS
@@ -68,6 +68,8 @@ CONSTANTS = [
     ("docs/protocol.md", "at most 604800 s", MAX_TTL),
     ("docs/protocol.md", "at most 4096 bytes", MAX_BODY),
     ("docs/protocol.md", "what 10 s would allow", BURST_SECONDS),
+    ("README.md", "(after a burst of 10 s worth)", RATE_BURST_SECONDS),
+    ("docs/security.md", "after a burst of 10 s worth", RATE_BURST_SECONDS),
     ("README.md", "fails after 120 s", PYTEST["timeout"]),
     ("docs/protocol.md", "more than 1024 frames", MAX_FRAGMENTS),
     ("docs/protocol.md", "at most 128 frames of one connection", FRAMES_PER_TURN),

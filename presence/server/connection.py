@@ -27,6 +27,8 @@ import http
 import logging
 import resource
 import sys
+import time
+from collections import OrderedDict
 from typing import Any, ClassVar, Protocol
 
 import httptools
@@ -36,6 +38,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from presence.codecs import websocket as ws
 from presence.config import Settings
+from presence.core.ratelimit import TokenBucket
 from presence.server.access import Access
 from presence.server.access_log import access_log_of
 from presence.server.hub import Hub
@@ -53,6 +56,10 @@ FRAMES_PER_TURN = 128
 # written at once; closing with the request unread would reset the connection, and the
 # client might never read why).
 REFUSED_LINGER = 0.5
+# --connection-rate-per-ip comes in bursts of this many seconds' worth: a lecture hall
+# joining at once, a replica's clients reconnecting after it restarted.
+RATE_BURST_SECONDS = 10.0
+MAX_RATED_IPS = 65_536  # addresses whose rate is followed; the least recent is forgotten
 
 
 class Endpoint(Protocol):
@@ -511,6 +518,8 @@ class Limits:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.lingering = max(0, min(soft, 1 << 20) - self.max_total) // 2
         self.max_per_ip = settings.max_connections_per_ip
+        self.rate_per_ip = settings.connection_rate_per_ip
+        self._rates: OrderedDict[str, TokenBucket] = OrderedDict()  # least recent first
         self.handshake_timeout = settings.handshake_timeout
         # uvicorn's own parser of --forwarded-allow-ips: the same clients as in the views.
         self.proxies = _TrustedHosts(settings.forwarded_allow_ips)
@@ -526,6 +535,17 @@ class Limits:
             "--max-connections: TCP connections beyond it are refused with 503.",
             lambda: self.max_total,
         )
+
+    def admit(self, ip: str) -> bool:
+        """Whether ``ip`` may open one more connection now (--connection-rate-per-ip)."""
+        now = time.monotonic()
+        bucket = self._rates.pop(ip, None) or TokenBucket(
+            self.rate_per_ip, max(1.0, self.rate_per_ip * RATE_BURST_SECONDS), now
+        )
+        self._rates[ip] = bucket
+        if len(self._rates) > MAX_RATED_IPS:
+            self._rates.popitem(last=False)  # forgotten: it starts again with a full bucket
+        return bucket.allow(now)
 
     @classmethod
     def of(cls, app_state: dict[str, Any]) -> Limits:
@@ -554,16 +574,20 @@ class Slot:
     def over_total(self) -> bool:
         return self.limits is not None and self.limits.open > self.limits.max_total
 
-    def claim(self, ip: str) -> bool:
-        """Count the connection as ``ip``'s; False if that puts ``ip`` over its limit."""
+    def claim(self, ip: str) -> str | None:
+        """Count the connection as ``ip``'s: None, or why ``ip`` may not have it
+        (``per_ip``: over its count; ``per_ip_rate``: opening them too fast)."""
         limits = self.limits
         if limits is None:
-            return True
+            return None
         if ip != self.ip:
+            first = self.ip is None
             self._forget_ip()
             self.ip = ip
             limits.per_ip[ip] = limits.per_ip.get(ip, 0) + 1
-        return limits.per_ip[ip] <= limits.max_per_ip
+            if first and not limits.admit(ip):
+                return "per_ip_rate"
+        return None if limits.per_ip[ip] <= limits.max_per_ip else "per_ip"
 
     def release(self) -> None:
         if self.limits is not None:
@@ -634,10 +658,11 @@ class HttpProtocol(HttpToolsProtocol):
         self._slot = Slot(limits)
         peer = self.client[0] if self.client else None
         self._behind_proxy = peer in limits.proxies
+        refused = None if peer is None or self._behind_proxy else self._slot.claim(peer)
         if self._slot.over_total:
             self._refuse(503, "total", "too many connections to this server; retry later")
-        elif peer is not None and not self._behind_proxy and not self._slot.claim(peer):
-            self._refuse(503, "per_ip", "too many connections from your address; retry later")
+        elif refused is not None:
+            self._refuse_ip(refused)
         else:
             self._deadline = self.loop.call_later(limits.handshake_timeout, self._too_slow)
 
@@ -681,8 +706,9 @@ class HttpProtocol(HttpToolsProtocol):
         self._reading_head = False
         self._head_bytes = 0
         slot = self._slot
-        if self._behind_proxy and slot is not None and not slot.claim(self._client_ip()):
-            self._refuse(503, "per_ip", "too many connections from your address; retry later")
+        refused = slot.claim(self._client_ip()) if self._behind_proxy and slot else None
+        if refused is not None:
+            self._refuse_ip(refused)
             return
         super().on_headers_complete()
 
@@ -713,13 +739,19 @@ class HttpProtocol(HttpToolsProtocol):
                 return str(host)
         return str(self.client[0])
 
+    def _refuse_ip(self, reason: str) -> None:
+        if reason == "per_ip_rate":
+            self._refuse(429, reason, "too many new connections from your address; retry later")
+        else:
+            self._refuse(503, reason, "too many connections from your address; retry later")
+
     def _refuse(self, status: int, reason: str, message: str) -> None:
         """Answer ``status`` and close; cheap, and the socket is not kept."""
         self._refused = True
         self._cancel_deadline()
         self._limits.metrics.refused(reason)
         self._log_refusal(reason, message, status)
-        extra = b"Retry-After: 5\r\n" if status == 503 else b""
+        extra = {503: b"Retry-After: 5\r\n", 429: b"Retry-After: 1\r\n"}.get(status, b"")
         self.transport.write(_response(status, message, extra))
         if (
             self._reading_head

@@ -153,7 +153,8 @@ class Metrics:
         metric(
             "connections_refused_total",
             "counter",
-            "Connections refused (503: over the 'total' or 'per_ip' limit; 431: "
+            "Connections refused (503: over the 'total' or 'per_ip' limit; 429: opened too "
+            "fast, 'per_ip_rate'; 431: "
             "'header_too_large'; 403: 'origin'; 'access_*': a room token or hub refused) or "
             "closed before their request was complete ('handshake_timeout').",
             [(f'{{reason="{r}"}}', n) for r, n in sorted(self.connections_refused.items())],
