@@ -233,6 +233,15 @@ class Settings:
         "same for a user every time; needs --secret) instead of their hub names.",
         "BOOL",
     )
+    jupyterhub_allow_websocket_cookie: bool = _opt(
+        False,
+        boolean,
+        "With --auth jupyterhub: accept the login cookie on WebSockets. Only where no other "
+        "user's pages share this service's origin (per-user subdomains, "
+        "JupyterHub.subdomain_host): any page of the origin could otherwise act as the "
+        "browser's user. Off: WebSockets need a hub token (Authorization, ?access_token=).",
+        "BOOL",
+    )
     admin_token: str = _opt(
         "",
         str,

@@ -183,7 +183,7 @@ def browser_of_alice(hub: JupyterHub) -> Iterator[httpx.Client]:
         yield http
 
 
-async def test_a_browser_logs_in_with_the_hub_and_its_cookie_opens_its_rooms(
+async def test_a_browser_logs_in_with_the_hub_and_its_cookie_opens_its_pages_not_its_sockets(
     hub: JupyterHub, browser_of_alice: httpx.Client
 ) -> None:
     http = browser_of_alice
@@ -195,8 +195,19 @@ async def test_a_browser_logs_in_with_the_hub_and_its_cookie_opens_its_rooms(
     cookie = http.cookies.get("service-presence")
     assert cookie, "the login left presence's cookie"
     headers = {"Cookie": f"service-presence={cookie}", "Origin": hub.url}
+    # This hub serves every user's pages on its one origin: a page of another user's
+    # server sends this cookie too, so WebSockets do not take it (4403, on both
+    # endpoints); the same token sent by the page itself opens alice's rooms.
+    for path in ("/rooms/alice/:scratch", "/yjs/alice/:scratch"):
+        async with websockets.connect(ws_url(hub, path), additional_headers=headers) as ws:
+            code, reason = await closed(ws, 10)
+            assert (code, reason) == (
+                4403,
+                "this service takes no login cookie on WebSockets: send a hub token",
+            )
+    bearer = {"Authorization": f"Bearer {cookie}", "Origin": hub.url}
     async with websockets.connect(
-        ws_url(hub, "/rooms/alice/:scratch"), additional_headers=headers
+        ws_url(hub, "/rooms/alice/:scratch"), additional_headers=bearer
     ) as ws:
         welcome = orjson.loads(await ws.recv())
         assert welcome["you"]["user"]["name"] == "alice"
@@ -207,9 +218,9 @@ async def test_a_browser_logs_in_with_the_hub_and_its_cookie_opens_its_rooms(
             additional_headers={**headers, "Origin": "http://evil.example"},
         )
     assert info.value.response.status_code == 403
-    # Someone else's server stays closed to alice's cookie.
+    # Someone else's server stays closed to alice's token.
     async with websockets.connect(
-        ws_url(hub, "/rooms/carol/:scratch"), additional_headers=headers
+        ws_url(hub, "/rooms/carol/:scratch"), additional_headers=bearer
     ) as ws:
         assert (await closed(ws, 10))[0] == 4403
     # The views take the cookie from a person opening them, not from a page's script

@@ -342,9 +342,29 @@ def test_where_a_request_carries_its_hub_token() -> None:
     assert auth.token_of(cookie, {}) == "from-cookie"
     # The HTTP views take the cookie only from a person navigating there, not from a
     # script of another user's server on the hub's origin.
-    assert auth.token_of(cookie, {}, http=True) is None
-    assert auth.token_of({**cookie, "sec-fetch-mode": "cors"}, {}, http=True) is None
-    assert auth.token_of({**cookie, "sec-fetch-mode": "navigate"}, {}, http=True) == "from-cookie"
+    assert auth.token_of(cookie, {}, via="http") is None
+    assert auth.token_of({**cookie, "sec-fetch-mode": "cors"}, {}, via="http") is None
+    navigating = {**cookie, "sec-fetch-mode": "navigate"}
+    assert auth.token_of(navigating, {}, via="http") == "from-cookie"
+
+
+def test_websockets_take_the_login_cookie_only_where_the_origin_is_not_shared() -> None:
+    """Before: a page of another user's server (same origin, no per-user subdomains)
+    opened WebSockets with the browser's cookie and joined the user's rooms as them."""
+    from presence.core.access import AccessError
+
+    cookie = {"cookie": "service-presence=from-cookie"}
+    auth, _, _ = auth_with_fake()
+    with pytest.raises(AccessError) as refused:
+        auth.token_of(cookie, {}, via="websocket")
+    assert (refused.value.close_code, refused.value.code) == (4403, "cookie_refused")
+    # A hub token sent by the page (or JupyterLab's mirror) is what a socket needs.
+    assert auth.token_of({**cookie, "authorization": "Bearer t"}, {}, via="websocket") == "t"
+    assert auth.token_of(cookie, {"access_token": "q"}, via="websocket") == "q"
+    assert auth.token_of({}, {}, via="websocket") is None
+    # Per-user subdomains (--jupyterhub-allow-websocket-cookie): the cookie will do.
+    subdomains, _, _ = auth_with_fake(websocket_cookie=True)
+    assert subdomains.token_of(cookie, {}, via="websocket") == "from-cookie"
 
 
 def test_two_login_cookies_are_refused_not_the_last_taken() -> None:
@@ -355,9 +375,9 @@ def test_two_login_cookies_are_refused_not_the_last_taken() -> None:
 
     auth, _, _ = auth_with_fake()
     planted = {"cookie": "service-presence=victims; x=1; service-presence=attackers"}
-    for http in (False, True):
+    for via in ("page", "http"):
         with pytest.raises(AccessError) as refused:
-            auth.token_of({**planted, "sec-fetch-mode": "navigate"}, {}, http=http)
+            auth.token_of({**planted, "sec-fetch-mode": "navigate"}, {}, via=via)  # type: ignore[arg-type]
         assert refused.value.status == 401 and "two cookies" in refused.value.message
     # A token sent explicitly is not ambiguous.
     assert auth.token_of({**planted, "authorization": "Bearer t"}, {}) == "t"

@@ -31,7 +31,9 @@ ANONYMOUS_NAMES = "You get an anonymous name"
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[JupyterHub]:
-    hub = JupyterHub().start()  # hub names (no --jupyterhub-anonymous), recheck 10 s
+    # Hub names (no --jupyterhub-anonymous), recheck 10 s. The lobby's sockets use the
+    # login cookie: as on a hub with per-user subdomains.
+    hub = JupyterHub("--jupyterhub-allow-websocket-cookie").start()
     try:
         hub.api("POST", "/users", json={"usernames": ["alice", "bob", "carol", "dave"]})
         yield hub

@@ -95,7 +95,7 @@ class Access:
         """The credential a request carries (a WebSocket's, or with ``http`` a REST or
         SSE view's), where this mode looks for it."""
         if self.jupyterhub is not None:
-            return self.jupyterhub.token_of(headers, query, http=http)
+            return self.jupyterhub.token_of(headers, query, via="http" if http else "websocket")
         # Another scheme (``Basic`` from an auth proxy in front) is not ours: the query
         # parameter applies then (EventSource cannot set headers anyway).
         return bearer(headers.get("authorization", "")) or query.get(PARAMETER)
@@ -159,7 +159,12 @@ def _access_of(settings: Settings) -> Access:
         # The faces the hub's post_auth_hook gives JupyterLab (presence.jupyter.hub): the
         # same name, initials and colour from the same secret, whatever --name-style says.
         anonymous = partial(hub_face, settings.secret)
-    hub = JupyterHubAuth(service, recheck=settings.jupyterhub_recheck, anonymous=anonymous)
+    hub = JupyterHubAuth(
+        service,
+        recheck=settings.jupyterhub_recheck,
+        anonymous=anonymous,
+        websocket_cookie=settings.jupyterhub_allow_websocket_cookie,
+    )
     return Access(settings.auth, settings.secret, origins, jupyterhub=hub)
 
 

@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
@@ -173,11 +173,13 @@ class JupyterHubAuth:
         *,
         recheck: float,
         anonymous: Callable[[str], Identity] | None = None,
+        websocket_cookie: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.service = service
         self.recheck = recheck
         self.anonymous = anonymous
+        self.websocket_cookie = websocket_cookie  # --jupyterhub-allow-websocket-cookie
         self._users = _Cache(recheck, clock)
         self._shares = _Cache(recheck, clock)
         self._watches: set[_Watch] = set()
@@ -352,19 +354,26 @@ class JupyterHubAuth:
         return self.service.client_id
 
     def token_of(
-        self, headers: Mapping[str, str], query: Mapping[str, str], *, http: bool = False
+        self,
+        headers: Mapping[str, str],
+        query: Mapping[str, str],
+        *,
+        via: Literal["page", "http", "websocket"] = "page",
     ) -> str | None:
         """The hub token of a request: Authorization (``Bearer`` or ``token``), then
-        ``?access_token=``, then the login cookie. For the HTTP views (``http``) the
-        cookie counts only when a person navigates there: without per-user subdomains,
-        other users' servers serve pages of the hub's origin, whose scripts would send
-        it too (JupyterHub's HubOAuth refuses cookies to such requests as well)."""
+        ``?access_token=``, then the login cookie. Without per-user subdomains, other
+        users' servers serve pages of the hub's origin, whose scripts send the cookie
+        too, and no check in the browser can tell them from presence's own pages (they
+        choose their own headers). So the cookie counts for a page presence serves
+        (``page``); for the HTTP views only when a person navigates there (JupyterHub's
+        HubOAuth refuses cookies to script requests as well); on WebSockets only with
+        --jupyterhub-allow-websocket-cookie, else the request is refused (403)."""
         scheme, _, value = headers.get("authorization", "").strip().partition(" ")
         if scheme.lower() in ("bearer", "token") and value.strip():
             return value.strip()
         if query.get("access_token"):
             return query["access_token"]
-        if http and headers.get("sec-fetch-mode") != "navigate":
+        if via == "http" and headers.get("sec-fetch-mode") != "navigate":
             return None
         # Split by hand, leniently: one odd cookie of another app on the hub's domain
         # must not hide ours (http.cookies drops the whole header then). Two of ours
@@ -380,7 +389,14 @@ class JupyterHubAuth:
             raise AccessError(
                 401, "invalid_token", f"two cookies named {self.cookie}: log in again"
             )
-        return ours[0] if ours and ours[0] else None
+        token = ours[0] if ours and ours[0] else None
+        if token and via == "websocket" and not self.websocket_cookie:
+            raise AccessError(
+                403,
+                "cookie_refused",
+                "this service takes no login cookie on WebSockets: send a hub token",
+            )
+        return token
 
     def login(self, request: Request, prefix: str, wanted: str = "") -> Response:
         """Off to the hub's authorize page; it comes back to the callback with a code,
