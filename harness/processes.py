@@ -227,18 +227,18 @@ def _cluster_port() -> int:
 
 
 class RedisCluster:
-    """Three primaries, no replicas: the smallest real Redis Cluster."""
+    """Three primaries, each with ``replicas`` replicas: by default the smallest real
+    Redis Cluster. A replica takes over a primary silent for ``node_timeout`` ms."""
 
-    def __init__(self) -> None:
+    def __init__(self, replicas: int = 0, node_timeout: int = 15000) -> None:
+        self.replicas = replicas
         self.nodes = [
             RedisProcess(
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
+                *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                *("--cluster-node-timeout", str(node_timeout)),
                 port=_cluster_port(),
             )
-            for _ in range(3)
+            for _ in range(3 * (1 + replicas))
         ]
 
     @property
@@ -255,7 +255,7 @@ class RedisCluster:
                 "create",
                 *(f"127.0.0.1:{n.port}" for n in self.nodes),
                 "--cluster-replicas",
-                "0",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             check=True,
@@ -263,13 +263,39 @@ class RedisCluster:
             stderr=subprocess.DEVNULL,
             timeout=60,
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            with self.nodes[0].client() as client:
-                if client.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") >= 0:
-                    return self
+            if all(self._sees_all(node) for node in self.nodes):
+                return self
             time.sleep(0.1)
         raise RuntimeError("the cluster did not become ready")
+
+    def _sees_all(self, node: RedisProcess) -> bool:
+        """Whether ``node`` says the cluster is ok, knows every node as connected and
+        each replica as one, and, if a replica, has its primary's data (else it could
+        not take over: its data would be too old)."""
+        with node.client() as client:
+            if "cluster_state:ok" not in client.execute_command("CLUSTER", "INFO").decode():
+                return False
+            lines = client.execute_command("CLUSTER", "NODES").decode().splitlines()
+            replication = client.info("replication")
+        replicas = sum("slave" in line.split()[2].split(",") for line in lines)
+        return (
+            len(lines) == len(self.nodes)
+            and all(" connected" in line for line in lines)
+            and replicas == 3 * self.replicas
+            and (replication["role"] == "master" or replication["master_link_status"] == "up")
+        )
+
+    def primary_of(self, key: str, ask: RedisProcess | None = None) -> RedisProcess:
+        """The node that serves ``key``'s hash slot now, as ``ask`` (a node) sees it."""
+        with (ask or self.nodes[0]).client() as client:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    port = int(primary[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"no node serves {key!r}")
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -296,7 +296,11 @@ class RedisTransport(Transport):
 
     async def _connect(self) -> None:
         await self._teardown()
-        await self.redis.ping()  # and, on a cluster, its topology
+        if isinstance(self.redis, RedisCluster):
+            # The slots as the cluster serves them now: after a failover, the primary we
+            # knew is gone and its replica serves them (redis-py would keep the old map).
+            await self.redis.nodes_manager.initialize()
+        await self.redis.ping()
         subscribed: set[str] = set()
         # Channels subscribed while this runs are done here too; the loop ends with no
         # await between it and the caller marking us connected.
