@@ -312,6 +312,10 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     logs: Path = ARTIFACTS
     log_start: int = 0  # where this run begins in its log file (a port's log is appended to)
+    # Another Python (a venv of another version of presence), run from ``cwd`` so that
+    # ``-m presence`` does not find this checkout's package in the working directory.
+    python: str = sys.executable
+    cwd: str | None = None
 
     @property
     def http(self) -> str:
@@ -329,8 +333,9 @@ class Server:
         self.log_start = log.seek(0, os.SEEK_END)
         env = {**os.environ, "PRESENCE_SECRET": SECRET, **self.env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "presence", "serve", "--port", str(self.port), *self.args],
+            [self.python, "-m", "presence", "serve", "--port", str(self.port), *self.args],
             env=env,
+            cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: see stop()

@@ -875,3 +875,30 @@ def test_a_hold_renewed_before_it_lapses_is_not_deleted_by_the_first() -> None:
     clock.now += 16
     node.backplane._expire_holds(clock.now)
     assert [op.fields for op in node.ops if isinstance(op, HashDel)] == [["7/A"]]
+
+
+async def test_replicas_of_older_protocols_relay_and_one_too_old_is_refused_with_a_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    c = await three_in_a_room()
+    beats = [m for _, m in c.sent if m.get("k") == "h"]
+    assert beats and all(m["v"] == codec.PROTOCOL for m in beats)
+    channel = c["A"].backplane.replicas_channel
+    caplog.set_level("INFO", logger="presence.replication")
+    # C as a replica of the previous release: its heartbeats carry no version.
+    c.bus.publish(channel, codec.envelope("C", {"k": "h"}))
+    c.settle()
+    c["C"].update("doc", "c", cursor=3)
+    c.settle()
+    assert c["A"].state_of("c") == {"cursor": 3}
+    assert "replica C speaks replication protocol 1 (this one 2): relaying" in caplog.text
+    # B as a replica older than the others read: refused, its members gone from them,
+    # and each says why, once.
+    c.bus.publish(channel, codec.envelope("B", {"k": "h", "v": codec.OLDEST_PROTOCOL - 1}))
+    c.settle()
+    assert c["A"].sees() == c["C"].sees() == {"a", "c"}
+    c["B"].update("doc", "b", cursor=4)
+    c.run(1.0)
+    assert c["A"].sees() == c["C"].sees() == {"a", "c"}
+    refusals = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(refusals) == 2 and all("not heard until it is upgraded" in r for r in refusals)

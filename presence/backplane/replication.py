@@ -91,6 +91,8 @@ class Peer:
     last_seen: float
     down_since: float | None = None  # None while up
     gone: bool = False  # said goodbye: whatever comes after is a straggler
+    protocol: int | None = None  # the format it speaks, once a heartbeat said
+    refused: bool = False  # it speaks a format too old for this replica: not heard
 
 
 @dataclass(slots=True)
@@ -296,7 +298,7 @@ class Replication(Backplane):
         self._last_beat = now
         ops: list[Op] = [
             SetKey(self.replica_key(self.replica_id), round(self.down_after * 1000)),
-            Publish(self.replicas_channel, self._envelope({"k": "h"})),
+            Publish(self.replicas_channel, self._envelope({"k": "h", "v": codec.PROTOCOL})),
         ]
         for room, link in self.links.items():
             if link.pending and now - link.hash_written >= HASH_INTERVAL:
@@ -350,6 +352,10 @@ class Replication(Backplane):
             peer = self.peers[origin] = Peer(now)
         elif peer.gone:
             return
+        if message.get("k") == "h":
+            self._heard_protocol(origin, peer, message.get("v", 1))
+        if peer.refused:
+            return
         down_since, peer.down_since, peer.last_seen = peer.down_since, None, now
         if message.get("k") == "b":
             peer.gone, peer.down_since = True, now
@@ -371,6 +377,30 @@ class Replication(Backplane):
             link.opening.append((origin, message))
         else:
             self._deliver(room, link, origin, message)
+
+    def _heard_protocol(self, origin: str, peer: Peer, version: Any) -> None:
+        """A heartbeat said which format ``origin`` speaks: say so when it is not ours,
+        and stop hearing it if it is too old (as if it had gone: its members leave)."""
+        if version == peer.protocol or not isinstance(version, int):
+            return
+        peer.protocol = version
+        extra = {"replica": origin, "protocol": version, "ours": codec.PROTOCOL}
+        if version < codec.OLDEST_PROTOCOL:
+            peer.refused = True
+            log.warning(
+                f"replica {origin} speaks replication protocol {version}, older than this "
+                f"replica reads ({codec.OLDEST_PROTOCOL} to {codec.PROTOCOL}): not heard "
+                "until it is upgraded; its members are not shown here",
+                extra=extra,
+            )
+            if self.listener is not None:
+                self.listener.on_replica_down(origin)
+        elif version != codec.PROTOCOL:
+            log.info(
+                f"replica {origin} speaks replication protocol {version} (this one "
+                f"{codec.PROTOCOL}): relaying with it",
+                extra=extra,
+            )
 
     def _deliver(self, room: str, link: Link, origin: str, message: dict[str, Any]) -> None:
         assert self.listener is not None

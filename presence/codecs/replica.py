@@ -9,6 +9,10 @@ sockets that had them (``h``: ``[client ID, key digest or null, seconds]``, also
 the room's holds hash as ``<client ID>/<replica>``); ``h`` a heartbeat and ``b`` a
 goodbye (on the replicas channel). A replica ignores kinds it does not know, so that
 replicas of different versions can run side by side during a rolling deploy.
+
+A heartbeat says which version of this format its sender speaks (``v``; none: 1). Each
+replica relays with every version from OLDEST_PROTOCOL on, and refuses older ones, with
+a logged reason: raise OLDEST_PROTOCOL only for a change older replicas would misread.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ import orjson
 
 from presence.core.events import Active, Event, Idle, Joined, Left, MemberInfo, Updated
 from presence.core.identity import Identity, initials_of
+
+# 1: builds before heartbeats carried a version (main up to c3b1bbc, before 0.1.0).
+# 2: heartbeats say ``v``; nothing else changed, so 1 and 2 relay alike.
+PROTOCOL = 2
+OLDEST_PROTOCOL = 1
 
 
 def member_to_json(m: MemberInfo) -> list[Any]:
