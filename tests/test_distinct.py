@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_a_returning_identity_keeps_what_is_free_and_yields_what_is_held() -> No
     claim = choose(live.held(1.0), twin)
     assert claim.identity.name == "Anonymous Io 2"
     assert claim.identity.initials == "I2"
-    assert claim.identity.color != PALETTE[0] and claim.exclusive_color
+    assert claim.identity.color != PALETTE[0]
     assert live.claim(claim, 1.0, 60) is None
     # Renewing the first one changes nothing.
     assert choose(live.held(2.0), io).identity == io
@@ -62,9 +63,12 @@ def test_a_claim_made_from_an_old_snapshot_is_refused_with_the_current_one() -> 
 def test_colours_repeat_only_when_the_palette_is_used_up() -> None:
     held = {f"u{i}": Identity(f"u{i}", f"N{i}", f"X{i}", c) for i, c in enumerate(PALETTE)}
     claim = choose(held, Identity("z", "Zed", "ZE", PALETTE[3]))
-    assert claim.identity.color == PALETTE[3] and not claim.exclusive_color
+    assert claim.identity.color == PALETTE[3]
     assert not clashes(held, claim)
-    assert clashes(held, Claim(claim.identity, exclusive_color=True))
+    # With one colour of the palette free again, the shared colour clashes.
+    del held["u0"]
+    assert clashes(held, Claim(claim.identity, PALETTE))
+    assert not clashes(held, Claim(replace(claim.identity, color=PALETTE[0]), PALETTE))
 
 
 def test_touch_keeps_a_live_identity_and_not_an_expired_one() -> None:

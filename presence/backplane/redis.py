@@ -90,14 +90,14 @@ return 1
 """
 
 # An identity scope: forget expired identities (a bounded number per call), then, given a
-# claim (ARGV: username, identity as JSON, ttl in ms, exclusive colour "1"/"0", the most
-# identities kept), hold it unless another live identity shows its name or initials (or
-# its colour, if exclusive): the check of presence.core.distinct.clashes, atomic across
-# replicas. Indexes of names, initials and colours make a claim O(log n) in the scope,
-# and past the bound the identity renewed longest ago goes, so that a flood reclaims its
-# own. Returns {1} when held, else {0, the live identities as HGETALL gives them}. TIME
-# is Redis's clock, the same for all replicas; replicate_commands lets a script write
-# after reading it on Redis < 7.
+# claim (ARGV: username, identity as JSON, ttl in ms, the most identities kept, then the
+# palette), hold it unless another live identity shows its name or initials, or its
+# colour while a palette colour is shown by no other: the check of
+# presence.core.distinct.clashes, atomic across replicas. Indexes of names, initials and
+# colours make a claim O(log n) in the scope, and past the bound the identity renewed
+# longest ago goes, so that a flood reclaims its own. Returns {1} when held, else {0, the
+# live identities as HGETALL gives them}. TIME is Redis's clock, the same for all
+# replicas; replicate_commands lets a script write after reading it on Redis < 7.
 SCOPE_SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
 local live, expiry, renewed, names, initials, colors = unpack(KEYS)
@@ -119,17 +119,23 @@ for _, u in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, 
   drop(u)
 end
 if #ARGV == 0 then return {0, redis.call('HGETALL', live)} end
-local me, record, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local exclusive, keep = ARGV[4] == '1', tonumber(ARGV[5])
+local me, record, ttl, keep = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local mine = cjson.decode(record)
 local function other(holder) return holder and holder ~= me end
 local clash = other(redis.call('HGET', names, mine.n))
   or other(redis.call('HGET', initials, mine.i))
-if exclusive and not clash then
-  local shown = tonumber(redis.call('HGET', colors, mine.c) or '0')
+if not clash then
   local old = redis.call('HGET', live, me)
-  if old and cjson.decode(old).c == mine.c then shown = shown - 1 end
-  clash = shown > 0
+  old = old and cjson.decode(old).c
+  local function others_showing(color)
+    local n = tonumber(redis.call('HGET', colors, color) or '0')
+    return old == color and n - 1 or n
+  end
+  if others_showing(mine.c) > 0 then
+    for i = 5, #ARGV do
+      if others_showing(ARGV[i]) == 0 then clash = true break end
+    end
+  end
 end
 if clash then return {0, redis.call('HGETALL', live)} end
 drop(me)
@@ -590,9 +596,8 @@ class RedisTransport(Transport):
     ) -> dict[str, Identity] | None:
         i = claim.identity
         record = codec.dumps({"u": i.username, "n": i.name, "i": i.initials, "c": i.color})
-        exclusive = "1" if claim.exclusive_color else "0"
         ttl_ms = max(1, round(ttl * 1000))
-        done, held = await self._run_scope(scope, i.username, record, ttl_ms, exclusive, keep)
+        done, held = await self._run_scope(scope, i.username, record, ttl_ms, keep, *claim.palette)
         return None if done else held
 
     async def _run_scope(self, scope: str, *args: Any) -> tuple[bool, dict[str, Identity]]:

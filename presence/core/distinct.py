@@ -142,9 +142,11 @@ class Claim:
     """An identity to hold in a scope, as chosen from a snapshot of the scope."""
 
     identity: Identity
-    # The colour must not be shown by another live identity: it was chosen while a
-    # palette colour was free. Once all are taken, colours repeat (least used first).
-    exclusive_color: bool
+    # While a colour of this palette is shown by no live identity, the claim's colour
+    # must not be shown by another; once all are, colours repeat (least used first).
+    # Judged when the claim is made, against the scope as it is then: a renewal, chosen
+    # without reading the scope, needs no second try when the palette is used up.
+    palette: tuple[str, ...] = PALETTE
 
 
 def choose(
@@ -156,11 +158,10 @@ def choose(
     smallest change (as when joining a room). A colour that changes is one of ``palette``:
     JUPYTER_PALETTE for hub users' faces, which JupyterLab draws with white initials."""
     distinct = Distinct(((u, i) for u, i in held.items() if u != wanted.username), palette=palette)
-    exclusive = distinct.has_free_color()
     current = held.get(wanted.username)
     if current is not None and not _shown_for(current, wanted):
         current = None  # the wish changed (a new name): choose as for a newcomer
-    return Claim(distinct.settle(wanted.username, wanted, current), exclusive)
+    return Claim(distinct.settle(wanted.username, wanted, current), tuple(palette))
 
 
 def _shown_for(shown: Identity, wanted: Identity) -> bool:
@@ -176,16 +177,15 @@ def create(held: Mapping[str, Identity], factory: IdentityFactory) -> Identity:
 
 
 def clashes(held: Mapping[str, Identity], claim: Claim) -> bool:
-    """Whether another live identity holds the claim's name or initials (or its colour,
-    if exclusive). Redis makes the same check in a script (backplane/redis.py)."""
+    """Whether another live identity holds the claim's name or initials, or its colour
+    while a colour of the claim's palette is free. Redis makes the same check in a
+    script (backplane/redis.py)."""
     mine = claim.identity
-    return any(
-        other.name == mine.name
-        or other.initials == mine.initials
-        or (claim.exclusive_color and other.color == mine.color)
-        for username, other in held.items()
-        if username != mine.username
-    )
+    others = [other for username, other in held.items() if username != mine.username]
+    if any(other.name == mine.name or other.initials == mine.initials for other in others):
+        return True
+    shown = {other.color for other in others}
+    return mine.color in shown and not shown.issuperset(claim.palette)
 
 
 class LiveIdentities:
