@@ -140,9 +140,11 @@ class Backplane(ABC):
     # pair of initials, nor one colour while a palette colour is free, on any replica.
 
     @abstractmethod
-    async def scope_identities(self, scope: str) -> dict[str, Identity]:
-        """The live identities of ``scope`` by username (expired ones are forgotten).
-        Raises :class:`Unavailable`."""
+    async def scope_identities(
+        self, scope: str, username: str | None = None
+    ) -> dict[str, Identity]:
+        """The live identities of ``scope`` by username (expired ones are forgotten); only
+        ``username``'s, if given (a renewal: O(1)). Raises :class:`Unavailable`."""
 
     @abstractmethod
     async def claim_identity(

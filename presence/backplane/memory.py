@@ -181,11 +181,15 @@ class MemoryTransport(Transport):
         keys = [*self.bus.hashes, *self.bus.expiry]
         return sorted({k for k in keys if fnmatch.fnmatchcase(k, pattern) and self.bus.alive(k)})
 
-    async def scope_identities(self, scope: str) -> dict[str, Identity]:
+    async def scope_identities(
+        self, scope: str, username: str | None = None
+    ) -> dict[str, Identity]:
         live = self.bus.scopes.get(scope)
         held = live.held(self.bus.clock()) if live is not None else {}
         if not held:
             self.bus.scopes.pop(scope, None)  # nobody left: the scope goes, as in Redis
+        if username is not None:
+            return {username: held[username]} if username in held else {}
         return held
 
     async def claim_identity(

@@ -89,15 +89,16 @@ end
 return 1
 """
 
-# An identity scope: forget expired identities (a bounded number per call), then, given a
-# claim (ARGV: username, identity as JSON, ttl in ms, the most identities kept, then the
-# palette), hold it unless another live identity shows its name or initials, or its
-# colour while a palette colour is shown by no other: the check of
-# presence.core.distinct.clashes, atomic across replicas. Indexes of names, initials and
-# colours make a claim O(log n) in the scope, and past the bound the identity renewed
-# longest ago goes, so that a flood reclaims its own. Returns {1} when held, else {0, the
-# live identities as HGETALL gives them}. TIME is Redis's clock, the same for all
-# replicas; replicate_commands lets a script write after reading it on Redis < 7.
+# An identity scope: forget expired identities (a bounded number per call), then return
+# the live identities (no ARGV) or one of them (ARGV: its username); or, given a claim
+# (ARGV: username, identity as JSON, ttl in ms, the most identities kept, the palette),
+# hold it unless another live identity shows its name or initials, or its colour while a
+# palette colour is shown by no other: the check of presence.core.distinct.clashes,
+# atomic across replicas. Indexes of names, initials and colours make a claim O(log n)
+# in the scope, and past the bound the identity renewed longest ago goes, so that a
+# flood reclaims its own. Returns {1} when held, else {0, identities as HGETALL gives
+# them}. TIME is Redis's clock, the same for all replicas; replicate_commands lets a
+# script write after reading it on Redis < 7.
 SCOPE_SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
 local live, expiry, renewed, names, initials, colors = unpack(KEYS)
@@ -119,6 +120,10 @@ for _, u in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, 
   drop(u)
 end
 if #ARGV == 0 then return {0, redis.call('HGETALL', live)} end
+if #ARGV == 1 then
+  local record = redis.call('HGET', live, ARGV[1])
+  return {0, record and {ARGV[1], record} or {}}
+end
 local me, record, ttl, keep = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local mine = cjson.decode(record)
 local function other(holder) return holder and holder ~= me end
@@ -587,8 +592,10 @@ class RedisTransport(Transport):
             base + ":" + k for k in ("live", "expiry", "renewed", "names", "initials", "colors")
         ]
 
-    async def scope_identities(self, scope: str) -> dict[str, Identity]:
-        _, held = await self._run_scope(scope)
+    async def scope_identities(
+        self, scope: str, username: str | None = None
+    ) -> dict[str, Identity]:
+        _, held = await self._run_scope(scope, *([] if username is None else [username]))
         return held
 
     async def claim_identity(

@@ -779,8 +779,10 @@ class Replication(Backplane):
 
     # -- identity scopes ---------------------------------------------------------------
 
-    async def scope_identities(self, scope: str) -> dict[str, Identity]:
-        return await self.transport.scope_identities(scope)
+    async def scope_identities(
+        self, scope: str, username: str | None = None
+    ) -> dict[str, Identity]:
+        return await self.transport.scope_identities(scope, username)
 
     async def claim_identity(
         self, scope: str, claim: Claim, ttl: float, keep: int

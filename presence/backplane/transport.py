@@ -154,7 +154,9 @@ class Transport(ABC):
         """Keys matching a glob pattern."""
 
     @abstractmethod
-    async def scope_identities(self, scope: str) -> dict[str, Identity]: ...
+    async def scope_identities(
+        self, scope: str, username: str | None = None
+    ) -> dict[str, Identity]: ...
 
     @abstractmethod
     async def claim_identity(

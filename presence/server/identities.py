@@ -101,9 +101,12 @@ async def assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> I
 
 async def _assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> Identity:
     backplane = hub.backplane
-    # A renewal usually holds what it wants already: claim it without reading the scope
-    # first; a clash returns the scope's identities, to choose from.
-    held = {} if wanted is not None else await backplane.scope_identities(scope)
+    # A renewal claims what its person shows now (read alone: O(1)), wishing for its own
+    # name back if it lost it; a clash returns the scope's identities, to choose from.
+    if wanted is not None:
+        held = await backplane.scope_identities(scope, wanted.username)
+    else:
+        held = await backplane.scope_identities(scope)
     for attempt in range(ATTEMPTS):
         claim = choose(held, wanted or create(held, hub.identities))
         again = await backplane.claim_identity(
