@@ -3,7 +3,7 @@ import pytest
 from presence.config import Settings
 from presence.core.events import State
 from presence.core.identity import IdentityFactory
-from presence.core.ratelimit import TokenBucket
+from presence.core.ratelimit import Buckets, TokenBucket
 from presence.server.hub import Hub
 from presence.server.updates import RateLimitedUpdates
 
@@ -97,3 +97,12 @@ async def test_updates_far_above_the_rate_are_applied_at_the_rate() -> None:
         final.update(patch)
     assert final == {"n": 599, "f0": 597, "f1": 598, "f2": 599}
     updates.cancel()
+
+
+def test_buckets_keep_each_key_apart_and_forget_the_least_recent_past_their_bound() -> None:
+    buckets = Buckets(rate=1.0, burst_seconds=3.0, most=2)
+    assert [buckets.take("a", 0.0) for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]
+    assert buckets.take("b", 0.0) == 0.0  # another key has its own bucket
+    assert buckets.take("a", 1.0) == 0.0  # a second later, one more
+    buckets.take("c", 1.0)  # a third key: "b", the least recent, is forgotten
+    assert [buckets.take("b", 1.0) for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]

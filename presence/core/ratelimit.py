@@ -1,6 +1,8 @@
-"""A token bucket, fed the time by its caller."""
+"""Token buckets, fed the time by their caller."""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 # Refilling to exactly one token in floats can fall a hair short of 1: without this
 # slack a caller that waited wait_time() would find no token.
@@ -35,3 +37,24 @@ class TokenBucket:
         """Seconds until a token is available (0 if one is)."""
         self._refill(now)
         return max(0.0, (1 - self._tokens) / self.rate)
+
+
+class Buckets:
+    """A bucket per key (a client's address, a scope), each allowing ``rate`` events per
+    second with bursts of ``burst_seconds`` worth; past ``most`` keys the least recently
+    used is forgotten (it starts again with a full bucket), so that made-up keys cannot
+    grow it without end."""
+
+    def __init__(self, rate: float, burst_seconds: float, most: int) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate * burst_seconds)
+        self.most = most
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def take(self, key: str, now: float) -> float:
+        """0 if ``key`` may have one more event now (taken), else seconds to wait."""
+        bucket = self._buckets.pop(key, None) or TokenBucket(self.rate, self.burst, now)
+        self._buckets[key] = bucket
+        if len(self._buckets) > self.most:
+            self._buckets.popitem(last=False)
+        return 0.0 if bucket.allow(now) else bucket.wait_time(now)

@@ -26,7 +26,7 @@ from presence.core.access import AccessError
 from presence.core.identity import IdentityFactory, InvalidToken
 from presence.server.access import Access, guarded
 from presence.server.hub import Hub, new_replica_id
-from presence.server.identities import ClaimRates, post_identities
+from presence.server.identities import claim_rates, post_identities
 from presence.server.views import list_rooms, room_events, room_members
 
 if TYPE_CHECKING:
@@ -237,5 +237,5 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.hub = hub
-    app.state.claim_rates = ClaimRates(hub.settings.identity_claim_rate)
+    app.state.claim_rates = claim_rates(hub.settings.identity_claim_rate)
     return app

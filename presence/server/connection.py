@@ -28,7 +28,6 @@ import logging
 import resource
 import sys
 import time
-from collections import OrderedDict
 from typing import Any, ClassVar, Protocol
 
 import httptools
@@ -38,7 +37,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from presence.codecs import websocket as ws
 from presence.config import Settings
-from presence.core.ratelimit import TokenBucket
+from presence.core.ratelimit import Buckets
 from presence.server.access import Access
 from presence.server.access_log import access_log_of
 from presence.server.hub import Hub
@@ -518,8 +517,7 @@ class Limits:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.lingering = max(0, min(soft, 1 << 20) - self.max_total) // 2
         self.max_per_ip = settings.max_connections_per_ip
-        self.rate_per_ip = settings.connection_rate_per_ip
-        self._rates: OrderedDict[str, TokenBucket] = OrderedDict()  # least recent first
+        self._rates = Buckets(settings.connection_rate_per_ip, RATE_BURST_SECONDS, MAX_RATED_IPS)
         self.handshake_timeout = settings.handshake_timeout
         # uvicorn's own parser of --forwarded-allow-ips: the same clients as in the views.
         self.proxies = _TrustedHosts(settings.forwarded_allow_ips)
@@ -538,14 +536,7 @@ class Limits:
 
     def admit(self, ip: str) -> bool:
         """Whether ``ip`` may open one more connection now (--connection-rate-per-ip)."""
-        now = time.monotonic()
-        bucket = self._rates.pop(ip, None) or TokenBucket(
-            self.rate_per_ip, max(1.0, self.rate_per_ip * RATE_BURST_SECONDS), now
-        )
-        self._rates[ip] = bucket
-        if len(self._rates) > MAX_RATED_IPS:
-            self._rates.popitem(last=False)  # forgotten: it starts again with a full bucket
-        return bucket.allow(now)
+        return self._rates.take(ip, time.monotonic()) == 0
 
     @classmethod
     def of(cls, app_state: dict[str, Any]) -> Limits:

@@ -18,8 +18,7 @@ import asyncio
 import math
 import random
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from presence.backplane.base import Unavailable
 from presence.core.distinct import choose, create
 from presence.core.identity import Identity, InvalidToken
-from presence.core.ratelimit import TokenBucket
+from presence.core.ratelimit import Buckets
 from presence.core.room import ROOM_NAME_RULE, is_valid_room_name
 from presence.server.hub import Hub
 
@@ -47,7 +46,12 @@ PAUSE = 0.002  # seconds, times the attempt number, at most
 # rate: a class logging in at once. A scope's key that leaked cannot make a replica or
 # Redis spend more on it.
 BURST_SECONDS = 10.0
-MAX_BUCKETS = 10_000  # scopes whose rate is followed; the least recent is forgotten
+MAX_SCOPES_RATED = 10_000  # scopes whose rate is followed; the least recent is forgotten
+
+
+def claim_rates(rate: float) -> Buckets:
+    """Where each replica follows the rate of claims of each scope."""
+    return Buckets(rate, BURST_SECONDS, MAX_SCOPES_RATED)
 
 
 class Contended(Exception):
@@ -70,26 +74,6 @@ async def _one_at_a_time(scope: str) -> AsyncIterator[None]:
             del _queues[scope]
         else:
             _queues[scope] = (lock, users - 1)
-
-
-class ClaimRates:
-    """The rate of claims of each scope on this replica."""
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self.clock = clock
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-
-    def wait_time(self, scope: str) -> float:
-        """0 and a claim taken if the scope may claim now, else seconds to wait."""
-        now = self.clock()
-        bucket = self._buckets.pop(scope, None) or TokenBucket(
-            self.rate, max(1.0, self.rate * BURST_SECONDS), now
-        )
-        self._buckets[scope] = bucket
-        if len(self._buckets) > MAX_BUCKETS:
-            self._buckets.popitem(last=False)
-        return 0.0 if bucket.allow(now) else bucket.wait_time(now)
 
 
 async def assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> Identity:
@@ -172,7 +156,7 @@ async def post_identities(request: Request) -> Response:
             "identity provider sends it; `presence scope-key SCOPE` prints it)",
             {"WWW-Authenticate": 'Bearer realm="presence"'},
         )
-    wait = request.app.state.claim_rates.wait_time(scope)
+    wait = request.app.state.claim_rates.take(scope, time.monotonic())
     if wait > 0:
         return _error(
             429,
