@@ -89,9 +89,11 @@ def test_a_renewal_keeps_what_a_live_user_shows() -> None:
     first = choose({"u1": u1}, wanted).identity
     assert first.color != "#0072B2"
     held = {"u1": u1, "u2": first}
-    for other in ("#CC3311", "#F0E442", "#66CCEE"):  # the scope fills up meanwhile
+    others = [c for c in PALETTE if c not in (u1.color, first.color)][:3]
+    for other in others:  # the scope fills up meanwhile
         held[f"x{other}"] = Identity(f"x{other}", f"Anonymous {other}", other[1:3], other)
-        assert choose(held, wanted).identity == first
+        claim = choose(held, wanted)
+        assert claim.identity == first and not clashes(held, claim)
 
 
 # -- hub users' faces: JUPYTER_PALETTE, flag-friendly names ------------------------------
@@ -167,3 +169,20 @@ def test_a_bounded_scope_lets_go_of_the_identity_renewed_longest_ago() -> None:
     # Without a bound, nobody is let go.
     assert live.claim(choose(live.held(4), second), 4.0, 60) is None
     assert len(live) == 3
+
+
+def test_a_renewal_sharing_its_colour_moves_to_one_freed_whoever_came_first() -> None:
+    """Two live identities share a colour (the palette was used up); one colour frees.
+    The one that came first must move too: its claim would clash for ever otherwise (it
+    was refused 16 times, then 503)."""
+    live, now = LiveIdentities(), 0.0
+    held = {f"u{i:02}": Identity(f"u{i:02}", f"N{i}", f"X{i}", c) for i, c in enumerate(PALETTE)}
+    for identity in held.values():
+        live.put(identity, now, 60)
+    late = Identity("u99", "Late", "LA", PALETTE[5])  # shares u05's colour
+    live.put(late, now, 60)
+    live.release("u10")  # PALETTE[10] is free again
+    claim = choose(live.held(now), held["u05"])
+    assert not clashes(live.held(now), claim)
+    assert claim.identity.color == PALETTE[10]
+    assert live.claim(claim, now, 60) is None

@@ -98,6 +98,13 @@ UNRELATED = [
     ("README.md", "(2.5 to 4 s by default"),  # 0.5 to 0.8 x replica_timeout, tested
     ("README.md", "measured: 0.15 s"),  # tests/test_jupyter_lab.py, docs/jupyter.md
     ("README.md", "jupyter-collaboration: 31 s"),  # the same, stock
+    # The stall bound's formula (RedisBackplane: timeout, checked every half of it) and
+    # tests/test_faults.py's measured partition
+    ("README.md", "within 1.5 \u00d7 `max(1 s, 0.4 \u00d7 replica_timeout)`"),
+    ("README.md", "timed; 3 s by default"),
+    ("README.md", "unready 1.34 to 1.43 s"),
+    ("README.md", "(`--replica-timeout 2`: bound 1.5 s)"),
+    ("README.md", "within 0.08 s, nobody"),
     # tests/test_failover.py: its node timeout, the measured bound, Redis's default
     ("README.md", "a 2 s node timeout"),
     ("README.md", "again 6.4 s after"),

@@ -106,3 +106,15 @@ def test_buckets_keep_each_key_apart_and_forget_the_least_recent_past_their_boun
     assert buckets.take("a", 1.0) == 0.0  # a second later, one more
     buckets.take("c", 1.0)  # a third key: "b", the least recent, is forgotten
     assert [buckets.take("b", 1.0) for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_the_per_ip_limits_count_an_ipv6_host_by_its_64_network() -> None:
+    """One host usually holds a whole /64: counted per address, it had 2^64 of them."""
+    from presence.server.connection import client_key
+
+    assert client_key("203.0.113.7") == "203.0.113.7"
+    assert (
+        client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == ("2001:db8:1:2::/64")
+    )
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("not:an:address") == "not:an:address"

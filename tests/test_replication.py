@@ -898,7 +898,8 @@ async def test_replicas_of_older_protocols_relay_and_one_too_old_is_refused_with
     c.settle()
     assert c["A"].sees() == c["C"].sees() == {"a", "c"}
     c["B"].update("doc", "b", cursor=4)
-    c.run(1.0)
+    c.run(PERMDOWN + 1)  # B keeps beating: down for A and C, never forgotten, said once
     assert c["A"].sees() == c["C"].sees() == {"a", "c"}
+    assert "B" in c["A"].backplane.peers and c["A"].backplane.peers["B"].down_since
     refusals = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(refusals) == 2 and all("not heard until it is upgraded" in r for r in refusals)

@@ -28,7 +28,9 @@ c.JupyterHub.services = [
     {
         "name": "presence",
         "url": PRESENCE,
+        # Behind the hub's proxy, on this host: its X-Forwarded-For names the browser.
         "command": ["presence", "serve", "--auth", "jupyterhub"]
+        + ["--forwarded-allow-ips", "127.0.0.1"]
         + (["--jupyterhub-anonymous", "true"] if ANONYMOUS else []),
         "environment": {"PRESENCE_SECRET": SECRET},
         "oauth_no_confirm": True,

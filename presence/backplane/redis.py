@@ -89,10 +89,10 @@ end
 return 1
 """
 
-# An identity scope: forget expired identities (a bounded number per call), then return
-# the live identities (no ARGV) or one of them (ARGV: its username); or, given a claim
-# (ARGV: username, identity as JSON, ttl in ms, the most identities kept, the palette),
-# hold it unless another live identity shows its name or initials, or its colour while a
+# An identity scope: forget expired identities (at most the bound: claims keep no more),
+# then return the live identities (no ARGV) or one of them (ARGV: its username); or, given
+# a claim (ARGV: username, identity as JSON, ttl in ms, the most kept, the palette), hold
+# it unless another live identity shows its name or initials, or its colour while a
 # palette colour is shown by no other: the check of presence.core.distinct.clashes,
 # atomic across replicas. Indexes of names, initials and colours make a claim O(log n)
 # in the scope, and past the bound the identity renewed longest ago goes, so that a
@@ -116,9 +116,7 @@ local function drop(u)
   redis.call('ZREM', expiry, u)
   redis.call('ZREM', renewed, u)
 end
-for _, u in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, 64)) do
-  drop(u)
-end
+for _, u in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now)) do drop(u) end
 if #ARGV == 0 then return {0, redis.call('HGETALL', live)} end
 if #ARGV == 1 then
   local record = redis.call('HGET', live, ARGV[1])

@@ -353,8 +353,11 @@ class Replication(Backplane):
         elif peer.gone:
             return
         if message.get("k") == "h":
-            self._heard_protocol(origin, peer, message.get("v", 1))
+            self._heard_protocol(origin, peer, message.get("v", 1), now)
         if peer.refused:
+            # Down for us while it runs (its members are not shown); forgotten only once
+            # silent, as any replica.
+            peer.last_seen = now
             return
         down_since, peer.down_since, peer.last_seen = peer.down_since, None, now
         if message.get("k") == "b":
@@ -378,7 +381,7 @@ class Replication(Backplane):
         else:
             self._deliver(room, link, origin, message)
 
-    def _heard_protocol(self, origin: str, peer: Peer, version: Any) -> None:
+    def _heard_protocol(self, origin: str, peer: Peer, version: Any, now: float) -> None:
         """A heartbeat said which format ``origin`` speaks: say so when it is not ours,
         and stop hearing it if it is too old (as if it had gone: its members leave)."""
         if version == peer.protocol or not isinstance(version, int):
@@ -386,7 +389,7 @@ class Replication(Backplane):
         peer.protocol = version
         extra = {"replica": origin, "protocol": version, "ours": codec.PROTOCOL}
         if version < codec.OLDEST_PROTOCOL:
-            peer.refused = True
+            peer.refused, peer.down_since = True, now
             log.warning(
                 f"replica {origin} speaks replication protocol {version}, older than this "
                 f"replica reads ({codec.OLDEST_PROTOCOL} to {codec.PROTOCOL}): not heard "

@@ -98,9 +98,18 @@ class Distinct:
             and not (self._free and self.colors.yields(current.color, holder))
         )
 
-    def settle(self, holder: str, wanted: Identity, current: Identity | None) -> Identity:
+    def settle(
+        self,
+        holder: str,
+        wanted: Identity,
+        current: Identity | None,
+        *,
+        colors_first_come: bool = True,
+    ) -> Identity:
         """What ``holder`` shows: ``current`` (None when joining) changed only where it
-        clashes with a holder that goes first, or where ``wanted`` has become free."""
+        clashes with a holder that goes first, or where ``wanted`` has become free. With
+        ``colors_first_come`` False, a colour another holder shows is contested whoever
+        came first (a scope's claims: :func:`clashes` refuses it while one is free)."""
         if current is not None:
             self._release(current, holder)
         names, initials, colors = self.names, self.initials, self.colors
@@ -123,7 +132,8 @@ class Distinct:
         if current is None:
             color, contested = wanted.color, wanted.color in colors
         else:
-            color, contested = current.color, colors.yields(current.color, holder)
+            color = current.color
+            contested = colors.yields(color, holder) if colors_first_come else color in colors
         if not wanted.declared:
             if contested and self.has_free_color():
                 color = pick_color(colors.in_use(), self._palette)
@@ -161,7 +171,8 @@ def choose(
     current = held.get(wanted.username)
     if current is not None and not _shown_for(current, wanted):
         current = None  # the wish changed (a new name): choose as for a newcomer
-    return Claim(distinct.settle(wanted.username, wanted, current), tuple(palette))
+    shown = distinct.settle(wanted.username, wanted, current, colors_first_come=False)
+    return Claim(shown, tuple(palette))
 
 
 def _shown_for(shown: Identity, wanted: Identity) -> bool:

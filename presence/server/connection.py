@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import ipaddress
 import logging
 import resource
 import sys
@@ -554,11 +555,12 @@ class Slot:
     """One open connection's place in the :class:`Limits`, from ``connection_made`` to
     ``connection_lost`` (an upgraded connection's :class:`Connection` releases it)."""
 
-    __slots__ = ("ip", "limits")
+    __slots__ = ("ip", "key", "limits")
 
     def __init__(self, limits: Limits) -> None:
         self.limits: Limits | None = limits
-        self.ip: str | None = None
+        self.ip: str | None = None  # the client's address
+        self.key: str | None = None  # what the per-IP limits count it as
         limits.open += 1
 
     @property
@@ -567,18 +569,22 @@ class Slot:
 
     def claim(self, ip: str) -> str | None:
         """Count the connection as ``ip``'s: None, or why ``ip`` may not have it
-        (``per_ip``: over its count; ``per_ip_rate``: opening them too fast)."""
+        (``per_ip``: over its count; ``per_ip_rate``: opening them too fast). IPv6
+        clients count per /64: one host usually has all of one."""
         limits = self.limits
         if limits is None:
             return None
-        if ip != self.ip:
-            first = self.ip is None
+        key = client_key(ip)
+        if key != self.key:
+            # Each new client of a connection counts as a new connection of it: a proxy
+            # may send several clients' requests over one.
             self._forget_ip()
-            self.ip = ip
-            limits.per_ip[ip] = limits.per_ip.get(ip, 0) + 1
-            if first and not limits.admit(ip):
+            self.ip, self.key = ip, key
+            limits.per_ip[key] = limits.per_ip.get(key, 0) + 1
+            if not limits.admit(key):
                 return "per_ip_rate"
-        return None if limits.per_ip[ip] <= limits.max_per_ip else "per_ip"
+        self.ip = ip
+        return None if limits.per_ip[key] <= limits.max_per_ip else "per_ip"
 
     def release(self) -> None:
         if self.limits is not None:
@@ -587,13 +593,23 @@ class Slot:
             self.limits = None
 
     def _forget_ip(self) -> None:
-        if self.limits is not None and self.ip is not None:
-            left = self.limits.per_ip[self.ip] - 1
+        if self.limits is not None and self.key is not None:
+            left = self.limits.per_ip[self.key] - 1
             if left:
-                self.limits.per_ip[self.ip] = left
+                self.limits.per_ip[self.key] = left
             else:
-                del self.limits.per_ip[self.ip]
-            self.ip = None
+                del self.limits.per_ip[self.key]
+            self.ip = self.key = None
+
+
+def client_key(ip: str) -> str:
+    """What the per-IP limits count ``ip`` as: itself, or for IPv6 its /64 network."""
+    if ":" not in ip:
+        return ip
+    try:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    except ValueError:
+        return ip  # not an address (a proxy's odd header): counted as given
 
 
 def _response(status: int, message: str, extra: bytes = b"") -> bytes:

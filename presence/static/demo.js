@@ -139,6 +139,12 @@ function showStopped({ code, reason }) {
     const login = new URL("login", location.href);
     login.search = `?next=${encodeURIComponent(here)}`;
     next = paragraph("next", ["Log in", login.href, "button login"]);
+  } else if (code === 4403 && onHub && why.startsWith("this service takes no login cookie")) {
+    title = "This hub does not let presence's pages use your login.";
+    next = paragraph("next", "Other users' servers serve pages of this hub's address too, "
+      + "so presence does not take the login cookie on its connections. An administrator "
+      + "can allow it where users' servers have addresses of their own (per-user "
+      + "subdomains): --jupyterhub-allow-websocket-cookie.");
   } else if (code === 4403 && onHub) {
     title = why.startsWith("access revoked") ? "Your access to this room was revoked."
       : "You may not enter this room.";
