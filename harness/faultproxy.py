@@ -87,6 +87,11 @@ class FaultProxy:
         if self._server is not None:
             self._server.close()
         await self._reset()
+        # Pipes waiting on a blackhole would wait for ever: end them before the loop.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _set_flowing(self, flowing: bool) -> None:
         assert self._flowing is not None

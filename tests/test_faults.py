@@ -49,6 +49,14 @@ def test_the_proxy_holds_a_blackholed_stream_and_delivers_it_in_order_when_heale
         while len(received) < len(b"two three"):
             received += server.recv(100)
         assert received == b"two three"
+        proxy.delay(0.3)
+        time.sleep(0.05)  # the proxy's loop takes the new delay
+        sent = time.monotonic()
+        client.sendall(b"late")
+        server.settimeout(5)
+        assert server.recv(100) == b"late"
+        assert time.monotonic() - sent >= 0.3
+        proxy.heal()
         proxy.reset()
         with pytest.raises(ConnectionResetError):
             while client.recv(100):
@@ -123,6 +131,30 @@ async def test_a_replica_cut_from_redis_by_a_blackhole_recovers_whole(
     assert whole_after < 1.0
     for client in (a1, a2, b):
         await client.close()
+
+
+async def test_a_replica_whose_redis_link_is_slow_stays_ready_and_relays_late(
+    server_factory: Callable[..., Server], redis_server: RedisProcess, proxy: FaultProxy
+) -> None:
+    """300 ms each way between a replica and Redis (a congested link): under the stall
+    bound, so it stays ready; its members' updates reach the others that much later."""
+    timing = (*FAST, "--replica-timeout", str(REPLICA_TIMEOUT))
+    slow = server_factory(*timing, "--redis-url", f"redis://{proxy.address}")
+    other = server_factory(*timing, "--redis-url", redis_server.url)
+    a, b = await join(slow, room="d"), await join(other, room="d")
+    await b.until(lambda m: a.id in b.members)
+    proxy.delay(0.3)
+    await asyncio.sleep(0.1)
+    latencies = []
+    for i in range(5):
+        sent = time.monotonic()
+        await a.update(cursor={"x": i})
+        await b.until(lambda m, i=i: b.members[a.id]["state"].get("cursor") == {"x": i}, timeout=5)
+        latencies.append(time.monotonic() - sent)
+    assert ready(slow) and ready(other)
+    assert all(0.3 <= t < 2.0 for t in latencies), latencies
+    print(f"\nRedis link delayed 0.3 s: relayed in {min(latencies):.2f}-{max(latencies):.2f} s")
+    proxy.heal()
 
 
 async def test_a_client_whose_packets_blackhole_is_closed_by_keepalive(
