@@ -28,11 +28,16 @@ c.JupyterHub.services = [
     {
         "name": "presence",
         "url": PRESENCE,
-        # Behind the hub's proxy, on this host: its X-Forwarded-For names the browser.
         "command": ["presence", "serve", "--auth", "jupyterhub"]
-        + ["--forwarded-allow-ips", "127.0.0.1"]
         + (["--jupyterhub-anonymous", "true"] if ANONYMOUS else []),
-        "environment": {"PRESENCE_SECRET": SECRET},
+        # The hub's proxy, whose X-Forwarded-For names the browser, connects from here
+        # (on one host; else set PRESENCE_FORWARDED_ALLOW_IPS to the proxy's address).
+        "environment": {
+            "PRESENCE_SECRET": SECRET,
+            "PRESENCE_FORWARDED_ALLOW_IPS": os.environ.get(
+                "PRESENCE_FORWARDED_ALLOW_IPS", "127.0.0.1,::1"
+            ),
+        },
         "oauth_no_confirm": True,
     }
 ]
