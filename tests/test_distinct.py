@@ -186,3 +186,44 @@ def test_a_renewal_sharing_its_colour_moves_to_one_freed_whoever_came_first() ->
     assert not clashes(live.held(now), claim)
     assert claim.identity.color == PALETTE[10]
     assert live.claim(claim, now, 60) is None
+
+
+async def test_new_identities_of_a_full_scope_are_chosen_without_reading_it() -> None:
+    """A new identity is chosen from two questions of a fixed size, not from the whole
+    scope: the cost of a claim does not grow with the scope (it read all of it before)."""
+    from presence.backplane.memory import MemoryBackplane
+    from presence.config import Settings
+    from presence.server.hub import Hub
+    from presence.server.identities import assign
+
+    settings = Settings(seed=3, max_identities_per_scope=676)
+    hub = Hub(settings, identities=IdentityFactory(b"k" * 32, seed=3))
+    backplane = hub.backplane
+    assert isinstance(backplane, MemoryBackplane)
+    reads, asked = [], []
+    read, probe = backplane.scope_identities, backplane.probe_scope
+
+    async def counted_read(scope: str, username: str | None = None) -> dict[str, Identity]:
+        if username is None:
+            reads.append(scope)
+        return await read(scope, username)
+
+    async def counted_probe(scope: str, names=(), initials=()):  # type: ignore[no-untyped-def]
+        asked.append(len(names) + len(initials))
+        return await probe(scope, names, initials)
+
+    backplane.scope_identities = counted_read  # type: ignore[method-assign]
+    backplane.probe_scope = counted_probe  # type: ignore[method-assign]
+    shown = [await assign(hub, "lab", None, 3600) for _ in range(500)]
+    assert len({i.name for i in shown}) == len({i.initials for i in shown}) == 500
+    assert {i.color for i in shown[:16]} == set(PALETTE)
+    print(f"\n500 new identities: the scope read whole {len(reads)} times")
+    assert len(reads) <= 5, f"the scope was read whole {len(reads)} times"
+    assert max(asked) <= 80
+    # A renewal of a numbered name ("… 2") whose own name is still held keeps it, unread.
+    twin = Identity("twin", shown[0].name, shown[0].initials, shown[0].color)
+    first = await assign(hub, "lab", twin, 3600)
+    assert first.name.startswith(f"{shown[0].name} ")  # numbered: "… 12", say
+    reads.clear()
+    assert await assign(hub, "lab", twin, 3600) == first
+    assert reads == []

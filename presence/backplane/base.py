@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from presence.core.distinct import Claim
+from presence.core.distinct import Claim, Probe
 from presence.core.events import Event, MemberInfo
 from presence.core.identity import Identity
 
@@ -145,6 +145,14 @@ class Backplane(ABC):
     ) -> dict[str, Identity]:
         """The live identities of ``scope`` by username (expired ones are forgotten); only
         ``username``'s, if given (a renewal: O(1)). Raises :class:`Unavailable`."""
+
+    @abstractmethod
+    async def probe_scope(
+        self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
+    ) -> Probe:
+        """Which of ``names`` and ``initials`` live identities of ``scope`` show, and the
+        colours they show: O(1) in the scope's size, for choosing a new identity.
+        Raises :class:`Unavailable`."""
 
     @abstractmethod
     async def claim_identity(

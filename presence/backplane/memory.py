@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +30,7 @@ from presence.backplane.transport import (
     SetKey,
     Transport,
 )
-from presence.core.distinct import Claim, LiveIdentities
+from presence.core.distinct import Claim, LiveIdentities, Probe
 from presence.core.identity import Identity
 
 OOM = "OOM command not allowed (MemoryBus.refuse_writes)"
@@ -191,6 +191,17 @@ class MemoryTransport(Transport):
         if username is not None:
             return {username: held[username]} if username in held else {}
         return held
+
+    async def probe_scope(
+        self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
+    ) -> Probe:
+        held = (await self.scope_identities(scope)).values()
+        shown = {i.name for i in held}, {i.initials for i in held}
+        return Probe(
+            frozenset(names) & shown[0],
+            frozenset(initials) & shown[1],
+            dict(Counter(i.color for i in held)),
+        )
 
     async def claim_identity(
         self, scope: str, claim: Claim, ttl: float, keep: int

@@ -59,7 +59,7 @@ from presence.backplane.transport import (
     messages,
 )
 from presence.codecs import replica as codec
-from presence.core.distinct import Claim
+from presence.core.distinct import Claim, Probe
 from presence.core.identity import Identity
 
 log = logging.getLogger("presence.redis")
@@ -90,7 +90,9 @@ return 1
 """
 
 # An identity scope: forget expired identities (at most the bound: claims keep no more),
-# then return the live identities (no ARGV) or one of them (ARGV: its username); or, given
+# then return the live identities (no ARGV) or one of them (ARGV: its username), or which
+# of some names and initials are held, and the colours shown (ARGV: '?', how many names,
+# the names, the initials); or, given
 # a claim (ARGV: username, identity as JSON, ttl in ms, the most kept, the palette), hold
 # it unless another live identity shows its name or initials, or its colour while a
 # palette colour is shown by no other: the check of presence.core.distinct.clashes,
@@ -118,6 +120,14 @@ local function drop(u)
 end
 for _, u in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now)) do drop(u) end
 if #ARGV == 0 then return {0, redis.call('HGETALL', live)} end
+if ARGV[1] == '?' then
+  local asked, held = tonumber(ARGV[2]), {{}, {}}
+  for i = 3, #ARGV do
+    local index, which = i <= 2 + asked and names or initials, i <= 2 + asked and 1 or 2
+    if redis.call('HEXISTS', index, ARGV[i]) == 1 then table.insert(held[which], ARGV[i]) end
+  end
+  return {2, held[1], held[2], redis.call('HGETALL', colors)}
+end
 if #ARGV == 1 then
   local record = redis.call('HGET', live, ARGV[1])
   return {0, record and {ARGV[1], record} or {}}
@@ -595,6 +605,18 @@ class RedisTransport(Transport):
     ) -> dict[str, Identity]:
         _, held = await self._run_scope(scope, *([] if username is None else [username]))
         return held
+
+    async def probe_scope(
+        self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
+    ) -> Probe:
+        args: list[str | int] = ["?", len(names), *names, *initials]
+        _, held_names, held_initials, colors = await self._read(
+            self._scope_script(keys=self.scope_keys(scope), args=args)
+        )
+        counts = {_text(c): int(n) for c, n in zip(colors[::2], colors[1::2], strict=True)}
+        return Probe(
+            frozenset(map(_text, held_names)), frozenset(map(_text, held_initials)), counts
+        )
 
     async def claim_identity(
         self, scope: str, claim: Claim, ttl: float, keep: int

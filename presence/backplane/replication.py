@@ -65,7 +65,7 @@ from presence.backplane.transport import (
     Transport,
 )
 from presence.codecs import replica as codec
-from presence.core.distinct import Claim
+from presence.core.distinct import Claim, Probe
 from presence.core.events import Event, Joined, Left, MemberInfo
 from presence.core.identity import Identity
 
@@ -786,6 +786,11 @@ class Replication(Backplane):
         self, scope: str, username: str | None = None
     ) -> dict[str, Identity]:
         return await self.transport.scope_identities(scope, username)
+
+    async def probe_scope(
+        self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
+    ) -> Probe:
+        return await self.transport.probe_scope(scope, names, initials)
 
     async def claim_identity(
         self, scope: str, claim: Claim, ttl: float, keep: int

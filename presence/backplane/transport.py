@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from presence.core.distinct import Claim
+from presence.core.distinct import Claim, Probe
 from presence.core.identity import Identity
 
 log = logging.getLogger("presence.backplane")
@@ -157,6 +157,11 @@ class Transport(ABC):
     async def scope_identities(
         self, scope: str, username: str | None = None
     ) -> dict[str, Identity]: ...
+
+    @abstractmethod
+    async def probe_scope(
+        self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
+    ) -> Probe: ...
 
     @abstractmethod
     async def claim_identity(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -183,6 +183,11 @@ def pick_color(in_use: Iterable[str], palette: Sequence[str] = PALETTE) -> str:
     counts: dict[str, int] = {}
     for c in in_use:
         counts[c] = counts.get(c, 0) + 1
+    return farthest_color(counts, palette)
+
+
+def farthest_color(counts: Mapping[str, int], palette: Sequence[str] = PALETTE) -> str:
+    """:func:`pick_color` of the colours in use as counts (colour -> how many show it)."""
     if not counts:
         return palette[0]
     fewest = min(counts.get(c, 0) for c in palette)

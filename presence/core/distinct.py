@@ -11,8 +11,9 @@ a Redis script.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from presence.core.colors import PALETTE, pick_color
 from presence.core.identity import (
@@ -169,17 +170,56 @@ def choose(
     JUPYTER_PALETTE for hub users' faces, which JupyterLab draws with white initials."""
     distinct = Distinct(((u, i) for u, i in held.items() if u != wanted.username), palette=palette)
     current = held.get(wanted.username)
-    if current is not None and not _shown_for(current, wanted):
+    if current is not None and not shown_for(current, wanted):
         current = None  # the wish changed (a new name): choose as for a newcomer
     shown = distinct.settle(wanted.username, wanted, current, colors_first_come=False)
     return Claim(shown, tuple(palette))
 
 
-def _shown_for(shown: Identity, wanted: Identity) -> bool:
+def shown_for(shown: Identity, wanted: Identity) -> bool:
     """Whether ``shown`` is what a room or scope made of ``wanted``: its name, or that
     name numbered ("Io 2")."""
     rest = shown.name.removeprefix(wanted.name)
     return rest == "" or (rest[:1] == " " and rest[1:].isdigit())
+
+
+# A new identity is chosen from what its scope says about a few candidates (a Probe),
+# not from all its live identities: it costs the same in a scope of 5 and of 500.
+FRESH_DRAWS = 8  # plain names drawn before one is numbered (as IdentityFactory.create)
+NUMBERED = 40  # numbered forms of the last draw asked about ("Io 2" to "Io 41")
+# Initials asked about: the name's best choices, then pairs at random. Choices taken in
+# order fill the pairs from "AA" on, so the next in order is rarely among the first few;
+# a scope at its bound of 500 has 176 of the 676 pairs free, and 60 random pairs all
+# taken is a chance of about 1 in 70 million (then the whole scope is read).
+INITIALS_BEST = 12
+INITIALS_RANDOM = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What a scope says: which of the names and initials asked about are held, and the
+    colours its live identities show, with how many show each."""
+
+    names: frozenset[str] = frozenset()
+    initials: frozenset[str] = frozenset()
+    colors: Mapping[str, int] = field(default_factory=dict)
+
+
+def name_candidates(draws: Sequence[str]) -> list[str]:
+    """Names to ask a scope about, best first: the plain draws, then the last one
+    numbered (what :func:`unique_name` would make of it)."""
+    *fresh, last = draws
+    return [*fresh, last, *(f"{last} {n}" for n in range(2, NUMBERED + 2))]
+
+
+def initials_candidates(name: str, factory: IdentityFactory) -> list[str]:
+    best = list(itertools.islice(initials_choices(name), INITIALS_BEST))
+    return best + [p for p in factory.initials_sample(INITIALS_RANDOM) if p not in best]
+
+
+def first_free(candidates: Sequence[str], held: Iterable[str]) -> str | None:
+    taken = set(held)
+    return next((c for c in candidates if c not in taken), None)
 
 
 def create(held: Mapping[str, Identity], factory: IdentityFactory) -> Identity:

@@ -15,14 +15,15 @@ import random
 import re
 import string
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 from faker import Faker
 
-from presence.core.colors import JUPYTER_PALETTE, PALETTE, Colors, parse_hex, pick_color
+from presence.core.colors import JUPYTER_PALETTE, PALETTE, Colors, farthest_color, parse_hex
 
 NameStyle = Literal["jupyter", "animal", "person"]
 NAME_STYLES: tuple[str, ...] = ("jupyter", "animal", "person")
@@ -313,6 +314,9 @@ def initials_choices(name: str) -> Iterator[str]:
             yield a + b
 
 
+PAIRS = [a + b for a in string.ascii_uppercase for b in string.ascii_uppercase]
+
+
 def unique_name(name: str, taken: Collection[str]) -> str:
     """``name`` itself, or the smallest change that is not taken: "Name 2", "Name 3", ..."""
     if name not in taken:
@@ -375,17 +379,30 @@ class IdentityFactory:
                 return name
         return unique_name(self._name(), taken)
 
+    def name_draws(self, count: int) -> list[str]:
+        """``count`` names as :meth:`create` draws them, for a caller that asks which are
+        free elsewhere (a scope in Redis)."""
+        return [self._name() for _ in range(count)]
+
+    def initials_sample(self, count: int) -> list[str]:
+        """``count`` pairs of letters at random (seeded), for initials where the usual
+        choices are taken."""
+        return self._random.sample(PAIRS, count)
+
     def new_id(self, prefix: str = "") -> str:
         return prefix + f"{self._random.getrandbits(64):016x}"
+
+    def color_apart(self, in_use: Mapping[str, int]) -> str:
+        """The palette colour farthest from those in use (colour -> how many show it);
+        with none in use every colour is equally good: one at random (seeded)."""
+        return farthest_color(in_use) if in_use else self._random.choice(PALETTE)
 
     def create(
         self, taken_names: Collection[str] = (), colors_in_use: Iterable[str] = ()
     ) -> Identity:
         """A new identity, distinct from the room's live members."""
         name = self._fresh_name(taken_names)
-        in_use = list(colors_in_use)
-        # Outside a room every colour is equally good; pick one at random (seeded).
-        color = pick_color(in_use) if in_use else self._random.choice(PALETTE)
+        color = self.color_apart(Counter(colors_in_use))
         return Identity(self.new_id(), name, initials_of(name), color)
 
     def derived(self, key: str) -> Identity:

@@ -26,9 +26,18 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from presence.backplane.base import Unavailable
-from presence.core.distinct import choose, create
-from presence.core.identity import Identity, InvalidToken
+from presence.backplane.base import Backplane, Unavailable
+from presence.core.distinct import (
+    FRESH_DRAWS,
+    Claim,
+    choose,
+    create,
+    first_free,
+    initials_candidates,
+    name_candidates,
+    shown_for,
+)
+from presence.core.identity import Identity, IdentityFactory, InvalidToken
 from presence.core.ratelimit import Buckets
 from presence.core.room import ROOM_NAME_RULE, is_valid_room_name
 from presence.server.hub import Hub
@@ -84,23 +93,56 @@ async def assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> I
 
 
 async def _assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> Identity:
-    backplane = hub.backplane
+    backplane, keep = hub.backplane, hub.settings.max_identities_per_scope
     # A renewal claims what its person shows now (read alone: O(1)), wishing for its own
-    # name back if it lost it; a clash returns the scope's identities, to choose from.
+    # name back if it lost it; a new identity is chosen from what the scope says about a
+    # few candidates. Only when that does not settle it (a clash, a race, every candidate
+    # taken) is the whole scope read, to choose from.
     if wanted is not None:
         held = await backplane.scope_identities(scope, wanted.username)
+        current = held.get(wanted.username)
+        if current is not None and await _kept(backplane, scope, current, wanted, ttl, keep):
+            return current
     else:
+        fresh = await _fresh_claim(backplane, scope, hub.identities)
+        if fresh is not None and await backplane.claim_identity(scope, fresh, ttl, keep) is None:
+            return fresh.identity
         held = await backplane.scope_identities(scope)
     for attempt in range(ATTEMPTS):
         claim = choose(held, wanted or create(held, hub.identities))
-        again = await backplane.claim_identity(
-            scope, claim, ttl, hub.settings.max_identities_per_scope
-        )
+        again = await backplane.claim_identity(scope, claim, ttl, keep)
         if again is None:
             return claim.identity
         await asyncio.sleep(random.uniform(0, PAUSE * (attempt + 1)))
         held = again
     raise Contended(f"scope {scope!r} is busy: {ATTEMPTS} claims in a row lost a race")
+
+
+async def _kept(
+    backplane: Backplane, scope: str, current: Identity, wanted: Identity, ttl: float, keep: int
+) -> bool:
+    """Whether ``current`` ("Io 2"), which wants its name back ("Io") while another
+    holds it, was held again as it shows, without reading the scope."""
+    if current.name == wanted.name or not shown_for(current, wanted):
+        return False
+    if not (await backplane.probe_scope(scope, names=[wanted.name])).names:
+        return False  # its name is free: choose() gives it back
+    return await backplane.claim_identity(scope, Claim(current), ttl, keep) is None
+
+
+async def _fresh_claim(backplane: Backplane, scope: str, factory: IdentityFactory) -> Claim | None:
+    """A new identity for ``scope``, from two questions of a fixed size (which of some
+    names, then which of its initials, are held); None if none of those asked is free."""
+    names = name_candidates(factory.name_draws(FRESH_DRAWS + 1))
+    probe = await backplane.probe_scope(scope, names=names)
+    name = first_free(names, probe.names)
+    if name is None:
+        return None
+    asked = initials_candidates(name, factory)
+    initials = first_free(asked, (await backplane.probe_scope(scope, initials=asked)).initials)
+    if initials is None:
+        return None
+    return Claim(Identity(factory.new_id(), name, initials, factory.color_apart(probe.colors)))
 
 
 async def _body(request: Request) -> bytes | None:
