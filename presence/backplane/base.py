@@ -151,8 +151,8 @@ class Backplane(ABC):
         self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
     ) -> Probe:
         """Which of ``names`` and ``initials`` live identities of ``scope`` show, and the
-        colours they show: O(1) in the scope's size, for choosing a new identity.
-        Raises :class:`Unavailable`."""
+        colours they show, for choosing a new identity without reading them all (Redis
+        answers from its indexes). Raises :class:`Unavailable`."""
 
     @abstractmethod
     async def claim_identity(

@@ -41,6 +41,7 @@ from presence.core.identity import Identity, IdentityFactory, InvalidToken
 from presence.core.ratelimit import Buckets
 from presence.core.room import ROOM_NAME_RULE, is_valid_room_name
 from presence.server.hub import Hub
+from presence.server.views import bearer
 
 DEFAULT_TTL = 3600.0  # seconds an identity stays live without a renewal
 MAX_TTL = 7 * 24 * 3600.0
@@ -160,11 +161,6 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
-def _key(request: Request) -> str:
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    return key.strip() if scheme.lower() == "bearer" else ""
-
-
 def _ttl(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -190,7 +186,8 @@ async def post_identities(request: Request) -> Response:
     scope = body.get("scope")
     if not isinstance(scope, str) or not is_valid_room_name(scope):
         return _error(400, "invalid_scope", f"scope names are {ROOM_NAME_RULE}; got {scope!r}")
-    if not hub.identities.is_scope_key(scope, _key(request)):
+    key = bearer(request.headers.get("authorization", "")) or ""
+    if not hub.identities.is_scope_key(scope, key):
         return _error(
             401,
             "unauthorized",
