@@ -100,7 +100,7 @@ UNRELATED = [
     ("README.md", "jupyter-collaboration: 31 s"),  # the same, stock
     # The stall bound's formula (RedisBackplane: timeout, checked every half of it) and
     # tests/test_faults.py's measured partition
-    ("README.md", "within 1.5 \u00d7 `max(1 s, 0.4 \u00d7 replica_timeout)`"),
+    ("README.md", "about 1.5 \u00d7 `max(1 s, 0.4 \u00d7 replica_timeout)`"),
     ("README.md", "timed; 3 s by default"),
     ("README.md", "unready 1.34 to 1.48 s"),
     ("README.md", "(`--replica-timeout 2`: bound 1.5 s)"),
