@@ -5,14 +5,15 @@
 FROM python:3.11-slim AS build
 
 WORKDIR /src
-# The build's whole context (.dockerignore admits nothing else): the package, its
-# metadata and the Jupyter config file its wheel installs. tests/test_image.py lays
-# out exactly these and runs the install below there.
-COPY pyproject.toml README.md CHANGELOG.md ./
+# The build's context: the package, its metadata, its build hook and the Jupyter config
+# file its wheel installs. tests/test_image.py lays out exactly these and runs the
+# install below there. The service serves no JupyterLab: its wheel leaves the JupyterLab
+# extension out (which would need Node.js to build; deploy/z2jh's images carry it).
+COPY pyproject.toml README.md CHANGELOG.md hatch_build.py ./
 COPY presence ./presence
 COPY jupyter-config ./jupyter-config
 RUN python -m venv /opt/presence \
- && /opt/presence/bin/pip install --no-cache-dir .
+ && PRESENCE_SKIP_LABEXTENSION=1 /opt/presence/bin/pip install --no-cache-dir .
 
 FROM python:3.11-slim
 

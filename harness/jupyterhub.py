@@ -70,12 +70,19 @@ c.JupyterHub.load_roles.append(
 class JupyterHub:
     """``jupyterhub`` in a temporary directory; ``presence_args`` go to ``presence serve``.
     ``anonymous`` is the hub's switch (deploy/jupyterhub/jupyterhub_config.py); single-user
-    servers run ``python -m jupyterhub.singleuser`` of ``python`` (default: this one)."""
+    servers run ``python -m jupyterhub.singleuser`` of ``python`` (default: this one);
+    ``config`` is appended to the hub's configuration (a hub that differs from the one
+    deployed)."""
 
     def __init__(
-        self, *presence_args: str, anonymous: bool = False, python: str = sys.executable
+        self,
+        *presence_args: str,
+        anonymous: bool = False,
+        python: str = sys.executable,
+        config: str = "",
     ) -> None:
         self.anonymous = anonymous
+        self.config = config
         self.python = python
         self.dir = Path(tempfile.mkdtemp(prefix="presence-hub-"))
         self.port, self.presence_port = free_port(), free_port()
@@ -112,7 +119,9 @@ class JupyterHub:
             "presence_command": [sys.executable, "-m", "presence", "serve", *self.presence_args],
             "singleuser": [self.python, "-m", "jupyterhub.singleuser"],
         }
-        (self.dir / "jupyterhub_config.py").write_text(CONFIG.format(settings=json.dumps(settings)))
+        (self.dir / "jupyterhub_config.py").write_text(
+            CONFIG.format(settings=json.dumps(settings)) + self.config
+        )
         ARTIFACTS.mkdir(exist_ok=True)
         log = open(self.log_file, "ab")  # noqa: SIM115
         bindir, path = str(Path(sys.executable).parent), os.environ.get("PATH", "")

@@ -5,8 +5,9 @@
 # tests fall back to the Valkey server of the test extra), the openssl CLI (test
 # certificates), nginx (deploy/'s configurations run in front of replicas), kubectl
 # (renders the Kubernetes manifests), promtool (checks the alert rules) and Node.js with
-# npm (the stock JavaScript Yjs clients); then those clients' npm packages, from
-# tests/js/package-lock.json.
+# npm (the stock JavaScript Yjs clients and the JupyterLab extension); then those
+# clients' npm packages, from tests/js/package-lock.json, and the JupyterLab extension,
+# built (the editable install that follows installs it; hatch_build.py).
 set -euo pipefail
 
 missing=()
@@ -52,3 +53,7 @@ fi
 npm ci --prefix "$(dirname "$0")/../tests/js" --no-audit --no-fund --loglevel=error
 # The stock Yjs clients and the peers of the load generator (load/peers.py).
 npm ci --prefix "$(dirname "$0")/../load/node" --no-audit --no-fund --loglevel=error
+# The JupyterLab extension's toolchain, and the extension built into
+# presence/jupyter/labextension.
+npm ci --prefix "$(dirname "$0")/../labextension" --no-audit --no-fund --loglevel=error
+npm run build --prefix "$(dirname "$0")/../labextension" --silent >/dev/null

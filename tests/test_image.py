@@ -56,37 +56,51 @@ def stages(dockerfile: Path = ROOT / "Dockerfile") -> list[Stage]:
     return found
 
 
+def _dockerignore() -> list[str]:
+    lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()]
+    return [ln for ln in lines if not ln.startswith("#")]
+
+
 def admitted() -> set[str]:
     """What .dockerignore lets into the context: it excludes everything (`*`) and then
     admits names (`!name`), the one form this project uses."""
-    lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith("#")]
+    lines = _dockerignore()
     assert lines[0] == "*", "keep .dockerignore an allow-list: `*` first, then `!name`"
     return {ln[1:] for ln in lines if ln.startswith("!")}
 
 
-def test_the_context_admits_exactly_what_the_dockerfile_copies() -> None:
-    copied = {src.rstrip("/") for stage in stages() for srcs, _ in stage.copies for src in srcs}
-    assert copied == admitted()
+def left_out(directory: str, names: list[str]) -> set[str]:
+    """shutil.copytree's ignore: what .dockerignore excludes inside admitted folders."""
+    excluded = [ln for ln in _dockerignore()[1:] if not ln.startswith("!")]
+    here = PurePosixPath(Path(directory).relative_to(ROOT).as_posix())
+    return {n for n in names if any((here / n).match(pattern) for pattern in excluded)}
+
+
+def sources_of(dockerfile: Path) -> set[str]:
+    return {src.rstrip("/") for s in stages(dockerfile) for srcs, _ in s.copies for src in srcs}
+
+
+def test_the_context_admits_exactly_what_the_dockerfiles_copy() -> None:
+    copied = sources_of(ROOT / "Dockerfile")
     for name in copied:
         assert (ROOT / name).exists(), f"the Dockerfile copies {name}, which is not there"
-    for dockerfile in Z2JH_IMAGES:
-        sources = {
-            src.rstrip("/") for s in stages(dockerfile) for srcs, _ in s.copies for src in srcs
-        }
-        assert sources == copied, dockerfile  # the package alone, all of it
+    # The service's image and the hub's: the package alone, all of it; the single-user
+    # image also builds the JupyterLab extension from its sources.
+    hub, singleuser = Z2JH_IMAGES
+    assert sources_of(hub) == copied
+    assert sources_of(singleuser) == copied | {"labextension"}
+    assert admitted() == copied | {"labextension"}
 
 
 def lay_out(stage: Stage, root: Path) -> Path:
     """The stage's file system after its COPY lines, under ``root``; its WORKDIR."""
     workdir = root / stage.workdir.relative_to("/")
     workdir.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__")
     for sources, dest in stage.copies:
         target = workdir / dest
         for src in sources:
             if (ROOT / src).is_dir():
-                shutil.copytree(ROOT / src, target, ignore=ignore)
+                shutil.copytree(ROOT / src, target, ignore=left_out)
             else:
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ROOT / src, target / Path(src).name)
@@ -146,3 +160,24 @@ def test_the_image_runs_what_the_build_stage_installed() -> None:
     assert f"COPY --from=build {venv.group(1)} {venv.group(1)}" in dockerfile
     assert f"PATH={venv.group(1)}/bin:$PATH" in dockerfile
     assert not final.copies, "the image takes nothing else from the context"
+
+
+def test_the_single_user_image_builds_the_jupyterlab_extension_from_its_context(
+    tmp_path: Path,
+) -> None:
+    """The single-user image's Node.js stage, run where its context is laid out: it
+    builds the extension where the next stage copies it from."""
+    dockerfile = ROOT / "deploy" / "z2jh" / "singleuser.Dockerfile"
+    node, _ = (s for s in stages(dockerfile) if s.copies)
+    workdir = lay_out(node, tmp_path / "stage")
+    assert not (workdir / "labextension" / "node_modules").exists()  # not in the context
+    for run in node.runs:
+        done = subprocess.run(
+            ["bash", "-c", run], cwd=workdir, capture_output=True, text=True, timeout=540
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    taken = re.search(r"COPY --from=labextension (\S+) ", dockerfile.read_text())
+    assert taken, "the image's last stage takes the built extension"
+    built = workdir / PurePosixPath(taken.group(1)).relative_to(node.workdir)
+    assert (built / "package.json").is_file()
+    assert list((built / "static").glob("remoteEntry.*.js"))

@@ -2,7 +2,9 @@
 README installs it, and how this suite runs), and from the wheel that `python -m build`
 makes from the sdist (what the package index serves). Both serve, and both lay down
 etc/jupyter/jupyter_server_config.d/presence.json, so `jupyter server extension list`
-shows the extension and a server loads it with no setting."""
+shows the extension and a server loads it with no setting, and the JupyterLab extension
+("Share with collaborators…"), so `jupyter labextension list` shows it. A wheel built
+from a clean checkout builds that extension itself (hatch_build.py)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,25 @@ def extension_list(python: str, env: dict[str, str] | None = None) -> str:
     return done.stdout + done.stderr
 
 
+LABEXTENSION = "@presence-awareness/jupyterlab"
+INSTALLED = f"share/jupyter/labextensions/{LABEXTENSION}"
+
+
+def labextension_list(python: str) -> str:
+    done = subprocess.run(
+        # `jupyter labextension list` (a wheel's venv has no jupyter-labextension script)
+        [python, "-m", "jupyterlab.labextensions", "list"],
+        capture_output=True, text=True, timeout=120, cwd="/",
+    )  # fmt: skip
+    return re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
+
+
+def assert_lab_enabled(listing: str) -> None:
+    lines = [ln.split() for ln in listing.splitlines() if LABEXTENSION in ln]
+    assert [ln[2:4] for ln in lines] == [["enabled", "OK"]], listing
+    assert "(python, presence-awareness)" in listing, listing
+
+
 def assert_enabled(listing: str) -> None:
     listing = re.sub(r"\x1b\[[0-9;]*m", "", listing)  # its colours
     lines = [ln for ln in listing.splitlines() if "presence.jupyter" in ln]
@@ -63,6 +84,7 @@ def test_an_editable_install_enables_the_extension(tmp_path: Path) -> None:
     config = Path(sys.prefix) / "etc" / "jupyter" / "jupyter_server_config.d" / "presence.json"
     assert config.is_file()
     assert_enabled(extension_list(sys.executable))
+    assert_lab_enabled(labextension_list(sys.executable))
     loads_extension(tmp_path, sys.executable)
 
 
@@ -96,6 +118,14 @@ def test_the_sdist_and_wheel_carry_the_distribution_name_and_version(dist: Path)
     assert b"\nName: presence-awareness\n" in metadata
     assert enabled == {"ServerApp": {"jpserver_extensions": {"presence.jupyter": True}}}
     assert not any(f.startswith(("tests/", "harness/", "load/")) for f in files)
+    # The JupyterLab extension, built, where JupyterLab looks; its sources stay in the sdist.
+    data = f"presence_awareness-{presence.__version__}.data/data/{INSTALLED}"
+    assert {f"{data}/package.json", f"{data}/install.json"} <= set(files)
+    assert any(re.fullmatch(rf"{data}/static/remoteEntry\.\w+\.js", f) for f in files)
+    assert not any(f.startswith(("presence/jupyter/labextension", "labextension/")) for f in files)
+    assert {Path("labextension/src/index.ts"), Path("labextension/package-lock.json")} <= names
+    assert Path("presence/jupyter/labextension/package.json") in names
+    assert not any(n.parts[:2] == ("labextension", "node_modules") for n in names)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +165,33 @@ def test_a_wheel_enables_the_extension(wheel_venv: Path, tmp_path: Path) -> None
     # jupyter-collaboration's (its own config files are in this prefix, not the venv's).
     env = {"JUPYTER_CONFIG_PATH": str(Path(sys.prefix) / "etc" / "jupyter")}
     assert_enabled(extension_list(python))
+    assert_lab_enabled(labextension_list(python))
     loads_extension(tmp_path, python, env)
+
+
+def test_a_wheel_built_from_a_clean_checkout_builds_the_jupyterlab_extension(
+    tmp_path: Path,
+) -> None:
+    """No built extension in a fresh clone: the wheel's build runs npm (the toolchain
+    is this checkout's, so that npm ci is not run again here)."""
+    clone = tmp_path / "clone"
+    subprocess.run(
+        ["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(clone)],
+        check=True, timeout=120,
+    )  # fmt: skip
+    assert not (clone / "presence" / "jupyter" / "labextension").exists()
+    (clone / "labextension" / "node_modules").symlink_to(ROOT / "labextension" / "node_modules")
+    done = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
+         str(tmp_path / "dist"), str(clone)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "building the JupyterLab extension" in done.stdout + done.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        files = whl.namelist()
+    assert any(f.endswith(f"{INSTALLED}/package.json") for f in files), files
 
 
 def test_the_wheel_serves_and_says_its_version(wheel_venv: Path, tmp_path: Path) -> None:

@@ -2,12 +2,14 @@
 
 A real hub (harness/jupyterhub.py) runs deploy/jupyterhub/jupyterhub_config.py, the
 configuration docs/jupyter.md gives admins, with presence as its service and real
-single-user JupyterLab servers with presence's extension (this checkout's editable
-install). alice shares her server with a share code made with her own token; bob
-accepts it in his browser and opens her notebook; both see each other's cursor under an
-anonymous name with readable initials; the presence service lists both in alice's room;
-carol is refused everywhere; bob's closed tab leaves no ghost; alice revokes bob, and his
-edits stop reaching her and his reload is refused.
+single-user JupyterLab servers with presence's extensions (this checkout's editable
+install). alice shares her notebook from JupyterLab (Share -> Share with collaborators…,
+Copy); bob opens the link, accepts and lands in her notebook; both see each other's
+cursor under an anonymous name with readable initials; the presence service lists both
+in alice's room; carol is refused everywhere; bob's closed tab leaves no ghost; alice's
+dialog lists bob and she revokes him there: his socket closes, his edits stop reaching
+her and his reload is refused. On a hub that does not let users share, the dialog says
+what to ask the admin for.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import websockets
 from playwright.async_api import Browser, Page, async_playwright
 
 from harness.jupyterhub import PASSWORD, JupyterHub
+from harness.processes import ARTIFACTS
 from presence.codecs import yjs
 from presence.core.colors import WHITE, contrast_ratio
 from tests.test_access_jupyterhub import closed, ws_url
@@ -98,7 +101,10 @@ class Person:
 
 
 async def log_in(browser: Browser, hub: JupyterHub, user: str) -> Person:
-    context = await browser.new_context(viewport={"width": 1200, "height": 800})
+    context = await browser.new_context(
+        viewport={"width": 1200, "height": 800},
+        permissions=["clipboard-read", "clipboard-write"],  # Copy, as a user pastes it
+    )
     page = await context.new_page()
     person = Person(user, page)
     await page.goto(f"{hub.url}/hub/login?next=/hub/home")
@@ -113,6 +119,54 @@ async def open_notebook(page: Page, hub: JupyterHub) -> None:
     if "/lab/tree/shared.ipynb" not in page.url:
         await page.goto(f"{hub.url}/user/alice/lab/tree/shared.ipynb")
     await notebook_shown(page)
+
+
+async def open_share_dialog(page: Page) -> Any:
+    """Share -> Share with collaborators…, as a user finds it in JupyterLab's menu bar."""
+    await page.locator(".lm-MenuBar-itemLabel", has_text="Share").click()
+    await page.locator(".lm-Menu-itemLabel", has_text="Share with collaborators…").click()
+    dialog = page.locator(".jp-Dialog", has=page.locator(".jp-PresenceShare"))
+    await dialog.wait_for()
+    return dialog
+
+
+async def close_dialog(dialog: Any) -> None:
+    await dialog.locator(".jp-Dialog-footer button", has_text="Close").click()
+    await dialog.wait_for(state="detached")
+
+
+async def share_link(page: Page) -> str:
+    """alice makes a link in the dialog (default expiry) and copies it."""
+    dialog = await open_share_dialog(page)
+    assert await dialog.locator(".jp-PresenceShare-expiry").input_value() == "86400"
+    await dialog.locator("button", has_text="Create link").click()
+    url = dialog.locator(".jp-PresenceShare-url")
+    await url.wait_for(state="visible")
+    await dialog.locator("button", has_text="Copy").click()
+    copied: str = await page.evaluate("navigator.clipboard.readText()")
+    assert copied == await url.input_value()
+    note = await dialog.locator(".jp-PresenceShare-note").text_content()
+    assert "land in shared.ipynb" in str(note), note
+    await close_dialog(dialog)
+    return copied
+
+
+async def sharing_api(page: Page, method: str, path: str = "", xsrf: bool = True) -> Any:
+    """The sharing endpoint of alice's server, called from ``page`` with its cookies."""
+    result = await page.evaluate(
+        """async ([method, url, xsrf]) => {
+            const headers = {'Content-Type': 'application/json'};
+            const token = (document.cookie.match(/_xsrf=([^;]+)/) || [])[1];
+            if (xsrf && token) headers['X-XSRFToken'] = token;
+            const r = await fetch(url, {method, headers, credentials: 'same-origin',
+                body: method === 'POST' ? '{}' : undefined});
+            let body = null;
+            try { body = await r.json(); } catch (e) {}
+            return {status: r.status, body};
+        }""",
+        [method, f"/user/alice/presence/sharing{path}", xsrf],
+    )
+    return result
 
 
 async def put_cursor(page: Page) -> dict[str, str]:
@@ -168,24 +222,30 @@ async def test_share_collaborate_anonymously_leave_and_revoke(
     hub: JupyterHub, browser: Browser
 ) -> None:
     alice_token = hub.user_token("alice")
-    async with httpx.AsyncClient(base_url=f"{hub.url}/hub/api", timeout=30) as api:
-        # alice makes a share code with her own token (the documented 'user' role).
-        made = await api.post(
-            "/share-codes/alice/", headers={"Authorization": f"token {alice_token}"}
-        )
-        assert made.status_code == 200, made.text
-        accept_url = made.json()["accept_url"]
-
     alice = await log_in(browser, hub, "alice")
     await open_notebook(alice.page, hub)
+    # alice shares her notebook from JupyterLab; the link lands on it.
+    link = await share_link(alice.page)
+    assert link.startswith(f"{hub.url}/hub/accept-share?code="), link
+    assert "next=%2Fuser%2Falice%2Flab%2Ftree%2Fshared.ipynb" in link, link
     bob = await log_in(browser, hub, "bob")
-    await bob.page.goto(f"{hub.url}{accept_url}&next=/user/alice/lab/tree/shared.ipynb")
+    await bob.page.goto(link)
     await bob.page.click("button[type=submit]")
     # The hub asks a collaborator (not the owner) once to let alice's server know them.
     await bob.page.wait_for_url("**/hub/api/oauth2/authorize*")
     await bob.page.click("form button[type=submit], form input[type=submit]")
-    await open_notebook(bob.page, hub)
+    await bob.page.locator(".jp-Notebook .jp-Cell .cm-content").first.wait_for(timeout=90_000)
     assert "/user/alice/lab/tree/shared.ipynb" in bob.page.url
+    await open_notebook(bob.page, hub)
+    # bob, now a collaborator, cannot share nor revoke alice's server; and a request
+    # that a cookie authenticates needs the XSRF token.
+    assert await bob.page.locator(".lm-MenuBar-itemLabel", has_text="Share").count() == 0
+    refused = await sharing_api(bob.page, "GET")
+    assert refused["status"] == 403 and refused["body"]["reason"] == "not_owner", refused
+    refused = await sharing_api(bob.page, "POST", "/codes")
+    assert refused["status"] == 403 and refused["body"]["reason"] == "not_owner", refused
+    forged = await sharing_api(alice.page, "POST", "/codes", xsrf=False)
+    assert forged["status"] == 403 and "_xsrf" in forged["body"]["message"], forged
 
     a_me, b_me = await put_cursor(alice.page), await put_cursor(bob.page)
     # Anonymous names, from the hub's faces, distinct.
@@ -253,6 +313,11 @@ async def test_share_collaborate_anonymously_leave_and_revoke(
 
     # bob comes back and types; alice revokes him.
     bob_page = await bob.page.context.new_page()
+    closings: list[tuple[str, float]] = []
+    bob_page.on(
+        "websocket",
+        lambda ws: ws.on("close", lambda _: closings.append((ws.url, time.monotonic()))),
+    )
     await open_notebook(bob_page, hub)
     await put_cursor(bob_page)
     typing = True
@@ -272,15 +337,22 @@ async def test_share_collaborate_anonymously_leave_and_revoke(
         await asyncio.sleep(0.1)
         last_text = await cell_text(alice.page)
         assert time.monotonic() - last_change < 30, "bob's edits never reached alice"
-    async with httpx.AsyncClient(base_url=f"{hub.url}/hub/api", timeout=30) as api:
-        revoked = await api.patch(
-            "/shares/alice/",
-            json={"user": "bob"},
-            headers={"Authorization": f"token {alice_token}"},
-        )
-        assert revoked.status_code == 200, revoked.text
+    # alice's dialog lists bob (and the link, used once); she revokes him there.
+    dialog = await open_share_dialog(alice.page)
+    bob_row = dialog.locator(".jp-PresenceShare-share[data-name=bob]")
+    await bob_row.wait_for()
+    assert "bob uses this server, since" in str(await bob_row.text_content())
+    code_row = dialog.locator(".jp-PresenceShare-code")
+    code_text = str(await code_row.first.text_content())
+    assert "used once" in code_text and "expires in 24 hours" in code_text, code_text
+    ARTIFACTS.mkdir(exist_ok=True)
+    await dialog.locator(".jp-Dialog-content").screenshot(path=ARTIFACTS / "share-dialog.png")
+    await bob_row.locator("button", has_text="Revoke").click()
     revoked_at = last_change = time.monotonic()
-    while time.monotonic() - revoked_at < 40:
+    await bob_row.wait_for(state="detached")
+    assert await dialog.locator(".jp-PresenceShare-error").is_hidden()
+    await close_dialog(dialog)
+    while time.monotonic() - revoked_at < 10:
         text = await cell_text(alice.page)
         if text != last_text:
             last_text, last_change = text, time.monotonic()
@@ -289,7 +361,10 @@ async def test_share_collaborate_anonymously_leave_and_revoke(
     await typist
     reached = last_change - revoked_at
     print(f"alice revoked bob: his last edit reached her {reached:.1f} s after the revoke")
-    assert reached < 30
+    assert reached < 5
+    rooms = [at - revoked_at for url, at in closings if "/api/collaboration/room/" in url]
+    assert rooms and 0 <= min(rooms) < 5, (closings, revoked_at)
+    print(f"bob's collaboration socket closed {min(rooms):.2f} s after the revoke")
     assert "access of hub user bob to this server ended" in hub.output()
     # His reload is refused.
     response = await bob_page.goto(f"{hub.url}/user/alice/lab/tree/shared.ipynb")
@@ -311,3 +386,45 @@ async def test_share_collaborate_anonymously_leave_and_revoke(
                 break
             assert time.monotonic() < deadline, "alice's edit never reached her server"
             await asyncio.sleep(0.5)
+
+
+# The deployed configuration, less the users' right to share.
+WITHOUT_SHARING = """
+c.JupyterHub.load_roles[0]["scopes"].remove("shares!user")
+"""
+
+
+async def test_a_hub_that_does_not_let_users_share_says_what_to_ask_for(
+    browser: Browser,
+) -> None:
+    hub = JupyterHub(anonymous=True, config=WITHOUT_SHARING).start()
+    try:
+        hub.api("POST", "/users", json={"usernames": ["alice"]})
+        home = hub.dir / "home" / "alice"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "shared.ipynb").write_text(json.dumps(NOTEBOOK))
+        hub.api("POST", "/users/alice/server")
+        wait_for(
+            lambda: (hub.api("GET", "/users/alice").json()["servers"].get("") or {}).get("ready"),
+            90,
+            "alice's server ready",
+        )
+        alice = await log_in(browser, hub, "alice")
+        await alice.page.goto(f"{hub.url}/user/alice/lab")
+        await alice.page.locator(".jp-DirListing-content").wait_for(timeout=90_000)
+        dialog = await open_share_dialog(alice.page)
+        error = dialog.locator(".jp-PresenceShare-error")
+        await error.wait_for(state="visible")
+        assert await error.get_attribute("data-reason") == "sharing_not_allowed"
+        text = str(await error.text_content())
+        print(f"\nthe dialog says: {text}")
+        assert "does not let you share" in text and "shares!user" in text, text
+        assert await dialog.locator("button", has_text="Create link").is_disabled()
+        await close_dialog(dialog)
+        # Nothing else broke: JupyterLab goes on (her notebook opens from the file browser).
+        await alice.page.locator(".jp-DirListing-item", has_text="shared.ipynb").dblclick()
+        await notebook_shown(alice.page)
+        assert await alice.page.locator(".jp-PresenceShare").count() == 0
+        assert "Traceback" not in hub.output()
+    finally:
+        hub.stop()

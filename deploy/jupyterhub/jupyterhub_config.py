@@ -71,6 +71,9 @@ c.JupyterHub.load_roles = [
     # presence reads who a server is shared with, and nothing else.
     {"name": "presence", "services": ["presence"], "scopes": ["read:users:shares"]},
 ]
+# JupyterLab's "Share with collaborators…" asks the hub with the owner's token from this
+# server's login: let that token share this server (it holds only what its user holds).
+c.Spawner.oauth_client_allowed_scopes = ["shares!server"]
 # Single-user servers mirror into presence, and show the same faces as presence does.
 c.Spawner.environment = {
     "PRESENCE_JUPYTER_URL": PRESENCE + "/services/presence",

@@ -18,10 +18,11 @@ ARG JUPYTERHUB_VERSION=6.1.1
 
 # The chart's image installs into the system Python as root and runs as jovyan.
 USER root
-COPY pyproject.toml README.md CHANGELOG.md /tmp/presence/
+COPY pyproject.toml README.md CHANGELOG.md hatch_build.py /tmp/presence/
 COPY presence /tmp/presence/presence
 COPY jupyter-config /tmp/presence/jupyter-config
-RUN pip install --no-cache-dir /tmp/presence "jupyterhub==${JUPYTERHUB_VERSION}" \
+# The hub serves no JupyterLab: its presence leaves the JupyterLab extension out.
+RUN PRESENCE_SKIP_LABEXTENSION=1 pip install --no-cache-dir /tmp/presence "jupyterhub==${JUPYTERHUB_VERSION}" \
  && rm -rf /tmp/presence \
  && python -c "from presence.jupyter.hub import make_post_auth_hook" \
  && jupyterhub --version

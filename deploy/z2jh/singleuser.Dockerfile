@@ -10,6 +10,15 @@
 # (quay.io/jupyter/minimal-notebook:YYYY-MM-DD) for builds that can be repeated; any
 # docker-stacks image (scipy-notebook, ...) will do as well.
 ARG BASE_IMAGE=quay.io/jupyter/minimal-notebook:latest
+
+# The JupyterLab extension ("Share with collaborators…"), built with Node.js into
+# presence/jupyter/labextension, where the package's build takes it from.
+FROM node:20-slim AS labextension
+WORKDIR /src
+COPY labextension ./labextension
+RUN npm ci --prefix labextension --no-audit --no-fund \
+ && npm run build --prefix labextension
+
 FROM ${BASE_IMAGE}
 
 # The JupyterHub version presence is tested with (docs/jupyter.md). The [jupyter] extra
@@ -17,8 +26,9 @@ FROM ${BASE_IMAGE}
 ARG JUPYTERHUB_VERSION=6.1.1
 
 USER root
-COPY pyproject.toml README.md CHANGELOG.md /tmp/presence/
+COPY pyproject.toml README.md CHANGELOG.md hatch_build.py /tmp/presence/
 COPY presence /tmp/presence/presence
+COPY --from=labextension /src/presence/jupyter/labextension /tmp/presence/presence/jupyter/labextension
 COPY jupyter-config /tmp/presence/jupyter-config
 RUN pip install --no-cache-dir "/tmp/presence[jupyter]" "jupyterhub==${JUPYTERHUB_VERSION}" \
  && rm -rf /tmp/presence \
@@ -28,4 +38,5 @@ USER ${NB_UID}
 
 # Fail here rather than in users' servers: collaboration and presence are both enabled.
 RUN jupyter server extension list 2>&1 | grep -E "jupyter_server_ydoc.*enabled" \
- && jupyter server extension list 2>&1 | grep -E "presence\.jupyter.*enabled"
+ && jupyter server extension list 2>&1 | grep -E "presence\.jupyter.*enabled" \
+ && jupyter labextension list 2>&1 | grep -E "@presence-awareness/jupyterlab.*enabled.*OK"

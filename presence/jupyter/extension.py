@@ -15,7 +15,7 @@ from typing import Any
 from traitlets import Bool, Float, Unicode, default
 from traitlets.config import Configurable
 
-from presence.jupyter import awareness, singleuser
+from presence.jupyter import awareness, sharing, singleuser
 from presence.jupyter.mirror import RENEW_EVERY, Mirror, hub_scope, sanitize, yjs_url
 
 # Without pings, a peer that vanished without a FIN (a laptop lid, a dropped network) is
@@ -152,10 +152,30 @@ def _on_hub(serverapp: Any, config: PresenceJupyter, hook: awareness.Ownership, 
     guard = singleuser.Guard(provider, faces, owner, max(1.0, config.recheck), log)
     guard.install()
     hook.guard = guard
+    serverapp.web_app.add_handlers(".*$", sharing.handlers(_hub_sharing(serverapp, guard)))
+    sharing.mark_owner_pages(serverapp, provider, owner)
     log.info(
         "presence.jupyter: on JupyterHub: collaborators shown %s, their sockets re-checked "
-        "every %s s",
+        "every %s s; sharing at %spresence/sharing",
         "anonymously" if config.anonymous else "under their hub names",
         config.recheck,
+        serverapp.base_url,
     )
     return True
+
+
+def _hub_sharing(serverapp: Any, guard: singleuser.Guard) -> sharing.HubSharing:
+    hub_auth = guard.hub_auth
+    verify: Any = True
+    if hub_auth.certfile or hub_auth.keyfile:  # the hub's internal SSL
+        from jupyterhub.utils import make_ssl_context  # type: ignore[import-untyped]
+
+        verify = make_ssl_context(hub_auth.keyfile, hub_auth.certfile, cafile=hub_auth.client_ca)
+    return sharing.HubSharing(
+        api_url=hub_auth.api_url,
+        owner=guard.owner,
+        server_name=_server_name(),
+        base_url=serverapp.base_url,
+        verify=verify,
+        on_revoke=guard.recheck_all,
+    )
