@@ -4,8 +4,9 @@
   `npm ci` first if labextension/node_modules is missing). The sdist carries the built
   extension, so a wheel built from it needs no Node.js.
 - editable (`pip install -e .`): never builds, so the service installs without Node.js;
-  the extension is installed if it was built before (`npm ci --prefix labextension &&
-  npm run build --prefix labextension`, as scripts/install-test-deps.sh does).
+  the extension is installed (copied) if it was built before (`npm ci --prefix
+  labextension && npm run build --prefix labextension`, as scripts/install-test-deps.sh
+  does): after a rebuild, install again.
 - PRESENCE_SKIP_LABEXTENSION=1: a wheel without it (the service's image, which serves no
   JupyterLab).
 """
@@ -37,7 +38,7 @@ class LabextensionHook(BuildHookInterface):  # type: ignore[type-arg]
         root = Path(self.root)
         built = root / BUILT / "package.json"
         editable = self.target_name == "wheel" and version == "editable"
-        if os.environ.get(SKIP):
+        if os.environ.get(SKIP, "").lower() in ("1", "true", "yes"):
             self.app.display_warning(f"{SKIP} is set: the JupyterLab extension is left out")
             return
         if not editable:
@@ -48,6 +49,8 @@ class LabextensionHook(BuildHookInterface):  # type: ignore[type-arg]
 
     def _build_if_needed(self, root: Path, built: Path) -> None:
         source = root / SOURCE
+        if built.exists() and (root / "PKG-INFO").exists():
+            return  # an unpacked sdist: it carries the build (its file times may lie)
         if not (source / "package.json").exists():
             if built.exists():
                 return  # an sdist without the sources would still have it built

@@ -45,7 +45,8 @@ class FakeHub:
 
     def __init__(self, version: str) -> None:
         self.version = version
-        self.answers: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+        # A (status, body), or a function of the request's query arguments giving one.
+        self.answers: dict[tuple[str, str], Any] = {}
         self.seen: list[tuple[str, str, str]] = []
         fake = self
 
@@ -58,7 +59,10 @@ class FakeHub:
                 if path == "/":
                     status, body = 200, {"version": fake.version}
                 else:
-                    status, body = fake.answers.get((self.request.method or "", path), (404, {}))
+                    answer = fake.answers.get((self.request.method or "", path), (404, {}))
+                    if callable(answer):
+                        answer = answer({k: self.get_argument(k) for k in self.request.arguments})
+                    status, body = answer
                 self.set_status(status)
                 self.finish(json.dumps(body))
 
@@ -81,7 +85,7 @@ async def fake_hub() -> AsyncIterator[tuple[FakeHub, HubSharing]]:
 
 def refusal(excinfo: pytest.ExceptionInfo[SharingError]) -> tuple[int, str, str]:
     error = excinfo.value
-    return error.status_code, str(error.reason), str(error.log_message).replace("%%", "%")
+    return error.status_code, str(error.reason), error.message
 
 
 @pytest.mark.e2e
@@ -114,12 +118,18 @@ async def test_the_hubs_refusals_become_what_to_do(
     assert "shares!user" in message and "oauth_client_allowed_scopes" in message
     assert hub.seen[-1] == ("GET", "/user", "token alices-token")  # her own token
 
-    forbidden = "Action is not authorized with current scopes; requires any of [shares]"
+    forbidden = "Action is not authorized with 100% of the scopes; requires any of [shares]"
     hub.answers[("POST", "/share-codes/alice/")] = (403, {"status": 403, "message": forbidden})
     with pytest.raises(SharingError) as excinfo:
         await sharing.create("alices-token", 86400, "a b/n.ipynb")
-    assert refusal(excinfo)[1] == "sharing_not_allowed" and forbidden in refusal(excinfo)[2]
+    assert refusal(excinfo)[1] == "sharing_not_allowed" and forbidden in excinfo.value.message
 
+    # A 404 means "that link is gone" only where a link was named.
+    hub.answers[("GET", "/user")] = (200, {"name": "alice", "scopes": ["shares!user=alice"]})
+    hub.answers[("GET", "/shares/alice/")] = (404, {"message": "No such server: codey/"})
+    with pytest.raises(SharingError) as excinfo:
+        await sharing.access("alices-token")
+    assert refusal(excinfo)[:2] == (502, "hub_error")
     gone = "No code found matching id=sc_7"
     hub.answers[("DELETE", "/share-codes/alice/")] = (404, {"status": 404, "message": gone})
     with pytest.raises(SharingError) as excinfo:
@@ -140,6 +150,32 @@ async def test_a_link_lands_on_the_open_file(fake_hub: tuple[FakeHub, HubSharing
         "/hub/accept-share?code=xyz&next=%2Fuser%2Falice%2Flab%2Ftree%2Fa%2520b%2Fn%25231.ipynb"
     )
     assert (await sharing.create("alices-token", 3600, None))["next"] == "/user/alice/"
+    for climbing in ("../bob/secret.ipynb", "a/./b.ipynb", "a//b.ipynb"):
+        with pytest.raises(SharingError) as excinfo:
+            await sharing.create("alices-token", 3600, climbing)
+        assert refusal(excinfo)[:2] == (400, "bad_path")
+
+
+@pytest.mark.e2e
+async def test_every_page_of_the_hubs_lists_is_read(
+    fake_hub: tuple[FakeHub, HubSharing],
+) -> None:
+    hub, sharing = fake_hub
+    hub.answers[("GET", "/user")] = (200, {"name": "alice", "scopes": ["shares!user=alice"]})
+
+    def page(arguments: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        offset = int(arguments.get("offset", "0"))
+        rows = [
+            {"user": {"name": f"user{i}"}, "scopes": [], "created_at": None}
+            for i in range(offset, min(offset + 200, 450))
+        ]
+        following = {"offset": offset + 200} if offset + 200 < 450 else None
+        return 200, {"items": rows, "_pagination": {"next": following}}
+
+    hub.answers[("GET", "/shares/alice/")] = page
+    hub.answers[("GET", "/share-codes/alice/")] = (200, {"items": [], "_pagination": {}})
+    listed = await sharing.access("alices-token")
+    assert [s["name"] for s in listed["shares"]] == [f"user{i}" for i in range(450)]
 
 
 @pytest.mark.e2e

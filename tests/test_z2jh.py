@@ -94,6 +94,9 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Config:
         for key, s in values["services"].items()
     ]
     c.JupyterHub.load_roles = [{"name": key, **role} for key, role in values["loadRoles"].items()]
+    for section, traits in values.get("config", {}).items():  # hub.config, as the chart does
+        for name, value in traits.items():
+            setattr(c[section], name, value)
     for key, code in sorted(values["extraConfig"].items()):
         run_config(code, f"hub.extraConfig.{key}", c)
     return c
@@ -135,6 +138,9 @@ def test_the_schema_refuses_mistakes(path: str, value: Any, error: str) -> None:
 def test_same_roles_scopes_and_service_as_the_tested_config(hub: Config, tested: Config) -> None:
     assert hub.JupyterHub.load_roles == tested.JupyterHub.load_roles
     assert hub.JupyterHub.custom_scopes == tested.JupyterHub.custom_scopes
+    # What JupyterLab's sharing needs of the servers' login tokens.
+    assert hub.Spawner.oauth_client_allowed_scopes == ["shares!server"]
+    assert hub.Spawner.oauth_client_allowed_scopes == tested.Spawner.oauth_client_allowed_scopes
     [service] = hub.JupyterHub.services
     [managed] = tested.JupyterHub.services
     # The tested hub starts presence itself (command, environment); here it is a Deployment.

@@ -109,6 +109,8 @@ export class SharePanel extends Widget {
     this._error = element('p', 'jp-PresenceShare-error');
     this._error.hidden = true;
     this._error.setAttribute('role', 'alert');
+    this._warning = element('p', 'jp-PresenceShare-warning');
+    this._warning.hidden = true;
 
     const heading = element('h3', 'jp-PresenceShare-heading', 'Who has access');
     this._who = element('ul', 'jp-PresenceShare-who');
@@ -116,9 +118,10 @@ export class SharePanel extends Widget {
       'p',
       'jp-PresenceShare-intro',
       'Anyone who opens the link and logs in to this hub can use this server as you do ' +
-        '(open and edit files, run code) until you revoke them.'
+        '(open and edit files, run code), until you revoke them here; a link lets ' +
+        'people in (again) until it expires or you revoke it.'
     );
-    node.append(intro, make, this._link, this._error, heading, this._who);
+    node.append(intro, make, this._link, this._error, heading, this._warning, this._who);
     void this.refresh();
   }
 
@@ -152,7 +155,7 @@ export class SharePanel extends Widget {
   }
 
   /** Reads the server's shares and links again. */
-  async refresh(): Promise<void> {
+  async refresh(): Promise<IAccess | null> {
     let state: IAccess;
     try {
       state = await access();
@@ -160,7 +163,7 @@ export class SharePanel extends Widget {
       this.showError(error);
       this._create.disabled = true;
       this._who.replaceChildren();
-      return;
+      return null;
     }
     const rows: HTMLElement[] = [];
     for (const share of state.shares) {
@@ -173,6 +176,7 @@ export class SharePanel extends Widget {
       rows.push(element('li', 'jp-PresenceShare-nobody', 'Only you.'));
     }
     this._who.replaceChildren(...rows);
+    return state;
   }
 
   private shareRow(share: IShare): HTMLElement {
@@ -191,7 +195,13 @@ export class SharePanel extends Widget {
     text.title = exact(share.created_at);
     row.append(
       text,
-      this.revokeButton(`Revoke ${share.name}`, () => revokeShare(share))
+      this.revokeButton(`Revoke ${share.name}`, () => revokeShare(share), state => {
+        // The hub lets a link be used again: whoever was revoked could come back.
+        this._warning.hidden = !state?.codes.length;
+        this._warning.textContent =
+          `${share.name} is out. A link that is still valid would let them back in: ` +
+          'revoke the links below to stop that.';
+      })
     );
     return row;
   }
@@ -207,11 +217,22 @@ export class SharePanel extends Widget {
       `A link made ${when(code.created_at)}, ${used}, expires ${when(code.expires_at)}`
     );
     text.title = `expires ${exact(code.expires_at)}`;
-    row.append(text, this.revokeButton('Revoke link', () => revokeCode(code.id)));
+    row.append(
+      text,
+      this.revokeButton(
+        'Revoke link',
+        () => revokeCode(code.id),
+        state => (this._warning.hidden = this._warning.hidden || !state?.codes.length)
+      )
+    );
     return row;
   }
 
-  private revokeButton(caption: string, revoke: () => Promise<void>): HTMLElement {
+  private revokeButton(
+    caption: string,
+    revoke: () => Promise<void>,
+    after: (state: IAccess | null) => void
+  ): HTMLElement {
     const button = element('button', 'jp-mod-styled jp-mod-warn', 'Revoke');
     button.title = caption;
     button.addEventListener('click', async () => {
@@ -222,7 +243,7 @@ export class SharePanel extends Widget {
       } catch (error) {
         this.showError(error);
       }
-      await this.refresh();
+      after(await this.refresh());
     });
     return button;
   }
@@ -246,5 +267,6 @@ export class SharePanel extends Widget {
   private _copy: HTMLButtonElement;
   private _note: HTMLParagraphElement;
   private _error: HTMLParagraphElement;
+  private _warning: HTMLParagraphElement;
   private _who: HTMLUListElement;
 }

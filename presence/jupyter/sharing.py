@@ -36,6 +36,7 @@ from tornado.httputil import url_concat
 MIN_EXPIRY, MAX_EXPIRY = 60, 365 * 86400  # what the hub accepts for a share code
 OLDEST_HUB = (5, 0)  # shares and share codes arrived in JupyterHub 5.0
 MAX_PATH = 4096
+MAX_PAGES = 50  # of the hub's lists: 10,000 shares or links
 CODE_ID = re.compile(r"sc_[0-9]{1,18}")
 
 
@@ -43,7 +44,8 @@ class SharingError(web.HTTPError):
     """An answer the owner can act on; ``reason`` names the case for the page."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(status, message.replace("%", "%%"), reason=reason)
+        super().__init__(status, message, reason=reason)
+        self.message = message
 
 
 def hub_version(text: str) -> tuple[int, ...]:
@@ -66,7 +68,8 @@ class HubSharing:
     server_name: str  # "" for the default server
     base_url: str  # this server's: /user/alice/
     verify: Any = True  # an SSLContext where the hub's internal SSL is on
-    on_revoke: Callable[[], Awaitable[int]] | None = None  # closes revoked users' sockets
+    # Closes revoked users' sockets: of one hub user (a name), or of everyone revoked (None).
+    on_revoke: Callable[[str | None], Awaitable[int]] | None = None
     _version: str = ""
 
     @property
@@ -103,7 +106,8 @@ class HubSharing:
             )
         return self._version
 
-    async def _hub(self, token: str, method: str, path: str, **kwargs: Any) -> Any:
+    async def _hub(self, token: str, method: str, path: str, gone: str = "", **kwargs: Any) -> Any:
+        """The hub's JSON answer; a 404 is ``gone`` (reason code_gone) when given."""
         await self.version()
         answer = await self._call(token, method, path, **kwargs)
         if answer.status_code < 400:
@@ -114,8 +118,8 @@ class HubSharing:
             said = answer.text[:200]
         if answer.status_code == 403:
             raise self._not_allowed(said or "forbidden")
-        if answer.status_code == 404 and "code" in said.lower():
-            raise SharingError(404, "code_gone", "That link had already expired or been revoked.")
+        if answer.status_code == 404 and gone:
+            raise SharingError(404, "code_gone", gone)
         raise SharingError(502, "hub_error", f"The hub answered {answer.status_code}: {said}")
 
     def _not_allowed(self, said: str) -> SharingError:
@@ -143,15 +147,29 @@ class HubSharing:
         me = await self._hub(token, "GET", "/user")
         if not self.may_share(me.get("scopes") or []):
             raise self._not_allowed("your login holds no shares scope for it")
-        shares = await self._hub(token, "GET", f"/shares/{self._server}")
-        codes = await self._hub(token, "GET", f"/share-codes/{self._server}")
         return {
             "owner": self.owner,
             "server_name": self.server_name,
             "hub_version": self._version,
-            "shares": [_share(s) for s in _items(shares)],
-            "codes": [_code(c) for c in _items(codes)],
+            "shares": [_share(s) for s in await self._list(token, "shares")],
+            "codes": [_code(c) for c in await self._list(token, "share-codes")],
         }
+
+    async def _list(self, token: str, kind: str) -> list[dict[str, Any]]:
+        """Every page of a list the hub answers a page (200 rows) at a time."""
+        items: list[dict[str, Any]] = []
+        offset: Any = 0
+        for _ in range(MAX_PAGES):
+            page = await self._hub(
+                token, "GET", f"/{kind}/{self._server}", params={"offset": offset}
+            )
+            rows = page.get("items", []) if isinstance(page, dict) else page or []
+            items += [row for row in rows if isinstance(row, dict)]
+            following = isinstance(page, dict) and (page.get("_pagination") or {}).get("next")
+            if not following:
+                break
+            offset = following.get("offset")
+        return items
 
     async def create(self, token: str, expires_in: int, path: str | None) -> dict[str, Any]:
         """A share code; its accept link lands on ``path`` (a file of this server) or the
@@ -160,7 +178,7 @@ class HubSharing:
             token, "POST", f"/share-codes/{self._server}", json={"expires_in": expires_in}
         )
         if path:
-            segments = "/".join(quote(p, safe="") for p in path.strip("/").split("/"))
+            segments = "/".join(quote(p, safe="") for p in _segments(path))
             landing = url_path_join(self.base_url, "lab", "tree", segments)
         else:
             landing = self.base_url
@@ -173,17 +191,28 @@ class HubSharing:
         }
 
     async def revoke_code(self, token: str, code_id: str) -> None:
-        await self._hub(token, "DELETE", f"/share-codes/{self._server}", params={"id": code_id})
+        await self._hub(
+            token,
+            "DELETE",
+            f"/share-codes/{self._server}",
+            gone="That link had already expired or been revoked.",
+            params={"id": code_id},
+        )
 
     async def revoke_share(self, token: str, kind: str, name: str) -> int:
         """Ends the access of a user or group; returns how many sockets were closed."""
         await self._hub(token, "PATCH", f"/shares/{self._server}", json={kind: name})
-        return await self.on_revoke() if self.on_revoke else 0
+        if self.on_revoke is None:
+            return 0
+        return await self.on_revoke(name if kind == "user" else None)
 
 
-def _items(page: Any) -> list[dict[str, Any]]:
-    items = page.get("items", []) if isinstance(page, dict) else page
-    return [i for i in items or [] if isinstance(i, dict)]
+def _segments(path: str) -> list[str]:
+    """A file's path under this server, refused if it climbs out of the server's URL."""
+    parts = path.strip("/").split("/")
+    if any(part in (".", "..", "") for part in parts):
+        raise SharingError(400, "bad_path", "path: a file's path under the server's root.")
+    return parts
 
 
 def _share(share: dict[str, Any]) -> dict[str, Any]:
@@ -207,6 +236,14 @@ class _Handler(APIHandler):
     def initialize(self, sharing: HubSharing) -> None:
         self.sharing = sharing
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        if not isinstance(error, SharingError):
+            super().write_error(status_code, **kwargs)
+            return
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"message": error.message, "reason": error.reason}))
+
     def owner_token(self) -> str:
         """The asking owner's own hub token (from the request: header or cookie)."""
         hub_user = getattr(self.current_user, "hub_user", None) or {}
@@ -214,9 +251,13 @@ class _Handler(APIHandler):
             raise SharingError(
                 403, "not_owner", f"Only {self.sharing.owner} can share this server."
             )
-        token: str | None = self.identity_provider.hub_auth.get_token(self)  # type: ignore[attr-defined]
+        hub_auth = self.identity_provider.hub_auth  # type: ignore[attr-defined]
+        token: str | None = hub_auth.get_token(self)
         if not token:
             raise SharingError(401, "no_token", "Log in to the hub again, then retry.")
+        if token == hub_auth.api_token:
+            # The server's own token, which whoever runs code here can read: never.
+            raise SharingError(403, "not_owner", "Share with your own login, not the server's.")
         return token
 
     def body(self) -> dict[str, Any]:

@@ -235,14 +235,17 @@ class Guard:
             for token in oldest[: len(oldest) // 2]:
                 del self._tokens[token]
 
-    async def recheck_all(self) -> int:
-        """Ask the hub again about every collaborator's token seen lately; a revoked one
-        loses its cached answer and its open sockets. Returns how many were closed."""
+    async def recheck_all(self, only: str | None = None) -> int:
+        """Ask the hub again about every collaborator's token seen lately (``only``: of
+        that hub user); a revoked one loses its cached answer and its open sockets.
+        Returns how many were closed."""
         for handler in [h for h in list(self._sockets) if getattr(h, "_on_close_called", False)]:
             self._sockets.pop(handler, None)  # closed
         self._prune()
         closed = 0
         for token, (name, _) in list(self._tokens.items()):
+            if only is not None and name != only:
+                continue
             if token not in self._revoked:
                 try:
                     model = await self.hub_auth.user_for_token(token, use_cache=False, sync=False)
