@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from presence.core.identity import Identity
 from presence.jupyter import awareness
 from presence.jupyter.hub import ANONYMOUS_MARK
 from presence.jupyter.singleuser import (
+    REFUSAL_SECONDS,
     REVOKED,
     Faces,
     Guard,
@@ -321,6 +323,37 @@ async def test_revoked_collaborators_lose_their_cached_answer_and_their_sockets(
     bob2.ws_connection = object()  # now open: the next check closes it too
     assert await guard.recheck_all() == 1 and bob2.closed_with is not None
     assert await guard.recheck_all() == 0
+
+
+async def test_a_refusal_is_believed_for_seconds_only() -> None:
+    """bob, revoked, accepts a link again: the hub lets him in, and the server's cached
+    refusal (300 s) must not keep him out; a refusal cached within REFUSAL_SECONDS is
+    kept, so that his tabs' retries do not each ask the hub."""
+    guard, hub_auth, _ = await guarded(anonymous=False)
+    refused = Socket("bob-t")  # the provider answers None: the hub's answer refused it
+    digest = hashlib.sha256(b"bob-t").hexdigest()
+    old, fresh = f"token:a:{digest}", f"token:b:{digest}"
+    other = "token::" + hashlib.sha256(b"dave-t").hexdigest()
+    # The cache's own clock is time.monotonic (jupyterhub's _ExpiringDict).
+    now = time.monotonic()
+    for key, at in ((old, now - REFUSAL_SECONDS - 1), (fresh, now), (other, now - 60)):
+        hub_auth.cache.values[key] = {"name": "bob", "scopes": []}
+        hub_auth.cache.timestamps[key] = at
+    assert await guard.provider.get_user(refused) is None
+    assert set(hub_auth.cache.values) == {fresh, other}
+
+
+async def test_a_revoke_of_one_user_asks_the_hub_about_that_user_only() -> None:
+    guard, hub_auth, users = await guarded(anonymous=False)
+    bob, dave = Socket("bob-t"), Socket("dave-t")
+    for handler, name in ((bob, "bob"), (dave, "dave")):
+        users[handler] = JupyterUser(hub_user(name))
+        await guard.provider.get_user(handler)
+    assert guard._task is not None
+    guard._task.cancel()
+    hub_auth.answers = {"bob-t": {"name": "bob", "scopes": []}, "dave-t": None}
+    assert await guard.recheck_all(only="bob") == 1
+    assert hub_auth.asked == ["bob-t"] and dave.closed_with is None
 
 
 async def test_tokens_are_forgotten_once_the_hubs_cache_would_not_answer_for_them() -> None:

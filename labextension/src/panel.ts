@@ -48,7 +48,7 @@ const UNITS: [Intl.RelativeTimeFormatUnit, number][] = [
   ['second', 1000]
 ];
 
-/** "in 23 hours", "tomorrow", "5 minutes ago" (Time.formatHuman rounds a future date
+/** "in 1 hour", "tomorrow", "5 minutes ago" (Time.formatHuman rounds a future date
  * up to the largest unit: a day ahead would read "next year"). */
 export function when(iso: string | null, now = Date.now()): string {
   if (!iso) {
@@ -58,8 +58,9 @@ export function when(iso: string | null, now = Date.now()): string {
   const format = new Intl.RelativeTimeFormat(document.documentElement.lang || 'en', {
     numeric: 'auto'
   });
+  // The largest unit that counts at least one: a link made for a day "expires tomorrow".
   for (const [unit, ms] of UNITS) {
-    if (Math.abs(delta) >= ms || unit === 'second') {
+    if (Math.round(Math.abs(delta) / ms) >= 1 || unit === 'second') {
       return format.format(Math.round(delta / ms), unit);
     }
   }
@@ -137,7 +138,8 @@ export class SharePanel extends Widget {
         (this.path
           ? `After accepting, collaborators land in ${this.path}.`
           : 'After accepting, collaborators land in this server.') +
-        ' After it expires the hub answers "Share not found or expired": make a new link.';
+        ' After it expires the hub answers "Share not found or expired": make a new link.' +
+        " (The hub refuses your own link: try it from another account.)";
       this._link.hidden = false;
       this._url.select();
       this.showError(null);
@@ -152,6 +154,7 @@ export class SharePanel extends Widget {
   copy(): void {
     Clipboard.copyToSystem(this._url.value);
     this._copy.textContent = 'Copied';
+    window.setTimeout(() => (this._copy.textContent = 'Copy'), 2000);
   }
 
   /** Reads the server's shares and links again. */
@@ -210,7 +213,11 @@ export class SharePanel extends Widget {
     const row = element('li', 'jp-PresenceShare-code');
     row.dataset.id = code.id;
     const used =
-      code.exchange_count === 1 ? 'used once' : `used ${code.exchange_count} times`;
+      code.exchange_count === 0
+        ? 'not used yet'
+        : code.exchange_count === 1
+          ? 'used once'
+          : `used ${code.exchange_count} times`;
     const text = element(
       'span',
       'jp-PresenceShare-what',

@@ -17,8 +17,9 @@ the sockets already open (jupyter-collaboration#434). This module, installed by 
 - **Revocation.** The tokens of users other than the owner that requests brought lately
   are checked with the hub every ``recheck`` seconds; a user whose access is gone loses
   the hub's cached answer (their next request asks the hub, which refuses it) and their
-  open WebSockets (collaboration, kernels, terminals, events: closed with 4403). The
-  owner's requests keep the hub's cache as configured.
+  open WebSockets (collaboration, kernels, terminals, events: closed with 4403). A
+  refusal is believed REFUSAL_SECONDS only, so that a share given again lets them in.
+  The owner's requests keep the hub's cache as configured.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ Log = logging.Logger | logging.LoggerAdapter[Any]
 LIVE_SECONDS = 3600.0  # a collaborator holds their face this long after their last request
 REVOKED = 4403
 MAX_TOKENS = 10_000  # collaborators' tokens re-checked at most
+# How long the hub's refusal of a token is believed: a share given again lets its user
+# in after that (the hub's cache would keep the refusal 300 s); a refused tab's retries
+# ask the hub at most this often.
+REFUSAL_SECONDS = 2.0
 
 
 class Faces:
@@ -155,11 +160,13 @@ class Guard:
 
         async def get_user(handler: Any) -> Any:
             user = await original(handler)
-            if user is not None:
-                try:
+            try:
+                if user is not None:
                     self._seen(handler, user)
-                except Exception:
-                    self.log.exception("presence.jupyter: could not place a hub user")
+                else:
+                    self._refused(handler)
+            except Exception:
+                self.log.exception("presence.jupyter: could not place a hub user")
             return user
 
         self.provider.get_user = get_user
@@ -276,13 +283,23 @@ class Guard:
                 self._tokens.pop(token, None)
         return closed
 
-    def _forget(self, token: str) -> None:
-        """Drop the hub's cached answers for ``token``: its next request asks again."""
+    def _refused(self, handler: Any) -> None:
+        """A request the hub's (cached) answer refused: that answer is kept
+        REFUSAL_SECONDS, not cache_max_age."""
+        token = self.hub_auth.get_token(handler)
+        if token:
+            self._forget(token, older_than=REFUSAL_SECONDS)
+
+    def _forget(self, token: str, older_than: float = 0.0) -> None:
+        """Drop the hub's cached answers for ``token`` (those cached more than
+        ``older_than`` seconds ago): its next request asks again."""
         digest = hashlib.sha256(token.encode("utf8", "replace")).hexdigest()
         cache = self.hub_auth.cache
+        horizon = time.monotonic() - older_than  # the cache's own clock
         for key in [k for k in list(cache.values) if str(k).endswith(digest)]:
-            cache.values.pop(key, None)
-            cache.timestamps.pop(key, None)
+            if cache.timestamps.get(key, 0.0) <= horizon:
+                cache.values.pop(key, None)
+                cache.timestamps.pop(key, None)
 
 
 def _json_object(state: bytes) -> dict[str, Any] | None:
