@@ -114,7 +114,7 @@ class HubSharing:
             return answer.json() if answer.content else None
         try:
             said = str(answer.json().get("message", ""))
-        except ValueError:
+        except (ValueError, AttributeError):  # no JSON, or no JSON object
             said = answer.text[:200]
         if answer.status_code == 403:
             raise self._not_allowed(said or "forbidden")
