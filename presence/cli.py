@@ -156,7 +156,8 @@ def serve(settings: Settings) -> None:
 
     from presence import logs
     from presence.server.app import create_app, random_secret
-    from presence.server.connection import Connection, HttpProtocol
+    from presence.websocket.connection import Connection
+    from presence.websocket.guard import HttpProtocol
 
     logs.configure(settings.log_level, settings.log_format)
     raise_open_files_limit()

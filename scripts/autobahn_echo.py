@@ -15,7 +15,8 @@ import uvicorn
 
 from presence.config import Settings
 from presence.server.app import create_app
-from presence.server.connection import Connection, HttpProtocol
+from presence.websocket.connection import Connection
+from presence.websocket.guard import HttpProtocol
 
 
 class Echo:
@@ -34,20 +35,16 @@ class Echo:
         pass
 
 
-class EchoConnection(Connection):
-    routes: ClassVar[dict[str, Any]] = {"echo": Echo}
-
-
 def main(port: int) -> None:
     # Autobahn's largest messages in cases 1-7 and 10 are 64 KiB (1.1.6-1.1.8, 10.1.1).
     settings = Settings(
         secret="autobahn-echo-secret-of-32-bytes-or-more", max_message_bytes=1 << 20
     )
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, websocket_routes={"echo": Echo}),
         host="127.0.0.1",
         port=port,
-        ws=EchoConnection,
+        ws=Connection,
         http=HttpProtocol,
         log_config=None,
         access_log=False,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pytest
 
 from harness import processes
-from presence.codecs.websocket import MAX_REQUEST_BYTES
+from presence.websocket.frames import MAX_REQUEST_BYTES
 from tests.conftest import Client, Server
 from tests.test_websocket_flood import assert_not_flooded, measure, rss
 from tests.test_websocket_server import handshake

@@ -19,8 +19,8 @@ from pycrdt import create_awareness_message
 from harness.processes import RedisProcess
 from presence.backplane.memory import MemoryBus
 from presence.config import Settings
-from presence.server.outbox import Outbox
-from presence.server.yjs_view import MAX_HELD_PER_SOCKET, YjsView
+from presence.hub.outbox import Outbox
+from presence.yjs.view import MAX_HELD_PER_SOCKET, YjsView
 from tests.conftest import FAST, Server
 from tests.test_hub import Clock, make_hub
 from tests.test_json_protocol import join

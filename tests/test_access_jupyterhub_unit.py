@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from presence.access.jupyterhub import MAX_CACHED, HubService, JupyterHubAuth, unavailable
 from presence.core.access import AccessError, may_enter, server_of
-from presence.server.jupyterhub_auth import MAX_CACHED, HubService, JupyterHubAuth, unavailable
 
 pytestmark = pytest.mark.unit
 
@@ -385,7 +385,7 @@ def test_two_login_cookies_are_refused_not_the_last_taken() -> None:
 
 
 def test_only_a_hub_service_counts_its_own_host_as_an_allowed_origin() -> None:
-    from presence.server.access import Access
+    from presence.access.rules import Access
 
     auth, _, _ = auth_with_fake()
     host, same = "hub.example:8000", "http://hub.example:8000"
@@ -417,7 +417,7 @@ async def test_the_login_never_sends_a_browser_elsewhere() -> None:
     # callback checks that too (it answers before asking the hub when the code is bad).
     planted = base64.urlsafe_b64encode(orjson.dumps({"next": "https://evil.example"}))
     state = planted.decode().rstrip("=")
-    from presence.server.jupyterhub_auth import _local
+    from presence.access.jupyterhub import _local
 
     assert _local("https://evil.example", "/p") == "/p/"
     assert _local("/p/?room=alice/:x", "/p") == "/p/?room=alice/:x"

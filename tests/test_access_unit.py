@@ -13,11 +13,11 @@ import jwt
 import pytest
 from starlette.requests import Request
 
+from presence.access.rules import Access
 from presence.cli import duration, mint
 from presence.config import ConfigError, Settings
 from presence.core.access import AccessError, decide, origin_allowed, parse_origins
 from presence.core.identity import Identity
-from presence.server.access import Access
 
 pytestmark = pytest.mark.unit
 
@@ -236,20 +236,19 @@ def test_durations_and_minting() -> None:
     assert claims == {"room_prefix": "team.", "exp": NOW + 60, "role": "viewer", "name": "Ann"}
 
 
-def test_each_hub_has_its_own_access_rules_object() -> None:
+def test_each_app_has_its_own_access_rules_object() -> None:
     # In hub mode the rules hold an HTTP client and a recheck task: two apps with equal
-    # settings must not share them (nor keep them alive after their hub is gone).
-    from presence.server.access import Access, _accesses
-    from presence.server.app import make_hub
+    # settings must not share them (nor keep them alive after their app is gone).
+    from presence.server.app import create_app
 
     settings = Settings(auth="token", secret="s" * 32)
-    one, two = make_hub(settings), make_hub(settings)
-    assert Access.of(one) is Access.of(one)
-    assert Access.of(one) is not Access.of(two)
-    gone = weakref.ref(one)
+    one, two = create_app(settings), create_app(settings)
+    assert one.state.access is not two.state.access
+    assert one.state.access.mode == "token"
+    gone = weakref.ref(one.state.access)
     del one
     gc.collect()
-    assert gone() is None and two in _accesses
+    assert gone() is None and two.state.access.mode == "token"
 
 
 def test_room_tokens_of_a_secret_being_rotated_out_still_pass() -> None:

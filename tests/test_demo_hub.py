@@ -17,10 +17,9 @@ from playwright.async_api import Browser, Page, async_playwright
 
 from harness.jupyterhub import PASSWORD, JupyterHub
 from harness.processes import ARTIFACTS, Server
+from presence.access.jupyterhub import HubUser
 from presence.config import Settings
-from presence.server.access import Access
 from presence.server.app import create_app
-from presence.server.jupyterhub_auth import HubUser
 from tests.test_browser import CHROMIUM_FLAGS, chromium
 
 pytestmark = pytest.mark.e2e
@@ -229,7 +228,7 @@ async def test_a_hub_page_is_told_its_user_and_whether_names_are_anonymous(
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "service-token")
     settings = Settings(auth="jupyterhub", jupyterhub_anonymous=anonymous, secret="s" * 32)
     app = create_app(settings)
-    hub_auth = Access.of(app.state.hub).jupyterhub
+    hub_auth = app.state.access.jupyterhub
     assert hub_auth is not None
 
     async def user(token: str) -> HubUser:

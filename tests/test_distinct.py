@@ -193,11 +193,15 @@ async def test_new_identities_of_a_full_scope_are_chosen_without_reading_it() ->
     scope: the cost of a claim does not grow with the scope (it read all of it before)."""
     from presence.backplane.memory import MemoryBackplane
     from presence.config import Settings
-    from presence.server.hub import Hub
+    from presence.hub.hub import Hub, new_replica_id
     from presence.server.identities import assign
 
     settings = Settings(seed=3, max_identities_per_scope=676)
-    hub = Hub(settings, identities=IdentityFactory(b"k" * 32, seed=3))
+    hub = Hub(
+        settings,
+        identities=IdentityFactory(b"k" * 32, seed=3),
+        backplane=MemoryBackplane(new_replica_id()),
+    )
     backplane = hub.backplane
     assert isinstance(backplane, MemoryBackplane)
     reads, asked = [], []

@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 
 from load.tables import BENCHMARKS, load_results, update_doc
+from presence.access.rules import CLOCK_SKEW
 from presence.backplane.redis import GIVE_UP_AFTER, MAX_BACKOFF
-from presence.codecs.websocket import MAX_FRAGMENTS
 from presence.config import Settings
 from presence.core.room import ROOM_NAME_RULE
+from presence.endpoints.json import MAX_CONSECUTIVE_ERRORS
 from presence.jupyter.extension import PresenceJupyter
-from presence.server.access import CLOCK_SKEW
-from presence.server.connection import FRAMES_PER_TURN, RATE_BURST_SECONDS
 from presence.server.identities import BURST_SECONDS, DEFAULT_TTL, MAX_BODY, MAX_TTL
-from presence.server.json_ws import MAX_CONSECUTIVE_ERRORS
-from presence.server.yjs_ws import ECHO_OVERHEAD, MAX_CLIENT_IDS
+from presence.websocket.connection import FRAMES_PER_TURN
+from presence.websocket.frames import MAX_FRAGMENTS
+from presence.websocket.limits import RATE_BURST_SECONDS
+from presence.yjs.endpoint import ECHO_OVERHEAD, MAX_CLIENT_IDS
 
 pytestmark = pytest.mark.unit
 
@@ -86,7 +87,7 @@ UNRELATED = [
     ("docs/protocol.md", "stays silent for 30 s"),  # y-websocket's reconnect timeout
     ("docs/protocol.md", "for ~17 s"),  # y-protocols' clock handling
     ("docs/protocol.md", "comment every 15 s"),  # a literal in presence/server/views.py
-    ("docs/protocol.md", "every `expire_after / 2`"),  # a literal in presence/server/hub.py
+    ("docs/protocol.md", "every `expire_after / 2`"),  # a literal in presence/hub/hub.py
     ("docs/protocol.md", "401 without it, 403"),  # HTTP statuses
     ("docs/benchmarks.md", "flush interval 10 ms → 5 ms"),  # history of the default
     ("README.md", "redis.internal:6379/0 --port 8000"),  # an example command

@@ -12,9 +12,11 @@ from presence.backplane.memory import MemoryBackplane, MemoryBus
 from presence.codecs.json import ENCODER
 from presence.config import Settings
 from presence.core.identity import Identity, IdentityFactory
-from presence.server.hub import CLOSE_EXPIRED, Hub
-from presence.server.outbox import Outbox
-from presence.server.yjs_view import YjsView
+from presence.endpoints.json import join
+from presence.hub.hub import CLOSE_EXPIRED, Hub
+from presence.hub.outbox import Outbox
+from presence.metrics import watch_hub
+from presence.yjs.view import YjsView
 from tests.test_outbox import Peer
 
 pytestmark = pytest.mark.unit
@@ -58,9 +60,9 @@ async def test_two_replicas_share_a_room_through_the_bus() -> None:
     await b.start()
     pa, pb = Peer(), Peer()
     oa, ob = outbox_for(a, pa), outbox_for(b, pb)
-    ma = await a.join("doc", oa, None)
+    ma = await join(a, "doc", oa, None)
     await settle()
-    mb = await b.join("doc", ob, None)
+    mb = await join(b, "doc", ob, None)
     assert [m.id for m in mb.others] == [ma.member.id]  # B's snapshot has A's member
     a.update("doc", ma.member.id, {"cursor": {"x": 1}})
     await settle()
@@ -80,8 +82,8 @@ async def test_sweep_idles_expires_and_closes_by_the_clock() -> None:
     await hub.start()
     quiet, watcher = Peer(), Peer()
     oq, ow = outbox_for(hub, quiet), outbox_for(hub, watcher)
-    mq = await hub.join("doc", oq, None)
-    mw = await hub.join("doc", ow, None)
+    mq = await join(hub, "doc", oq, None)
+    mw = await join(hub, "doc", ow, None)
     await settle()
     clock.now += 3
     hub.sweep()
@@ -104,8 +106,8 @@ async def test_sweep_cuts_a_stalled_connection() -> None:
     await hub.start()
     stuck, fine = Peer(writable=False), Peer()  # stuck's client stopped reading
     os_, of = outbox_for(hub, stuck), outbox_for(hub, fine)
-    ms = await hub.join("doc", os_, None)
-    await hub.join("doc", of, None)  # a join for stuck: now something waits
+    ms = await join(hub, "doc", os_, None)
+    await join(hub, "doc", of, None)  # a join for stuck: now something waits
     await settle()
     assert os_.blocked_since is not None
     clock.now += 9
@@ -129,6 +131,7 @@ async def test_the_tick_stretches_when_timers_run_late() -> None:
     for _ in range(200):
         hub.observe_lag(0.001)  # timers 1 ms late: the tick grows by 4 ms
     assert base + 0.0035 < hub.tick_interval <= base + 0.004
+    watch_hub(hub.metrics, hub)
     assert f"presence_tick_seconds {hub.tick_interval:g}" in hub.metrics.render()
     for _ in range(200):
         hub.observe_lag(0.050)  # far behind: at most four times the flush interval
@@ -152,7 +155,7 @@ async def test_room_observers_see_sweeps_and_keep_yjs_sockets_on_expiry() -> Non
     view.attach(youtbox)
     hub.attach(room, youtbox)
     hub.admit(room, youtbox, "y7", None, {"cursor": None})
-    await hub.join("doc", outbox_for(hub, jpeer), None)
+    await join(hub, "doc", outbox_for(hub, jpeer), None)
     await settle()
     sent = len(ypeer.frames)
     clock.now += 16  # past expire_after / 2: the view re-announces every state
@@ -204,7 +207,7 @@ async def test_a_quiet_room_sends_at_once_whatever_a_busy_one_does() -> None:
 async def test_every_connection_hears_each_state_every_15_s_whatever_others_are_sent() -> None:
     # y-protocols drops a state it has not heard for 30 s. A snapshot sent to one
     # connection (a joiner, a query) must not push back the others' renewals.
-    from presence.codecs import yjs
+    from presence.yjs import codec as yjs
 
     clock, wall = Clock(), [1_700_000_000.0]
     hub = make_hub("A", MemoryBus(), clock)
@@ -239,8 +242,8 @@ async def test_every_connection_hears_each_state_every_15_s_whatever_others_are_
 async def test_a_frame_is_encoded_once_for_the_room_and_its_echo_is_recognised() -> None:
     # Stock clients send back every update they apply: a byte-for-byte copy of a message
     # a connection was sent is dropped without decoding, once, for that connection only.
-    from presence.codecs import yjs
-    from presence.server.yjs_view import ECHO_MESSAGES, ECHO_WINDOW
+    from presence.yjs import codec as yjs
+    from presence.yjs.view import ECHO_MESSAGES, ECHO_WINDOW
 
     clock = Clock()
     hub = make_hub("A", MemoryBus(), clock)

@@ -15,8 +15,8 @@ import pytest
 from pycrdt import Awareness, Doc, create_awareness_message, write_var_uint
 from pycrdt.websocket import YRoom
 
-from presence.codecs import yjs
 from presence.jupyter import awareness
+from presence.yjs import codec as yjs
 
 pytestmark = pytest.mark.unit
 

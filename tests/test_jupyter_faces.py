@@ -125,8 +125,8 @@ def test_a_hub_face_is_stable_secret_and_tells_nothing_of_the_user() -> None:
 
 @pytest.mark.unit
 def test_the_service_and_the_hub_show_the_same_face() -> None:
+    from presence.access.rules import make_access
     from presence.config import Settings
-    from presence.server.access import _access_of
 
     env = {"JUPYTERHUB_API_URL": "http://127.0.0.1:8081/hub/api", "JUPYTERHUB_API_TOKEN": "t"}
     settings = Settings.load(
@@ -135,7 +135,7 @@ def test_the_service_and_the_hub_show_the_same_face() -> None:
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        access = _access_of(settings)
+        access = make_access(settings)
     assert access.jupyterhub is not None and access.jupyterhub.anonymous is not None
     hook = make_post_auth_hook(anonymous=True, secret=SECRET)
     for user in ("ada", "grace", "linus"):

@@ -36,7 +36,6 @@ from websockets.frames import Close
 from websockets.http11 import Response
 
 from harness.processes import Server
-from presence.codecs import yjs
 from presence.core.access import server_of
 from presence.core.room import is_valid_room_name
 from presence.jupyter import mirror
@@ -51,6 +50,7 @@ from presence.jupyter.mirror import (
     summary,
     yjs_url,
 )
+from presence.yjs import codec as yjs
 from tests.conftest import Client
 from tests.jupyter_helpers import Jupyter, lab_state, start_jupyter
 from tests.yjs_client import YClient

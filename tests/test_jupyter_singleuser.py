@@ -14,7 +14,6 @@ import pytest
 from pycrdt import Awareness, Doc, write_var_uint
 from tornado.websocket import WebSocketHandler
 
-from presence.codecs import yjs
 from presence.core.colors import WHITE, contrast_ratio
 from presence.core.identity import Identity
 from presence.jupyter import awareness
@@ -27,6 +26,7 @@ from presence.jupyter.singleuser import (
     local_faces,
     user_field,
 )
+from presence.yjs import codec as yjs
 
 pytestmark = pytest.mark.unit
 

@@ -28,8 +28,8 @@ from playwright.async_api import Browser, Page, async_playwright
 
 from harness.jupyterhub import PASSWORD, JupyterHub
 from harness.processes import ARTIFACTS
-from presence.codecs import yjs
 from presence.core.colors import WHITE, contrast_ratio
+from presence.yjs import codec as yjs
 from tests.test_access_jupyterhub import closed, ws_url
 from tests.test_jupyter_lab import NOTEBOOK, launch, notebook_shown
 

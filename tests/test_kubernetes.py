@@ -17,10 +17,10 @@ import yaml
 from starlette.routing import Mount
 
 from presence import __version__
+from presence.access.jupyterhub import HubService
 from presence.cli import build_parser
 from presence.config import ConfigError, Settings
 from presence.server.app import create_app
-from presence.server.jupyterhub_auth import HubService
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"

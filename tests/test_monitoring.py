@@ -22,12 +22,13 @@ import websockets
 import yaml
 
 from harness.processes import RedisProcess
+from presence.access.log import REFUSAL_BURST, AccessLog
 from presence.backplane.memory import MemoryBus
 from presence.codecs import sse
-from presence.server.access_log import REFUSAL_BURST, AccessLog
-from presence.server.hub import Hub
-from presence.server.metrics import Metrics
-from presence.server.outbox import Outbox
+from presence.endpoints.json import join as join_json
+from presence.hub.hub import Hub
+from presence.hub.outbox import Outbox
+from presence.metrics import Metrics
 from tests.conftest import FAST, Server
 from tests.test_hub import Clock, make_hub, outbox_for
 from tests.test_json_protocol import join
@@ -282,8 +283,8 @@ async def test_the_fanout_delay_runs_from_the_earliest_update_to_the_writes() ->
     a, b = make_hub("A", bus, clock), make_hub("B", bus, clock)
     await a.start()
     await b.start()
-    member = (await a.join("doc", outbox_for(a, Peer()), None)).member.id
-    await b.join("doc", outbox_for(b, Peer()), None)
+    member = (await join_json(a, "doc", outbox_for(a, Peer()), None)).member.id
+    await join_json(b, "doc", outbox_for(b, Peer()), None)
     await asyncio.sleep(0.05)  # the joins' flushes, here and across
     joins = fanout(a, "presence_fanout_seconds_count")
     assert joins >= 1  # a join is timed too (it sent at once: no delay by this clock)

@@ -5,8 +5,8 @@ import pytest
 
 from presence.codecs.json import ENCODER, encode_batch
 from presence.core.events import Batch, Updated
-from presence.server.metrics import Metrics
-from presence.server.outbox import Outbox
+from presence.hub.outbox import Outbox
+from presence.metrics import Metrics
 
 pytestmark = pytest.mark.unit
 

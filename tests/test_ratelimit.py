@@ -1,11 +1,12 @@
 import pytest
 
+from presence.backplane.memory import MemoryBackplane
 from presence.config import Settings
 from presence.core.events import State
 from presence.core.identity import IdentityFactory
 from presence.core.ratelimit import Buckets, TokenBucket
-from presence.server.hub import Hub
-from presence.server.updates import RateLimitedUpdates
+from presence.hub.hub import Hub
+from presence.hub.updates import RateLimitedUpdates
 
 pytestmark = pytest.mark.unit
 
@@ -58,7 +59,12 @@ class Recorded(RateLimitedUpdates):
 
 def limited(rate: float) -> tuple[Recorded, Clock]:
     clock = Clock()
-    hub = Hub(Settings(rate_limit=rate, seed=1), identities=IdentityFactory(b"k"), clock=clock)
+    hub = Hub(
+        Settings(rate_limit=rate, seed=1),
+        identities=IdentityFactory(b"k"),
+        backplane=MemoryBackplane("a"),
+        clock=clock,
+    )
     return Recorded(hub), clock
 
 
@@ -110,7 +116,7 @@ def test_buckets_keep_each_key_apart_and_forget_the_least_recent_past_their_boun
 
 def test_the_per_ip_limits_count_an_ipv6_host_by_its_64_network() -> None:
     """One host usually holds a whole /64: counted per address, it had 2^64 of them."""
-    from presence.server.connection import client_key
+    from presence.websocket.limits import client_key
 
     assert client_key("203.0.113.7") == "203.0.113.7"
     assert (

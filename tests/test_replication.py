@@ -816,7 +816,7 @@ def test_held_client_ids_from_other_replicas_are_read_defensively() -> None:
 
 def test_holds_from_elsewhere_last_no_longer_than_ours_and_yield_to_our_sockets() -> None:
     from presence.backplane.base import Held
-    from presence.server.yjs_view import Holds
+    from presence.yjs.view import Holds
 
     now = [100.0]
     published: list[tuple[str, list[Held]]] = []

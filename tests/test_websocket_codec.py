@@ -10,7 +10,7 @@ import pytest
 from websockets.frames import Close, Frame, Opcode
 from websockets.streams import StreamReader
 
-from presence.codecs import websocket as ws
+from presence.websocket import frames as ws
 
 pytestmark = pytest.mark.unit
 

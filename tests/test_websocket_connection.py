@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 
 import pytest
 
-from presence.codecs import websocket as ws
-from presence.server import connection as connection_module
-from presence.server.connection import FRAMES_PER_TURN, Connection
-from presence.server.metrics import Metrics
+from presence.metrics import Metrics
+from presence.websocket import connection as connection_module
+from presence.websocket import frames as ws
+from presence.websocket.connection import FRAMES_PER_TURN, Connection
 from tests.test_websocket_codec import client_frame, fragmented, request
 
 pytestmark = pytest.mark.unit
@@ -85,8 +85,11 @@ class Endpoint:
         self.closed_calls += 1
 
 
+ROUTES: dict[str, Any] = {"rooms": Endpoint}
+
+
 class FakeConnection(Connection):
-    routes: ClassVar[dict[str, Any]] = {"rooms": Endpoint}
+    """A connection of an app with one route, to the endpoint above."""
 
 
 async def connect(
@@ -96,7 +99,8 @@ async def connect(
     settings = SimpleNamespace(max_message_bytes=1000, ping_interval=ping_interval)
     hub = SimpleNamespace(settings=settings, metrics=Metrics())
     Endpoint.gate = asyncio.Event()
-    connection = FakeConnection(None, SimpleNamespace(connections=set()), {"hub": hub})
+    app_state = {"hub": hub, "websocket_routes": ROUTES}
+    connection = FakeConnection(None, SimpleNamespace(connections=set()), app_state)
     transport = Transport()
     connection.connection_made(transport)  # type: ignore[arg-type]
     connection.data_received(request() + data)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from presence.codecs.websocket import MAX_FRAGMENTS
+from presence.websocket.frames import MAX_FRAGMENTS
 from tests.conftest import Client, Server
 from tests.test_websocket_server import Frames, masked, raw_connect
 from tests.yjs_client import YClient

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 import websockets
 
-from presence.codecs import websocket as ws
+from presence.websocket import frames as ws
 from tests.conftest import Client, Server
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""The uvicorn internals presence.server.connection.HttpProtocol relies on, checked for
+"""The uvicorn internals presence.websocket.connection.HttpProtocol relies on, checked for
 shape and behaviour: when one of these fails after an upgrade of uvicorn, HttpProtocol
 needs reviewing (and the uvicorn pin in pyproject.toml moving) before it can be trusted
 again. It learns where an upgrade request ends, so that frames sent in the same read
@@ -19,16 +19,18 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from presence.codecs import websocket as ws
-from presence.server.connection import HttpProtocol
-from presence.server.metrics import Metrics
+from presence.config import Settings
+from presence.metrics import Metrics
+from presence.websocket import frames as ws
+from presence.websocket.guard import HttpProtocol
+from presence.websocket.limits import Limits
 from tests.test_websocket_codec import client_frame, request
-from tests.test_websocket_connection import Endpoint, FakeConnection, Transport, until
+from tests.test_websocket_connection import ROUTES, Endpoint, FakeConnection, Transport, until
 
 pytestmark = pytest.mark.unit
 
 UPGRADE = (
-    "presence.server.connection.HttpProtocol was written for uvicorn 0.54 "
+    "presence.websocket.connection.HttpProtocol was written for uvicorn 0.54 "
     f"(installed: {uvicorn.__version__})"
 )
 
@@ -59,7 +61,12 @@ def http_protocol() -> HttpProtocol:
     )
     settings = SimpleNamespace(max_message_bytes=1000, ping_interval=60)
     hub = SimpleNamespace(settings=settings, metrics=Metrics())
-    return HttpProtocol(config=config, server_state=ServerState(), app_state={"hub": hub})
+    app_state = {
+        "hub": hub,
+        "websocket_routes": ROUTES,
+        "connection_limits": Limits(Settings(), hub.metrics),
+    }
+    return HttpProtocol(config=config, server_state=ServerState(), app_state=app_state)
 
 
 def test_uvicorn_calls_handle_websocket_upgrade_inside_its_except_http_parser_upgrade() -> None:

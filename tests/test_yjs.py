@@ -13,9 +13,9 @@ import pytest
 from pycrdt import create_awareness_message, write_var_uint
 
 from harness.processes import RedisProcess
-from presence.codecs import websocket as ws
 from presence.config import Settings
-from presence.server.yjs_ws import YjsEndpoint
+from presence.websocket import frames as ws
+from presence.yjs.endpoint import YjsEndpoint
 from tests.conftest import EXPIRING, FAST, Server
 from tests.test_json_protocol import join
 from tests.test_websocket_server import Frames, raw_connect

@@ -10,16 +10,17 @@ from typing import Any
 import orjson
 import pytest
 
-import presence.codecs.yjs
+import presence.yjs.codec
+from presence.backplane.memory import MemoryBackplane
 from presence.codecs import json as json_codec
 from presence.codecs import replica
-from presence.codecs.yjs import awareness_message, read_awareness, read_message, yjs_state
 from presence.config import Settings
 from presence.core.events import Batch, Joined, MemberInfo, Updated
 from presence.core.identity import Identity, IdentityFactory
 from presence.core.room import Room, StateTooLarge
-from presence.server.hub import Hub
-from presence.server.yjs_view import YjsView
+from presence.hub.hub import Hub
+from presence.yjs.codec import awareness_message, read_awareness, read_message, yjs_state
+from presence.yjs.view import YjsView
 
 pytestmark = pytest.mark.unit
 
@@ -164,7 +165,11 @@ def test_yjs_peers_see_the_owners_state_plus_the_idle_mark() -> None:
 
 def test_the_view_encodes_the_exact_state_with_server_clocks() -> None:
     room = joined_room(OWNERS)
-    hub = Hub(Settings(seed=1), identities=IdentityFactory(b"k", seed=1))
+    hub = Hub(
+        Settings(seed=1),
+        identities=IdentityFactory(b"k", seed=1),
+        backplane=MemoryBackplane("a"),
+    )
     view = YjsView(room, hub, wall=lambda: 1234.5)
     batch = Batch()
     batch.add(Joined(room.member("y1")))
@@ -181,7 +186,7 @@ def test_the_view_encodes_the_exact_state_with_server_clocks() -> None:
 
 def test_the_yjs_codec_is_pure() -> None:
     """No server imports, no clock: bytes and states in and out."""
-    tree = ast.parse(Path(presence.codecs.yjs.__file__).read_text())
+    tree = ast.parse(Path(presence.yjs.codec.__file__).read_text())
     imported = {
         alias.name if isinstance(node, ast.Import) else f"{node.module}"
         for node in ast.walk(tree)

@@ -27,7 +27,7 @@ class Held:
 
 
 class Listener(Protocol):
-    """What a backplane tells its hub (implemented by :class:`presence.server.hub.Hub`)."""
+    """What a backplane tells its hub (implemented by :class:`presence.hub.hub.Hub`)."""
 
     def on_events(self, room: str, events: Sequence[Event]) -> None:
         """Another replica published events about its own members."""

@@ -2,7 +2,7 @@
 
 With ``--auth token`` every request for a room carries a room token (a JWT, HS256,
 signed with the service's secret) that the application's backend issued. Its signature
-and encoding are checked by :mod:`presence.server.access` (PyJWT); what its claims
+and encoding are checked by :mod:`presence.access.rules` (PyJWT); what its claims
 allow is decided here, with the time given by the caller:
 
 - ``room`` (exact) or ``room_prefix`` (every room whose name starts with it): exactly
@@ -16,7 +16,7 @@ allow is decided here, with the time given by the caller:
 With ``--auth jupyterhub`` a room belongs to a hub user's server: ``<owner>/<server>:<room>``
 (``<server>`` empty for the default one). Its owner may enter, and whoever it is shared
 with (JupyterHub >= 5 shares, to them or to one of their groups); the hub's answers are
-fetched by :mod:`presence.server.jupyterhub_auth`, judged here.
+fetched by :mod:`presence.access.jupyterhub`, judged here.
 """
 
 from __future__ import annotations
@@ -212,3 +212,12 @@ def origin_allowed(
         return True
     _, sep, netloc = origin.partition("://")
     return bool(sep) and host is not None and netloc == host.strip().lower()
+
+
+def bearer(header: str) -> str | None:
+    """The credential of ``Authorization: Bearer <credential>``, else None: the scheme
+    is case-insensitive (RFC 7235), and a bare token or another scheme is no credential."""
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() != "bearer" or not credential or " " in credential:
+        return None
+    return credential

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from pycrdt import Awareness, Doc, YMessageType, create_awareness_message, write_var_uint
 
-from presence.codecs import yjs
+from presence.yjs import codec as yjs
 
 SUPPORTED = "jupyter-collaboration 5.0 (jupyter-server-ydoc 3.0) with pycrdt-websocket 0.16"
 HANDLER_MODULE = "jupyter_server_ydoc.handlers"

@@ -41,8 +41,8 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from presence.codecs import yjs
 from presence.jupyter.awareness import Ownership, Room
+from presence.yjs import codec as yjs
 
 Log = logging.Logger | logging.LoggerAdapter[Any]
 

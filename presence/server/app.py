@@ -2,38 +2,38 @@
 
 from __future__ import annotations
 
-import html
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from presence.access.http import guarded
+from presence.access.log import AccessLog
+from presence.access.rules import make_access
 from presence.backplane.base import Backplane
 from presence.backplane.memory import MemoryBackplane
 from presence.backplane.replication import Replication
 from presence.config import Settings
-from presence.core.access import AccessError
-from presence.core.identity import IdentityFactory, InvalidToken
-from presence.server.access import Access, guarded
-from presence.server.hub import Hub, new_replica_id
-from presence.server.identities import claim_rates, post_identities
+from presence.core.identity import IdentityFactory
+from presence.endpoints.json import JsonEndpoint
+from presence.hub.hub import Hub, new_replica_id
+from presence.metrics import watch_hub, watch_limits, watch_replication
+from presence.server.health import healthz, metrics, readyz
+from presence.server.identities import claim_rates, identity, post_identities
+from presence.server.pages import STATIC, index
 from presence.server.views import list_rooms, room_events, room_members
-
-if TYPE_CHECKING:
-    from presence.server.jupyterhub_auth import JupyterHubAuth
+from presence.websocket.limits import Limits
+from presence.yjs.endpoint import YjsEndpoint
+from presence.yjs.holds import Holds
 
 log = logging.getLogger("presence.app")
-STATIC = Path(__file__).resolve().parent.parent / "static"
 
 
 def make_backplane(settings: Settings) -> Backplane:
@@ -71,110 +71,7 @@ def make_hub(settings: Settings) -> Hub:
         max_age=settings.token_max_age,
         previous=[s.encode() for s in settings.previous_secret_list],
     )
-    hub = Hub(settings, identities=identities, backplane=make_backplane(settings))
-    replication_metrics(hub)
-    return hub
-
-
-def replication_metrics(hub: Hub) -> None:
-    """What the replication layer counts, next to the hub's backplane metrics."""
-    backplane = hub.backplane
-    if not isinstance(backplane, Replication):
-        return
-    m = hub.metrics
-    m.gauges["backplane_replicas"] = (
-        "Other replicas heard from and up, as this replica sees them.",
-        lambda: backplane.replicas_up,
-    )
-    m.counters["backplane_replicas_down_total"] = (
-        "Times another replica went silent and its members were removed here.",
-        lambda: backplane.downs,
-    )
-    m.counters["backplane_gaps_total"] = (
-        "Messages from other replicas found missing (their state was asked for again).",
-        lambda: backplane.gaps,
-    )
-    m.counters["backplane_stalls_total"] = (
-        "Times this replica's own timers ran later than the replica timeout allows "
-        "(it announced its members again).",
-        lambda: backplane.stalls,
-    )
-
-
-async def index(request: Request) -> Response:
-    """The demo page: live cursors, the room's members, a link to share. It is told, in
-    attributes of its ``<body>``, what it cannot learn by itself: the ``--auth`` mode,
-    whether names are anonymous (``data-names``: ``anonymous``, or ``hub`` for hub user
-    names) and, on a hub, whose page it is (``data-user``: rooms there are
-    ``<owner>/<server>:<room>``, and its lobby is its user's, ``<user>/:lobby``)."""
-    access = Access.of(request.app.state.hub)
-    page = {"auth": access.mode, "names": "anonymous"}
-    hub = access.jupyterhub
-    if hub is not None:
-        settings = request.app.state.hub.settings
-        user = await _hub_user(hub, request)
-        if user is False:
-            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return hub.login(request, settings.base_path, here)  # and back here
-        if not settings.jupyterhub_anonymous:
-            page["names"] = "hub"
-        if isinstance(user, str):
-            page["user"] = user
-    attributes = " ".join(f'data-{key}="{html.escape(value)}"' for key, value in page.items())
-    text = (STATIC / "index.html").read_text(encoding="utf-8")
-    text = text.replace("<body>", f"<body {attributes}>", 1)
-    # Private: on a hub the page names its user.
-    return HTMLResponse(text, headers={"Cache-Control": "no-cache, private"})
-
-
-async def _hub_user(hub: JupyterHubAuth, request: Request) -> str | bool:
-    """The hub user of the page's request (its cookie's token); False: log in first (no
-    token, or one the hub disowns: a stale cookie would load a page whose every socket
-    is refused with 4401); True: load the page without knowing whose it is (a hub that
-    does not answer is no reason to log in again, nor is a token without access to this
-    service: its sockets will say why)."""
-    try:
-        token = hub.token_of(request.headers, request.query_params)
-        if not token:
-            return False
-        return (await hub.user(token)).name
-    except AccessError as exc:
-        return exc.status != 401
-
-
-async def healthz(request: Request) -> Response:
-    return PlainTextResponse("ok\n")
-
-
-async def readyz(request: Request) -> Response:
-    hub: Hub = request.app.state.hub
-    ready = hub.started and hub.backplane.ready
-    body: dict[str, Any] = {"ready": ready, "backplane": type(hub.backplane).__name__}
-    if (status := hub.backplane.status()) is not None:
-        body["redis"] = status
-    return JSONResponse(body, status_code=200 if ready else 503)
-
-
-async def metrics(request: Request) -> Response:
-    hub: Hub = request.app.state.hub
-    return PlainTextResponse(
-        hub.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )
-
-
-async def identity(request: Request) -> Response:
-    """A fresh anonymous identity (or the one a token stands for), as jupyter_server's
-    ``/api/me`` identity, with the token that keeps it."""
-    hub: Hub = request.app.state.hub
-    token = request.query_params.get("token")
-    try:
-        ident = hub.identities.verify(token) if token else hub.identities.create()
-    except InvalidToken as exc:
-        return JSONResponse({"error": "invalid_token", "message": str(exc)}, status_code=400)
-    return JSONResponse(
-        {"identity": ident.to_json(), "token": hub.identities.token(ident)},
-        headers={"Cache-Control": "no-store"},
-    )
+    return Hub(settings, identities=identities, backplane=make_backplane(settings))
 
 
 def app_from_env() -> Starlette:
@@ -186,18 +83,43 @@ def app_from_env() -> Starlette:
     return create_app(settings)
 
 
-def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
+# The WebSocket endpoints, by the first segment of their path: /rooms/<room>, /yjs/<room>.
+WEBSOCKET_ROUTES: dict[str, Any] = {"rooms": JsonEndpoint, "yjs": YjsEndpoint}
+
+
+def create_app(
+    settings: Settings,
+    hub: Hub | None = None,
+    websocket_routes: Mapping[str, Any] = WEBSOCKET_ROUTES,
+) -> Starlette:
+    """The application, and what it shares with its WebSocket connections (its
+    lifespan's state, which uvicorn hands them): the hub, the access rules and log, the
+    connection limits, and which endpoint serves which path."""
     hub = hub or make_hub(settings)
-    access = Access.of(hub)
+    access = make_access(settings)
+    access_log = AccessLog(settings.access_log)
+    limits = Limits(settings, hub.metrics)
+    watch_hub(hub.metrics, hub)
+    if isinstance(hub.backplane, Replication):
+        watch_replication(hub.metrics, hub.backplane)
+    watch_limits(hub.metrics, limits)
+    Holds.of(hub)  # the Yjs endpoint's reserved client IDs, told those of other replicas
+    shared = {
+        "hub": hub,
+        "access": access,
+        "access_log": access_log,
+        "connection_limits": limits,
+        "websocket_routes": websocket_routes,
+    }
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Hub]]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await hub.start()
         await access.start()
         log.info("presence ready", extra={"replica": hub.replica_id})
         try:
-            # The state reaches the WebSocket connections (server/connection.py) too.
-            yield {"hub": hub}
+            # The state reaches the WebSocket connections (presence.websocket) too.
+            yield shared
         finally:
             await access.stop()
             await hub.stop()
@@ -216,7 +138,7 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
         Route("/metrics", metrics),
     ]
     if access.jupyterhub is not None:
-        from presence.server.jupyterhub_auth import hub_routes  # httpx: only on a hub
+        from presence.access.jupyterhub import hub_routes  # httpx: only on a hub
 
         routes += hub_routes(access.jupyterhub, settings.base_path)
     if settings.base_path:
@@ -236,6 +158,7 @@ def create_app(settings: Settings, hub: Hub | None = None) -> Starlette:
         routes=routes,
         lifespan=lifespan,
     )
-    app.state.hub = hub
+    for key, value in shared.items():
+        setattr(app.state, key, value)
     app.state.claim_rates = claim_rates(hub.settings.identity_claim_rate)
     return app

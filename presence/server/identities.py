@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from presence.backplane.base import Backplane, Unavailable
+from presence.core.access import bearer
 from presence.core.distinct import (
     FRESH_DRAWS,
     Claim,
@@ -40,8 +41,7 @@ from presence.core.distinct import (
 from presence.core.identity import Identity, IdentityFactory, InvalidToken
 from presence.core.ratelimit import Buckets
 from presence.core.room import ROOM_NAME_RULE, is_valid_room_name
-from presence.server.hub import Hub
-from presence.server.views import bearer
+from presence.hub.hub import Hub
 
 DEFAULT_TTL = 3600.0  # seconds an identity stays live without a renewal
 MAX_TTL = 7 * 24 * 3600.0
@@ -228,5 +228,20 @@ async def post_identities(request: Request) -> Response:
             "scope": scope,
             "ttl": ttl,
         },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def identity(request: Request) -> Response:
+    """A fresh anonymous identity (or the one a token stands for), as jupyter_server's
+    ``/api/me`` identity, with the token that keeps it."""
+    hub: Hub = request.app.state.hub
+    token = request.query_params.get("token")
+    try:
+        ident = hub.identities.verify(token) if token else hub.identities.create()
+    except InvalidToken as exc:
+        return JSONResponse({"error": "invalid_token", "message": str(exc)}, status_code=400)
+    return JSONResponse(
+        {"identity": ident.to_json(), "token": hub.identities.token(ident)},
         headers={"Cache-Control": "no-store"},
     )

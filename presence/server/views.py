@@ -15,9 +15,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from presence.codecs import sse
 from presence.codecs.json import member_json
+from presence.core.access import bearer
 from presence.core.room import ROOM_NAME_RULE, is_valid_room_name
-from presence.server.hub import Hub
-from presence.server.outbox import Outbox
+from presence.hub.hub import Hub
+from presence.hub.outbox import Outbox
 
 
 class _StreamSink:
@@ -74,15 +75,6 @@ def _error(status: int, code: str, message: str, **headers: str) -> Response:
 
 def _bad_room() -> Response:
     return _error(400, "invalid_room", f"room names are {ROOM_NAME_RULE}")
-
-
-def bearer(header: str) -> str | None:
-    """The credential of ``Authorization: Bearer <credential>``, else None: the scheme
-    is case-insensitive (RFC 7235), and a bare token or another scheme is no credential."""
-    scheme, _, credential = header.partition(" ")
-    if scheme.lower() != "bearer" or not credential or " " in credential:
-        return None
-    return credential
 
 
 async def list_rooms(request: Request) -> Response:

@@ -9,7 +9,7 @@ trusts its input (a length past the end silently truncates), and this endpoint r
 bytes from anybody.
 
 A pure codec: bytes and states in and out, no clock and no connection (the room's Yjs
-view, with its clocks, is ``presence.server.yjs_view``).
+view, with its clocks, is ``presence.yjs.view``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ AUTH = 2
 QUERY_AWARENESS = 3
 # JSON members get client IDs above the 32-bit range of Yjs clients, derived from their
 # member id, so that every replica gives a member the same ID. Yjs sockets may only use
-# 32-bit client IDs (presence.server.yjs_ws): yrs clients (pycrdt) draw from 53 bits by
+# 32-bit client IDs (presence.yjs.endpoint): yrs clients (pycrdt) draw from 53 bits by
 # default, and must be given 32-bit ones (``Doc(client_id=...)``), as Yjs makes them.
 JSON_CLIENT_BASE = 1 << 32
 MAX_CLIENT_ID = (1 << 53) - 1  # what a JavaScript number holds exactly

@@ -2,21 +2,49 @@
 
 from __future__ import annotations
 
+import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from presence.access.admission import Admission, refused
 from presence.codecs import json as codec
 from presence.core.access import AccessError
+from presence.core.events import MemberInfo
 from presence.core.identity import InvalidToken
 from presence.core.room import ROOM_NAME_RULE, RoomError, is_valid_room_name
-from presence.server.access import Admission, refused
-from presence.server.hub import Hub, Membership, RoomFull
-from presence.server.outbox import Outbox
-from presence.server.updates import RateLimitedUpdates
+from presence.hub.hub import Hub, RoomFull
+from presence.hub.outbox import Outbox
+from presence.hub.updates import RateLimitedUpdates
 
 if TYPE_CHECKING:
-    from presence.server.connection import Connection
+    from presence.websocket.connection import Connection
 
 MAX_CONSECUTIVE_ERRORS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """What a JSON connection gets back from :func:`join`."""
+
+    room: str
+    member: MemberInfo
+    token: str
+    others: list[MemberInfo]
+
+
+async def join(hub: Hub, room_name: str, outbox: Outbox[str], token: str | None) -> Membership:
+    """Add a member for a new JSON connection; raises InvalidToken or RoomFull."""
+    identity = hub.identities.verify(token) if token else None
+    room = await hub.open(room_name)
+    hub.attach(room, outbox)
+    member_id = secrets.token_hex(8)
+    hub.admit(room, outbox, member_id, identity)
+    return Membership(
+        room_name,
+        room.member(member_id).copy(),
+        hub.identities.token(identity or room.member(member_id).identity),
+        [m for m in room.snapshot() if m.id != member_id],
+    )
 
 
 class JsonEndpoint:
@@ -47,7 +75,7 @@ class JsonEndpoint:
             return
         token = connection.query.get("token")
         try:
-            self.admission = await Admission.of(connection, self.room)
+            self.admission = await Admission.of(connection.access, connection, self.room)
         except AccessError as exc:
             connection.send([codec.error(exc.code, exc.message)])
             refused(connection, exc)
@@ -65,7 +93,7 @@ class JsonEndpoint:
                     )
                 )
                 token = hub.identities.token(claimed) if claimed else token
-            membership = await hub.join(self.room, self.outbox, token)
+            membership = await join(hub, self.room, self.outbox, token)
         except InvalidToken as exc:
             hub.metrics.error("invalid_token")
             connection.send([codec.error("invalid_token", str(exc))])

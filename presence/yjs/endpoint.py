@@ -5,12 +5,12 @@ that introduced it: other connections can neither change nor remove it, and when
 connection closes, cleanly or not, its client IDs are removed for everyone at once. A
 client ID that left stays reserved for ``yjs_id_grace`` seconds: only its socket, or a
 socket with the same identity token (a stock client reconnecting), may take it back
-meanwhile (:class:`~presence.server.yjs_view.Holds`). Client IDs are 32-bit, as Yjs
+meanwhile (:class:`~presence.yjs.view.Holds`). Client IDs are 32-bit, as Yjs
 makes them: those above are JSON members' and never a Yjs socket's.
 
 A Yjs state is a whole state: it replaces the member's (``Room.replace``), ``null``
 fields included, so that Yjs peers get it as its owner set it. The room's Yjs-only
-bookkeeping (clocks, renewals) is its :class:`~presence.server.yjs_view.YjsView`.
+bookkeeping (clocks, renewals) is its :class:`~presence.yjs.view.YjsView`.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from presence.codecs import yjs
+from presence.access.admission import Admission, refused
 from presence.core.access import AccessError, Grant
 from presence.core.colors import Colors, parse_hex, pick_color
 from presence.core.events import State
 from presence.core.identity import DECLARED_PREFIX, Identity, InvalidToken, initials_of
 from presence.core.room import ROOM_NAME_RULE, Room, RoomError, is_valid_room_name
-from presence.server.access import Admission, refused
-from presence.server.hub import Hub, RoomFull
-from presence.server.outbox import Outbox
-from presence.server.updates import RateLimitedUpdates
-from presence.server.yjs_view import YjsView
+from presence.hub.hub import Hub, RoomFull
+from presence.hub.outbox import Outbox
+from presence.hub.updates import RateLimitedUpdates
+from presence.yjs import codec as yjs
+from presence.yjs.view import YjsView
 
 if TYPE_CHECKING:
-    from presence.server.connection import Connection
+    from presence.websocket.connection import Connection
 
 log = logging.getLogger("presence.yjs")
 
@@ -244,7 +244,7 @@ class YjsEndpoint:
             connection.close(1008, f"invalid room name: use {ROOM_NAME_RULE}")
             return
         try:
-            self.admission = await Admission.of(connection, self.room)
+            self.admission = await Admission.of(connection.access, connection, self.room)
         except AccessError as exc:
             refused(connection, exc)
             return

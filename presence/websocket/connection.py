@@ -23,28 +23,17 @@ room's whole snapshot back); they wait until it reads again.
 from __future__ import annotations
 
 import asyncio
-import http
-import ipaddress
 import logging
-import resource
-import sys
-import time
-from typing import Any, ClassVar, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import httptools
-import uvicorn
-from uvicorn.middleware.proxy_headers import _TrustedHosts
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from presence.access.log import DISABLED, AccessLog
+from presence.websocket import frames as ws
 
-from presence.codecs import websocket as ws
-from presence.config import Settings
-from presence.core.ratelimit import Buckets
-from presence.server.access import Access
-from presence.server.access_log import access_log_of
-from presence.server.hub import Hub
-from presence.server.json_ws import JsonEndpoint
-from presence.server.outbox import Outbox
-from presence.server.yjs_ws import YjsEndpoint
+if TYPE_CHECKING:
+    from presence.hub.hub import Hub
+    from presence.hub.outbox import Outbox
+    from presence.websocket.limits import Slot
 
 log = logging.getLogger("presence.ws")
 
@@ -52,14 +41,6 @@ log = logging.getLogger("presence.ws")
 CLOSE_TIMEOUT = 10.0
 # A connection's share of an event loop turn; the rest of what it sent waits for the next.
 FRAMES_PER_TURN = 128
-# How long a refused connection may stay open for its request to arrive (the refusal is
-# written at once; closing with the request unread would reset the connection, and the
-# client might never read why).
-REFUSED_LINGER = 0.5
-# --connection-rate-per-ip comes in bursts of this many seconds' worth: a lecture hall
-# joining at once, a replica's clients reconnecting after it restarted.
-RATE_BURST_SECONDS = 10.0
-MAX_RATED_IPS = 65_536  # addresses whose rate is followed; the least recent is forgotten
 
 
 class Endpoint(Protocol):
@@ -93,7 +74,6 @@ JOIN_REFUSALS = frozenset((1008, 1013, 4401, 4403))
 class Connection(asyncio.Protocol):
     """One WebSocket connection: handshake, framing, keepalive, closing, flow control."""
 
-    routes: ClassVar[dict[str, Any]] = {"rooms": JsonEndpoint, "yjs": YjsEndpoint}
     # The frames last written, and their bytes: a room's batch goes to all its sockets
     # in a row, so this one entry saves framing it again for each of them.
     _framed: ClassVar[tuple[object, bytes]] = (None, b"")
@@ -116,6 +96,12 @@ class Connection(asyncio.Protocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.hub: Hub = app_state["hub"]
+        # What the app (presence.server.app) shares with its connections: which endpoint
+        # serves which path, who may connect from where, the access log.
+        self.routes: Mapping[str, Any] = app_state["websocket_routes"]  # Endpoint classes
+        # presence.access.rules.Access: the origin check here, the endpoints' admissions.
+        self.access: Any = app_state.get("access")
+        self.access_log: AccessLog = app_state.get("access_log", DISABLED)
         self.connections: set[Any] = server_state.connections
         self.transport: asyncio.Transport | None = None
         self.reader = ws.FrameReader(self.hub.settings.max_message_bytes)
@@ -230,14 +216,14 @@ class Connection(asyncio.Protocol):
             request = ws.parse_request(head)
             endpoint_class = self._route(request.path)
             origin, host = request.headers.get("origin"), request.headers.get("host")
-            if not Access.of(self.hub).origin_allowed(origin, host):
+            if self.access is not None and not self.access.origin_allowed(origin, host):
                 self.hub.metrics.refused("origin")
                 raise ws.HandshakeError(403, "this origin may not use this service")
             response = ws.accept(request)
         except ws.HandshakeError as exc:
             self.transport.write(ws.reject(exc.status, str(exc)))
             self._drop()
-            access_log_of(self.hub).refused(
+            self.access_log.refused(
                 self.protocol or "websocket",
                 self._client_ip(),
                 "origin" if exc.status == 403 else "handshake",
@@ -311,12 +297,12 @@ class Connection(asyncio.Protocol):
                 # name or identity token 1008): one line for it, none at the close.
                 code, reason, _by, _members = self.ended
                 self._refusal_logged = True
-                access_log_of(self.hub).refused(
+                self.access_log.refused(
                     self.protocol, self.ip, "join", reason, room=self.room, code=code
                 )
             return
         self.state = "open"
-        access_log_of(self.hub).opened(self.protocol, self.room, self.ip, self._members())
+        self.access_log.opened(self.protocol, self.room, self.ip, self._members())
         self._set_timer(self.hub.settings.ping_interval, self._keepalive)
         self._process()
 
@@ -464,7 +450,7 @@ class Connection(asyncio.Protocol):
         self.hub.metrics.closed(code, by)
         if self._refusal_logged:
             return
-        access_log_of(self.hub).closed(
+        self.access_log.closed(
             self.protocol,
             self.room,
             self.ip,
@@ -496,327 +482,3 @@ class Connection(asyncio.Protocol):
         self._ended = True
         if self.transport is not None:
             self.transport.abort() if self.state == "closing" else self.transport.close()
-
-
-def default_max_connections() -> int:
-    """The process's soft limit of open files, less a tenth of it (at least 64): what is
-    kept is for Redis, logs, and connections being refused."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1 << 20
-    return max(1, soft - max(64, soft // 10))
-
-
-class Limits:
-    """The open TCP connections of this process (HTTP and WebSocket), in all and per
-    client IP, against ``--max-connections`` and ``--max-connections-per-ip``."""
-
-    def __init__(self, settings: Settings, metrics: Any) -> None:
-        self.max_total = settings.max_connections or default_max_connections()
-        # Refused connections wait for their request (REFUSED_LINGER) while this many
-        # descriptors are spare: half of what the fd limit leaves over max_total.
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.lingering = max(0, min(soft, 1 << 20) - self.max_total) // 2
-        self.max_per_ip = settings.max_connections_per_ip
-        self._rates = Buckets(settings.connection_rate_per_ip, RATE_BURST_SECONDS, MAX_RATED_IPS)
-        self.handshake_timeout = settings.handshake_timeout
-        # uvicorn's own parser of --forwarded-allow-ips: the same clients as in the views.
-        self.proxies = _TrustedHosts(settings.forwarded_allow_ips)
-        self.metrics = metrics
-        self.open = 0
-        self.per_ip: dict[str, int] = {}
-        metrics.gauges["tcp_connections"] = (
-            "Open TCP connections, HTTP and WebSocket, counted against --max-connections "
-            "(clients joined to rooms: presence_sessions).",
-            lambda: self.open,
-        )
-        metrics.gauges["tcp_connections_limit"] = (
-            "--max-connections: TCP connections beyond it are refused with 503.",
-            lambda: self.max_total,
-        )
-
-    def admit(self, ip: str) -> bool:
-        """Whether ``ip`` may open one more connection now (--connection-rate-per-ip)."""
-        return self._rates.take(ip, time.monotonic()) == 0
-
-    @classmethod
-    def of(cls, app_state: dict[str, Any]) -> Limits:
-        """The limits of the process that ``app_state`` (uvicorn's, one for all
-        connections) belongs to."""
-        limits: Limits | None = app_state.get("connection_limits")
-        if limits is None:
-            hub = app_state["hub"]
-            settings = hub.settings if isinstance(hub.settings, Settings) else Settings()
-            limits = app_state["connection_limits"] = cls(settings, hub.metrics)
-        return limits
-
-
-class Slot:
-    """One open connection's place in the :class:`Limits`, from ``connection_made`` to
-    ``connection_lost`` (an upgraded connection's :class:`Connection` releases it)."""
-
-    __slots__ = ("ip", "key", "limits")
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits: Limits | None = limits
-        self.ip: str | None = None  # the client's address
-        self.key: str | None = None  # what the per-IP limits count it as
-        limits.open += 1
-
-    @property
-    def over_total(self) -> bool:
-        return self.limits is not None and self.limits.open > self.limits.max_total
-
-    def claim(self, ip: str) -> str | None:
-        """Count the connection as ``ip``'s: None, or why ``ip`` may not have it
-        (``per_ip``: over its count; ``per_ip_rate``: opening them too fast). IPv6
-        clients count per /64: one host usually has all of one."""
-        limits = self.limits
-        if limits is None:
-            return None
-        key = client_key(ip)
-        if key != self.key:
-            # Each new client of a connection counts as a new connection of it: a proxy
-            # may send several clients' requests over one.
-            self._forget_ip()
-            self.ip, self.key = ip, key
-            limits.per_ip[key] = limits.per_ip.get(key, 0) + 1
-            if not limits.admit(key):
-                return "per_ip_rate"
-        self.ip = ip
-        return None if limits.per_ip[key] <= limits.max_per_ip else "per_ip"
-
-    def release(self) -> None:
-        if self.limits is not None:
-            self._forget_ip()
-            self.limits.open -= 1
-            self.limits = None
-
-    def _forget_ip(self) -> None:
-        if self.limits is not None and self.key is not None:
-            left = self.limits.per_ip[self.key] - 1
-            if left:
-                self.limits.per_ip[self.key] = left
-            else:
-                del self.limits.per_ip[self.key]
-            self.ip = self.key = None
-
-
-def client_key(ip: str) -> str:
-    """What the per-IP limits count ``ip`` as: itself, or for IPv6 its /64 network."""
-    if ":" not in ip:
-        return ip
-    try:
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    except ValueError:
-        return ip  # not an address (a proxy's odd header): counted as given
-
-
-def _response(status: int, message: str, extra: bytes = b"") -> bytes:
-    body = (message + "\n").encode()
-    return (
-        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()
-        + b"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-        + extra
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-
-
-class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol (``http=`` beside ``ws=Connection``), which hands a
-    WebSocket upgrade over as it came: uvicorn's own hand-over writes the request's
-    version as HTTP/1.1 whatever it was, and drops what followed the request in the
-    same read (a client's first frames).
-
-    It also guards the way in, which uvicorn leaves open (its keep-alive timeout runs
-    only between requests, and its parser takes headers of any size):
-
-    - a request's headers are counted as they arrive: past ``ws.MAX_REQUEST_BYTES``
-      the answer is 431, without reading on;
-    - a connection that has not sent a whole request within ``--handshake-timeout``
-      of opening (or of its next request's first byte) is closed: an upgrade is
-      complete once its request is;
-    - ``--max-connections`` and ``--max-connections-per-ip`` (:class:`Limits`): one
-      more is answered 503 with Retry-After, WebSocket upgrades too (browsers report a
-      failed connection, close code 1006, and reconnect with their backoff). The
-      client's IP is known when it connects, unless the peer is a proxy of
-      ``--forwarded-allow-ips``: then it is counted when its request's headers name it.
-
-    It relies on uvicorn's internals: ``handle_websocket_upgrade`` is called while
-    ``HttpToolsProtocol.data_received`` handles the parser's ``HttpParserUpgrade``
-    (tests/test_websocket_uvicorn.py checks it; pyproject.toml pins uvicorn to the tested
-    range). Only this httptools-based protocol is supported, not uvicorn's h11 one:
-    ``presence serve`` always runs with ``http=HttpProtocol``."""
-
-    _received = b""
-    _refused = False
-    _upgraded = False
-    _reading_head = True  # the headers of a request are due
-    _head_bytes = 0  # ... and this many bytes of them have arrived
-    _deadline: asyncio.TimerHandle | None = None
-    _slot: Slot | None = None
-    _behind_proxy = False
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        limits = Limits.of(self.app_state)
-        self._limits = limits
-        self._slot = Slot(limits)
-        peer = self.client[0] if self.client else None
-        self._behind_proxy = peer in limits.proxies
-        refused = None if peer is None or self._behind_proxy else self._slot.claim(peer)
-        if self._slot.over_total:
-            self._refuse(503, "total", "too many connections to this server; retry later")
-        elif refused is not None:
-            self._refuse_ip(refused)
-        else:
-            self._deadline = self.loop.call_later(limits.handshake_timeout, self._too_slow)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_deadline()
-        if self._slot is not None:
-            self._slot.release()
-        super().connection_lost(exc)
-
-    def eof_received(self) -> None:
-        if self._refused:
-            self.transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        if self._refused:
-            self.transport.close()  # its request is read: the reply is all it gets
-            return
-        if self._reading_head:
-            self._head_bytes += len(data)
-        self._received = data
-        try:
-            super().data_received(data)
-        finally:
-            self._received = b""
-        if (
-            self._reading_head
-            and self._head_bytes > ws.MAX_REQUEST_BYTES
-            and not (self._refused or self._upgraded or self.transport.is_closing())
-        ):
-            # Before any more is read: httptools keeps a header line of any length.
-            self._refuse(431, "header_too_large", "request headers too large")
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self._deadline is None and not self._refused:
-            # The next request on a kept-alive connection; the first one's deadline runs
-            # from connection_made, not from its first byte.
-            self._deadline = self.loop.call_later(self._limits.handshake_timeout, self._too_slow)
-
-    def on_headers_complete(self) -> None:
-        self._reading_head = False
-        self._head_bytes = 0
-        slot = self._slot
-        refused = slot.claim(self._client_ip()) if self._behind_proxy and slot else None
-        if refused is not None:
-            self._refuse_ip(refused)
-            return
-        super().on_headers_complete()
-
-    def on_body(self, body: bytes) -> None:
-        if not self._refused:
-            super().on_body(body)
-
-    def on_message_complete(self) -> None:
-        self._cancel_deadline()
-        self._reading_head = True
-        self._head_bytes = 0
-        if not self._refused:
-            super().on_message_complete()
-
-    def _client_ip(self) -> str:
-        """The client behind the proxy that connected, as uvicorn's ProxyHeadersMiddleware
-        finds it for the views."""
-        assert self.client is not None
-        forwarded = b", ".join(v for name, v in self.headers if name == b"x-forwarded-for")
-        if forwarded:
-            proxies = self._limits.proxies
-            if proxies.always_trust:
-                # uvicorn takes the leftmost entry then, which the client itself may have
-                # written (a proxy appends to what it got): the one our proxy added is last.
-                return forwarded.decode("latin-1").rsplit(",", 1)[-1].strip()
-            host, _port = proxies.get_trusted_client_address(forwarded.decode("latin-1"))
-            if host:
-                return str(host)
-        return str(self.client[0])
-
-    def _refuse_ip(self, reason: str) -> None:
-        if reason == "per_ip_rate":
-            self._refuse(429, reason, "too many new connections from your address; retry later")
-        else:
-            self._refuse(503, reason, "too many connections from your address; retry later")
-
-    def _refuse(self, status: int, reason: str, message: str) -> None:
-        """Answer ``status`` and close; cheap, and the socket is not kept."""
-        self._refused = True
-        self._cancel_deadline()
-        self._limits.metrics.refused(reason)
-        self._log_refusal(reason, message, status)
-        extra = {503: b"Retry-After: 5\r\n", 429: b"Retry-After: 1\r\n"}.get(status, b"")
-        self.transport.write(_response(status, message, extra))
-        if (
-            self._reading_head
-            and self._head_bytes == 0
-            and self._limits.open <= self._limits.max_total + self._limits.lingering
-        ):
-            # Nothing read yet: wait a moment for the request (data_received closes),
-            # unless refusals hold too many descriptors already (a burst: closed at once).
-            self._deadline = self.loop.call_later(REFUSED_LINGER, self.transport.close)
-        else:
-            self.transport.close()
-
-    def _too_slow(self) -> None:
-        self._deadline = None
-        if not (self._upgraded or self.transport.is_closing()):
-            self._limits.metrics.refused("handshake_timeout")
-            self._log_refusal("handshake_timeout", "request not complete in time")
-            self.transport.close()
-
-    def _log_refusal(self, reason: str, message: str, status: int | None = None) -> None:
-        slot = self._slot
-        ip = slot.ip if slot is not None and slot.ip else (self.client[0] if self.client else None)
-        fields = {} if status is None else {"status": status}
-        access_log_of(self.app_state.get("hub")).refused("tcp", ip, reason, message, **fields)
-
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def handle_websocket_upgrade(self) -> None:
-        # Called while uvicorn handles the parser's HttpParserUpgrade, whose argument is
-        # where the request ends in the data being parsed.
-        upgrade = sys.exc_info()[1]
-        if not isinstance(upgrade, httptools.HttpParserUpgrade):
-            # Going on would silently drop the frames that came with the request.
-            raise RuntimeError(
-                f"uvicorn {uvicorn.__version__} calls handle_websocket_upgrade() outside "
-                "the `except httptools.HttpParserUpgrade` of HttpToolsProtocol.data_received"
-                "(), where presence's HttpProtocol (presence/server/connection.py) learns "
-                "where the upgrade request ends: it needs updating for this uvicorn"
-            )
-        if self._refused:
-            return  # answered 503 already
-        rest = self._received[upgrade.args[0] :]
-        self._upgraded = True
-        self._cancel_deadline()
-        self.connections.discard(self)
-        version = self.parser.get_http_version()
-        request = [self.scope["method"].encode(), b" ", self.url, f" HTTP/{version}\r\n".encode()]
-        for name, value in self.scope["headers"]:
-            request += [name, b": ", value, b"\r\n"]
-        request.append(b"\r\n")
-        protocol = self.ws_protocol_class(  # type: ignore[call-arg, misc]
-            config=self.config, server_state=self.server_state, app_state=self.app_state
-        )
-        # The connection's place in the limits: the WebSocket releases it when it closes.
-        protocol.slot, self._slot = self._slot, None  # type: ignore[union-attr]
-        protocol.connection_made(self.transport)
-        protocol.data_received(b"".join(request) + rest)
-        self.transport.set_protocol(protocol)

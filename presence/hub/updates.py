@@ -8,7 +8,7 @@ import contextlib
 from presence.core.events import State
 from presence.core.ratelimit import TokenBucket
 from presence.core.room import RoomError
-from presence.server.hub import Hub
+from presence.hub.hub import Hub
 
 
 class RateLimitedUpdates:

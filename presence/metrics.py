@@ -6,6 +6,7 @@ a Jupyter server hosting presence has its own metrics there, and tests make many
 
 from __future__ import annotations
 
+import asyncio
 import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -169,3 +170,81 @@ class Metrics:
             [(f'{{code="{code}",by="{by}"}}', n) for (code, by), n in sorted(self.closes.items())],
         )
         return "\n".join(lines) + "\n" + generate_latest(self.registry).decode()
+
+
+# What the parts of a replica count, read from them at scrape time. Registered by the app
+# (presence.server.app) as it assembles them; the order here is the order of /metrics.
+
+
+def watch_hub(m: Metrics, hub: Any) -> None:
+    """The hub's rooms and sessions (presence.hub.hub.Hub), and its backplane's link."""
+    m.labelled_gauges["sessions"] = (
+        "Clients joined to a room on this replica (WebSockets, and SSE streams), by "
+        "protocol: json, yjs, sse. TCP connections: presence_tcp_connections.",
+        "protocol",
+        hub.sessions,
+    )
+    m.gauges["rooms"] = ("Rooms with members.", lambda: len(hub.rooms))
+    m.gauges["backplane_up"] = (
+        "1 while the backplane reaches the other replicas (Redis connected), else 0.",
+        lambda: float(hub.backplane.ready),
+    )
+    m.counters["backplane_connect_failures_total"] = (
+        "Attempts to connect to Redis that failed.",
+        lambda: hub.backplane.connect_failures,
+    )
+    m.counters["backplane_reconnects_total"] = (
+        "Times the connection to Redis came back after an outage.",
+        lambda: hub.backplane.reconnects,
+    )
+    m.counters["backplane_dropped_total"] = (
+        "Messages not published because the backplane was unreachable (re-synced later).",
+        lambda: hub.backplane.dropped,
+    )
+    m.gauges["tasks"] = (
+        "asyncio tasks of this process (connections, timers).",
+        lambda: len(asyncio.all_tasks()),
+    )
+    m.gauges["tick_seconds"] = (
+        "Shortest time between two frames of a room (--flush-interval, stretched when "
+        "timers run late).",
+        lambda: hub.tick_interval,
+    )
+    m.gauges["members"] = (
+        "Members in all rooms, on every replica.",
+        lambda: sum(len(r) for r in hub.rooms.values()),
+    )
+
+
+def watch_replication(m: Metrics, replication: Any) -> None:
+    """What replication counts (presence.backplane.replication.Replication)."""
+    m.gauges["backplane_replicas"] = (
+        "Other replicas heard from and up, as this replica sees them.",
+        lambda: replication.replicas_up,
+    )
+    m.counters["backplane_replicas_down_total"] = (
+        "Times another replica went silent and its members were removed here.",
+        lambda: replication.downs,
+    )
+    m.counters["backplane_gaps_total"] = (
+        "Messages from other replicas found missing (their state was asked for again).",
+        lambda: replication.gaps,
+    )
+    m.counters["backplane_stalls_total"] = (
+        "Times this replica's own timers ran later than the replica timeout allows "
+        "(it announced its members again).",
+        lambda: replication.stalls,
+    )
+
+
+def watch_limits(m: Metrics, limits: Any) -> None:
+    """The connection limits (presence.websocket.limits.Limits)."""
+    m.gauges["tcp_connections"] = (
+        "Open TCP connections, HTTP and WebSocket, counted against --max-connections "
+        "(clients joined to rooms: presence_sessions).",
+        lambda: limits.open,
+    )
+    m.gauges["tcp_connections_limit"] = (
+        "--max-connections: TCP connections beyond it are refused with 503.",
+        lambda: limits.max_total,
+    )

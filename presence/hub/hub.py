@@ -15,18 +15,15 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 from presence.backplane.base import Backplane, Held
-from presence.backplane.memory import MemoryBackplane
 from presence.config import Settings
 from presence.core.events import Event, MemberInfo, State
 from presence.core.identity import Identity, IdentityFactory
 from presence.core.room import Room, RoomError, Timing
-from presence.server.access_log import AccessLog
-from presence.server.metrics import PROTOCOLS, Metrics
-from presence.server.outbox import Outbox
+from presence.hub.outbox import Outbox
+from presence.metrics import PROTOCOLS, Metrics
 
 log = logging.getLogger("presence.hub")
 
@@ -52,6 +49,18 @@ class RoomFull(RoomError):
     code = "room_full"
 
 
+class Extension(Protocol):
+    """What an endpoint keeps for the whole replica beside the hub's rooms (the Yjs
+    endpoint's reserved client IDs), installed with :meth:`Hub.add_extension` and told
+    what the backplane tells the hub about it."""
+
+    def held_elsewhere(self, room: str, held: Sequence[Held]) -> None:
+        """Items of ``room`` that another replica reserved (Backplane.publish_holds)."""
+
+
+E = TypeVar("E", bound=Extension)
+
+
 class RoomObserver(Protocol):
     """What an endpoint keeps for one room on this replica beside the hub's own state (the
     Yjs endpoint: clocks announced, renewals). Made by :meth:`Hub.observer`, told about
@@ -68,36 +77,26 @@ class RoomObserver(Protocol):
 Observer = TypeVar("Observer", bound=RoomObserver)
 
 
-@dataclass(frozen=True, slots=True)
-class Membership:
-    """What a connection gets back from :meth:`Hub.join`."""
-
-    room: str
-    member: MemberInfo
-    token: str
-    others: list[MemberInfo]
-
-
 class Hub:
     def __init__(
         self,
         settings: Settings,
         *,
         identities: IdentityFactory,
-        backplane: Backplane | None = None,
+        backplane: Backplane,
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.identities = identities
-        self.backplane = backplane or MemoryBackplane(new_replica_id())
+        self.backplane = backplane
         self.clock = clock
         self.metrics = metrics or Metrics()
-        self.access_log = AccessLog(settings.access_log)
         self.timing = Timing(settings.idle_after, settings.expire_after)
         self.rooms: dict[str, Room] = {}
         self.outboxes: dict[str, set[Outbox[Any]]] = {}
         self._observers: dict[str, dict[Callable[[Room, Hub], Any], RoomObserver]] = {}
+        self.extensions: list[Extension] = []
         # Rooms with events to send: at the end of this loop pass (``_soon``), or at a
         # room's next tick (``_waiting``: its timer). ``_flushed``: when each room last sent.
         self._soon: set[str] = set()
@@ -113,43 +112,6 @@ class Hub:
         self._sweeper: asyncio.Task[None] | None = None
         self._opening: dict[str, asyncio.Future[None]] = {}
         self.started = False
-        m = self.metrics
-        m.labelled_gauges["sessions"] = (
-            "Clients joined to a room on this replica (WebSockets, and SSE streams), by "
-            "protocol: json, yjs, sse. TCP connections: presence_tcp_connections.",
-            "protocol",
-            self.sessions,
-        )
-        m.gauges["rooms"] = ("Rooms with members.", lambda: len(self.rooms))
-        m.gauges["backplane_up"] = (
-            "1 while the backplane reaches the other replicas (Redis connected), else 0.",
-            lambda: float(self.backplane.ready),
-        )
-        m.counters["backplane_connect_failures_total"] = (
-            "Attempts to connect to Redis that failed.",
-            lambda: self.backplane.connect_failures,
-        )
-        m.counters["backplane_reconnects_total"] = (
-            "Times the connection to Redis came back after an outage.",
-            lambda: self.backplane.reconnects,
-        )
-        m.counters["backplane_dropped_total"] = (
-            "Messages not published because the backplane was unreachable (re-synced later).",
-            lambda: self.backplane.dropped,
-        )
-        m.gauges["tasks"] = (
-            "asyncio tasks of this process (connections, timers).",
-            lambda: len(asyncio.all_tasks()),
-        )
-        m.gauges["tick_seconds"] = (
-            "Shortest time between two frames of a room (--flush-interval, stretched when "
-            "timers run late).",
-            lambda: self.tick_interval,
-        )
-        m.gauges["members"] = (
-            "Members in all rooms, on every replica.",
-            lambda: sum(len(r) for r in self.rooms.values()),
-        )
 
     @property
     def replica_id(self) -> str:
@@ -190,20 +152,6 @@ class Hub:
         await self.backplane.stop()
 
     # -- commands from endpoints -------------------------------------------------------
-
-    async def join(self, room_name: str, outbox: Outbox[Any], token: str | None) -> Membership:
-        """Add a member for a new JSON connection; raises InvalidToken or RoomFull."""
-        identity = self.identities.verify(token) if token else None
-        room = await self.open(room_name)
-        self.attach(room, outbox)
-        member_id = secrets.token_hex(8)
-        self.admit(room, outbox, member_id, identity)
-        return Membership(
-            room_name,
-            room.member(member_id).copy(),
-            self.identities.token(identity or room.member(member_id).identity),
-            [m for m in room.snapshot() if m.id != member_id],
-        )
 
     def attach(self, room: Room, outbox: Outbox[Any]) -> None:
         """Deliver the room's events to ``outbox`` from now on."""
@@ -251,6 +199,16 @@ class Hub:
         for name, count in (await self.backplane.rooms()).items():
             counts.setdefault(name, count)
         return counts
+
+    def add_extension(self, extension: Extension) -> None:
+        self.extensions.append(extension)
+
+    def extension(self, kind: type[E]) -> E | None:
+        """The extension of class ``kind`` installed, if any."""
+        for extension in self.extensions:
+            if isinstance(extension, kind):
+                return extension
+        return None
 
     def observer(self, room: Room, make: Callable[[Room, Hub], Observer]) -> Observer:
         """The room's observer made by ``make`` (a class): one per room and maker."""
@@ -332,9 +290,8 @@ class Hub:
             self.backplane.publish_full_state(room_name, room.local_members())
 
     def on_holds(self, room_name: str, held: Sequence[Held]) -> None:
-        from presence.server.yjs_view import holds_of  # the Yjs endpoint's reservations
-
-        holds_of(self).held_elsewhere(room_name, held)
+        for extension in self.extensions:
+            extension.held_elsewhere(room_name, held)
 
     def on_replica_down(self, origin: str) -> None:
         for room in self.rooms.values():

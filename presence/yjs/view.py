@@ -1,5 +1,5 @@
 """One room as the Yjs connections of this replica see it: a room observer of the hub
-(:class:`presence.server.hub.RoomObserver`) and the Yjs encoder of the room's batches.
+(:class:`presence.hub.hub.RoomObserver`) and the Yjs encoder of the room's batches.
 
 It holds what only Yjs needs: the clocks announced for each client ID, the clocks each
 connection was told (to recognise the copies stock clients send back), the renewals
@@ -16,22 +16,20 @@ another replica, so a returning client is never ignored as "old".
 from __future__ import annotations
 
 import time
-import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from presence.backplane.base import Held
-from presence.codecs import yjs
 from presence.core.events import Batch, Joined, Left, MemberInfo
 from presence.core.room import Room
-from presence.server.outbox import Outbox
+from presence.hub.outbox import Outbox
+from presence.yjs import codec as yjs
+from presence.yjs.holds import Holds
 
 if TYPE_CHECKING:
-    from presence.server.hub import Hub
+    from presence.hub.hub import Hub
 
 
 # Client IDs one socket may keep reserved at once after they left it; beyond that its
@@ -44,88 +42,6 @@ MAX_HELD_PER_SOCKET = 64
 # once the connection has been sent nothing for ECHO_WINDOW seconds.
 ECHO_MESSAGES = 4
 ECHO_WINDOW = 1.0
-
-
-@dataclass(slots=True)
-class Hold:
-    """A departed client ID, reserved until ``until`` (the hub's clock) for the socket
-    that had it while that socket is open, and for sockets with the same identity token
-    (``key``: a digest of its username), here or on another replica."""
-
-    owner: Outbox[bytes] | None  # None once that socket closed, or on another replica
-    key: str | None
-    until: float
-
-
-class Holds:
-    """The reserved client IDs of one replica's rooms, its own and those the other
-    replicas announced. Kept by the hub, not the room's view: an empty room is
-    forgotten, its reservations must not be."""
-
-    def __init__(
-        self,
-        grace: float,
-        clock: Callable[[], float],
-        publish: Callable[[str, Sequence[Held]], None] = lambda room, held: None,
-    ) -> None:
-        self.grace = grace
-        self.clock = clock
-        self.publish = publish  # to the other replicas (Backplane.publish_holds)
-        # Roughly in the order they lapse (none lasts longer than ``grace``): pruned
-        # from the front.
-        self.held: OrderedDict[tuple[str, int], Hold] = OrderedDict()
-
-    def _prune(self, now: float) -> None:
-        while self.held:
-            key, hold = next(iter(self.held.items()))
-            if hold.until > now:
-                return
-            del self.held[key]
-
-    def hold(
-        self, room: str, client_ids: Sequence[int], owner: Outbox[bytes], key: str | None
-    ) -> None:
-        now = self.clock()
-        self._prune(now)
-        for client_id in client_ids:
-            self.held.pop((room, client_id), None)
-            self.held[(room, client_id)] = Hold(owner, key, now + self.grace)
-        self.publish(room, [Held(str(c), key, self.grace) for c in client_ids])
-
-    def held_elsewhere(self, room: str, held: Sequence[Held]) -> None:
-        """Reservations another replica made (or found in the room's hash)."""
-        now = self.clock()
-        self._prune(now)
-        for h in held:
-            if not (h.item.isascii() and h.item.isdecimal()) or int(h.item) >= 1 << 32:
-                continue
-            client_id = int(h.item)
-            mine = self.held.get((room, client_id))
-            if mine is not None and mine.owner is not None:
-                continue  # a socket of ours holds it: ours is the better claim
-            self.held.pop((room, client_id), None)
-            self.held[(room, client_id)] = Hold(None, h.key, now + min(h.seconds, self.grace))
-
-    def get(self, room: str, client_id: int) -> Hold | None:
-        now = self.clock()
-        self._prune(now)
-        hold = self.held.get((room, client_id))
-        return hold if hold is not None and hold.until > now else None
-
-    def discard(self, room: str, client_id: int) -> None:
-        self.held.pop((room, client_id), None)
-
-
-_holds: weakref.WeakKeyDictionary[Hub, Holds] = weakref.WeakKeyDictionary()
-
-
-def holds_of(hub: Hub) -> Holds:
-    found = _holds.get(hub)
-    if found is None:
-        found = _holds[hub] = Holds(
-            hub.settings.yjs_id_grace, hub.clock, hub.backplane.publish_holds
-        )
-    return found
 
 
 class YjsView:
@@ -150,7 +66,7 @@ class YjsView:
         self.heard: dict[Outbox[bytes], float] = {}
         self.clock = hub.clock
         self.flushed = hub.clock()  # when the last frame was encoded
-        self.holds = holds_of(hub)
+        self.holds = Holds.of(hub)
         self.digest = hub.identities.digest
         # Per connection: its identity token's username (or None), and the client IDs
         # it released that are still reserved for it, oldest first.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from presence.core.events import Batch
-from presence.server.metrics import Metrics
+from presence.metrics import Metrics
 
 F = TypeVar("F", str, bytes)
 
