@@ -13,7 +13,7 @@ import orjson
 import websockets
 
 from load.hist import Histogram
-from presence.codecs import yjs
+from presence.yjs import codec as yjs
 
 
 @dataclass
