@@ -24,8 +24,6 @@ from presence.config import Settings
 from presence.server.app import create_app
 from tests.conftest import Client, Server
 
-pytestmark = pytest.mark.e2e
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,6 +42,7 @@ def substitute(value: object) -> str:
     return re.sub(r"\$\{[A-Z_]+(:[?-][^}]*)?\}", "stand-in-" + "0" * 55, str(value))
 
 
+@pytest.mark.unit
 def test_compose_sets_only_settings_the_service_accepts() -> None:
     known = {var for _, var, *_ in Settings.options()}
     services = replica_services()
@@ -59,6 +58,7 @@ def test_compose_sets_only_settings_the_service_accepts() -> None:
             build_parser().parse_args(service["command"])
 
 
+@pytest.mark.unit
 def test_nginx_balances_over_every_replica_with_websocket_upgrade() -> None:
     nginx = (ROOT / "deploy" / "nginx.conf").read_text()
     upstream = set(re.findall(r"server (presence-\d+):(\d+);", nginx))
@@ -72,6 +72,7 @@ def test_nginx_balances_over_every_replica_with_websocket_upgrade() -> None:
     assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in compose()["services"]["lb"]["volumes"]
 
 
+@pytest.mark.unit
 def test_dockerfile_runs_as_non_root_with_a_real_healthcheck() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^USER (?!root)\w+", dockerfile, re.M)
@@ -92,6 +93,7 @@ def healthcheck() -> list[str]:
     return [sys.executable if arg == "python" else arg for arg in json.loads(found.group(1))]
 
 
+@pytest.mark.e2e
 def test_healthcheck_follows_presence_port(server_factory: Callable[..., Server]) -> None:
     def healthy(port: int) -> bool:
         """The check's verdict in a container whose PRESENCE_PORT is ``port``."""
@@ -107,6 +109,7 @@ def test_healthcheck_follows_presence_port(server_factory: Callable[..., Server]
     assert not healthy(unready.port)  # answers /readyz with 503
 
 
+@pytest.mark.unit
 def test_compose_keeps_its_secret_in_an_untracked_env_file() -> None:
     # A secret made on every `up` would invalidate every identity token at each restart.
     assert ".env" in (ROOT / ".gitignore").read_text().split()
@@ -169,6 +172,7 @@ def topology(server_factory: Callable[..., Server]) -> Iterator[tuple[RedisProce
     redis.stop()
 
 
+@pytest.mark.e2e
 async def test_compose_topology_as_local_processes(
     topology: tuple[RedisProcess, list[Server]],
 ) -> None:

@@ -20,7 +20,8 @@ from presence.server.identities import BURST_SECONDS, DEFAULT_TTL, MAX_BODY, MAX
 from presence.websocket.connection import FRAMES_PER_TURN
 from presence.websocket.frames import MAX_FRAGMENTS
 from presence.websocket.limits import RATE_BURST_SECONDS
-from presence.yjs.endpoint import ECHO_OVERHEAD, MAX_CLIENT_IDS
+from presence.yjs.client import MAX_CLIENT_IDS
+from presence.yjs.endpoint import ECHO_OVERHEAD
 
 pytestmark = pytest.mark.unit
 

@@ -243,7 +243,7 @@ async def test_a_frame_is_encoded_once_for_the_room_and_its_echo_is_recognised()
     # Stock clients send back every update they apply: a byte-for-byte copy of a message
     # a connection was sent is dropped without decoding, once, for that connection only.
     from presence.yjs import codec as yjs
-    from presence.yjs.view import ECHO_MESSAGES, ECHO_WINDOW
+    from presence.yjs.echoes import ECHO_MESSAGES, ECHO_WINDOW
 
     clock = Clock()
     hub = make_hub("A", MemoryBus(), clock)
@@ -266,18 +266,18 @@ async def test_a_frame_is_encoded_once_for_the_room_and_its_echo_is_recognised()
         for e in yjs.read_awareness(yjs.read_message(f)[1])
     )  # never its own
     message = sent[0]
-    assert not view.echoed(outboxes[0], message)  # not sent to the sender
-    assert not view.echoed(outboxes[1], message[:-1] + b" ")  # other bytes
-    assert view.echoed(outboxes[1], bytes(message))  # a copy, not the same object
-    assert not view.echoed(outboxes[1], message)  # a message is echoed once
-    assert view.echoed(outboxes[2], message)
+    assert not view.echoes.echoed(outboxes[0], message)  # not sent to the sender
+    assert not view.echoes.echoed(outboxes[1], message[:-1] + b" ")  # other bytes
+    assert view.echoes.echoed(outboxes[1], bytes(message))  # a copy, not the same object
+    assert not view.echoes.echoed(outboxes[1], message)  # a message is echoed once
+    assert view.echoes.echoed(outboxes[2], message)
     # Only the last few messages of a connection are kept, and not for long.
     for x in range(3, 3 + ECHO_MESSAGES + 1):
         hub.replace("doc", "y1", {"x": x})
         await asyncio.sleep(0.01)
     assert len(view.recent[outboxes[1]]) == ECHO_MESSAGES
-    assert not view.echoed(outboxes[1], peers[1].frames[-ECHO_MESSAGES - 1])
-    assert view.echoed(outboxes[1], peers[1].frames[-1])
+    assert not view.echoes.echoed(outboxes[1], peers[1].frames[-ECHO_MESSAGES - 1])
+    assert view.echoes.echoed(outboxes[1], peers[1].frames[-1])
     clock.now += ECHO_WINDOW
     view.swept(clock.now)
     assert outboxes[1] not in view.recent  # an idle connection keeps none
@@ -286,7 +286,7 @@ async def test_a_frame_is_encoded_once_for_the_room_and_its_echo_is_recognised()
     snapshot = view.snapshot()
     joined = view.full(snapshot, outboxes[2])
     assert view._encoded[0] is not snapshot
-    assert view.echoed(outboxes[2], joined)
+    assert view.echoes.echoed(outboxes[2], joined)
     stranger = Outbox(Peer(), view, max_backlog=8, clock=clock, metrics=hub.metrics)
     view.full(view.snapshot(), stranger)
     assert stranger not in view.recent

@@ -13,11 +13,10 @@ import pytest
 from load.hist import Histogram
 from load.report import write_report
 
-pytestmark = pytest.mark.e2e
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.unit
 def test_histogram_percentiles_within_one_percent() -> None:
     h = Histogram()
     for ms in range(1, 1001):
@@ -58,6 +57,7 @@ def small_run(tmp_path: Path, *args: str) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("protocol", ["json", "yjs"])
 def test_a_small_run_reports_every_update(tmp_path: Path, protocol: str) -> None:
     small_run(tmp_path, "--protocol", protocol)
@@ -68,12 +68,14 @@ def test_a_small_run_reports_every_update(tmp_path: Path, protocol: str) -> None
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("target", ["presence", "hocuspocus", "ywebsocket"])
 def test_stock_yjs_clients_drive_presence_and_the_peers(tmp_path: Path, target: str) -> None:
     result = small_run(tmp_path, "--client", "stock", "--target", target)
     assert (result["target"], result["client"]) == (target, "stock")
 
 
+@pytest.mark.unit
 def test_scale_keeps_each_room_on_as_many_replicas_as_it_says() -> None:
     from load.__main__ import _replica_of
 

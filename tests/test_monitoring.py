@@ -22,12 +22,12 @@ import websockets
 import yaml
 
 from harness.processes import RedisProcess
-from presence.access.log import REFUSAL_BURST, AccessLog
 from presence.backplane.memory import MemoryBus
 from presence.codecs import sse
 from presence.endpoints.json import join as join_json
 from presence.hub.hub import Hub
 from presence.hub.outbox import Outbox
+from presence.logs.access import REFUSAL_BURST, AccessLog
 from presence.metrics import Metrics
 from tests.conftest import FAST, Server
 from tests.test_hub import Clock, make_hub, outbox_for

@@ -294,7 +294,11 @@ async def test_unreachable_redis_is_logged_at_once_and_shown(
     assert ready.json()["ready"] is False
     redis = ready.json()["redis"]
     assert (redis["state"], redis["url"], redis["error"]) == ("down", masked, warning["error"])
-    assert redis["since"] >= 0
+    # Seconds in this state: the outage goes on, so it grows with the time between reads.
+    await asyncio.sleep(0.5)
+    later = httpx.get(server.http + "/readyz").json()["redis"]
+    assert later["state"] == "down"
+    assert 0.3 <= later["since"] - redis["since"] <= 2.0
     assert server.metrics()["presence_backplane_up"] == 0
     # Retries are not logged one by one: the outage is reported again once the fast
     # retries are over (the backoff reaches 5 s after 0.1 + 0.2 + ... + 3.2 s).

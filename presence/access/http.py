@@ -10,10 +10,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from presence.access.log import access_log_of
 from presence.access.rules import Access
 from presence.core.access import AccessError
 from presence.core.room import is_valid_room_name
+from presence.logs.access import access_log_of
 
 
 def _refusal(exc: AccessError) -> Response:

@@ -15,7 +15,6 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from presence.access.http import guarded
-from presence.access.log import AccessLog
 from presence.access.rules import make_access
 from presence.backplane.base import Backplane
 from presence.backplane.memory import MemoryBackplane
@@ -24,6 +23,7 @@ from presence.config import Settings
 from presence.core.identity import IdentityFactory
 from presence.endpoints.json import JsonEndpoint
 from presence.hub.hub import Hub, new_replica_id
+from presence.logs.access import AccessLog
 from presence.metrics import watch_hub, watch_limits, watch_replication
 from presence.server.health import healthz, metrics, readyz
 from presence.server.identities import claim_rates, identity, post_identities

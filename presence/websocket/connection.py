@@ -27,7 +27,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from presence.access.log import DISABLED, AccessLog
+from presence.logs.access import DISABLED, AccessLog
 from presence.websocket import frames as ws
 
 if TYPE_CHECKING:

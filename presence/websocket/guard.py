@@ -11,7 +11,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from presence.access.log import DISABLED
+from presence.logs.access import DISABLED
 from presence.websocket import frames as ws
 from presence.websocket.limits import Limits, Slot
 

@@ -26,6 +26,7 @@ from presence.core.events import Batch, Joined, Left, MemberInfo
 from presence.core.room import Room
 from presence.hub.outbox import Outbox
 from presence.yjs import codec as yjs
+from presence.yjs.echoes import Echoes
 from presence.yjs.holds import Holds
 
 if TYPE_CHECKING:
@@ -35,13 +36,6 @@ if TYPE_CHECKING:
 # Client IDs one socket may keep reserved at once after they left it; beyond that its
 # oldest reservation lapses (a socket churning IDs only weakens its own protection).
 MAX_HELD_PER_SOCKET = 64
-
-# Stock clients send back every update they apply, re-encoded: the same bytes as ours
-# when the states' JSON round-trips (integers, strings). The last few messages sent to
-# each connection let such an echo be recognised without decoding it; they are let go
-# once the connection has been sent nothing for ECHO_WINDOW seconds.
-ECHO_MESSAGES = 4
-ECHO_WINDOW = 1.0
 
 
 class YjsView:
@@ -72,8 +66,7 @@ class YjsView:
         # it released that are still reserved for it, oldest first.
         self.keys: dict[Outbox[bytes], str | None] = {}
         self.released: dict[Outbox[bytes], OrderedDict[int, None]] = {}
-        # Per connection: the messages it was sent last (see ECHO_MESSAGES).
-        self.recent: dict[Outbox[bytes], list[bytes]] = {}
+        self.echoes: Echoes[Outbox[bytes]] = Echoes()
         # The messages encoded from the last shared entries, by the client IDs left out
         # (a connection's own): most connections get the same one, framed once.
         self._encoded: tuple[object, dict[tuple[int, ...], list[bytes]]] = (None, {})
@@ -100,7 +93,7 @@ class YjsView:
         self.keys.pop(outbox, None)
         self.told.pop(outbox, None)
         self.heard.pop(outbox, None)
-        self.recent.pop(outbox, None)
+        self.echoes.forget(outbox)
 
     # -- client IDs ----------------------------------------------------------------------
 
@@ -165,23 +158,13 @@ class YjsView:
                 renewed[member_id] = now
         for outbox in self.told:
             quiet = now - self.heard.get(outbox, now)
-            if quiet >= ECHO_WINDOW:
-                self.recent.pop(outbox, None)
+            self.echoes.quiet(outbox, quiet)
             if not shared and quiet < self.renew_every:
                 continue
             message = self._message(shared, outbox, empty=quiet >= self.renew_every)
             if message is not None:
                 outbox.push(message)
                 self.heard[outbox] = now
-
-    def echoed(self, outbox: Outbox[bytes], message: bytes) -> bool:
-        """Whether ``message`` from ``outbox``'s client is a copy of one it was sent:
-        nothing in it is news (its states are others', at clocks it was told)."""
-        recent = self.recent.get(outbox)
-        if recent is None or message not in recent:
-            return False
-        recent.remove(message)  # a client applies, and sends back, a message once
-        return True
 
     # -- encoding ------------------------------------------------------------------------
 
@@ -256,10 +239,7 @@ class YjsView:
                 found = encoded[key] = [yjs.awareness_message(picked)]
             message = found
         if told is not None:  # an attached connection: forgotten when it detaches
-            recent = self.recent.setdefault(outbox, [])
-            recent.append(message[0])
-            if len(recent) > ECHO_MESSAGES:
-                del recent[0]
+            self.echoes.sent(outbox, message[0])
         return message
 
     def frames(self, shared: dict[int, yjs.Line], outbox: Outbox[bytes]) -> list[bytes]:
