@@ -275,12 +275,12 @@ async def test_a_frame_is_encoded_once_for_the_room_and_its_echo_is_recognised()
     for x in range(3, 3 + ECHO_MESSAGES + 1):
         hub.replace("doc", "y1", {"x": x})
         await asyncio.sleep(0.01)
-    assert len(view.recent[outboxes[1]]) == ECHO_MESSAGES
+    assert len(view.echoes.recent[outboxes[1]]) == ECHO_MESSAGES
     assert not view.echoes.echoed(outboxes[1], peers[1].frames[-ECHO_MESSAGES - 1])
     assert view.echoes.echoed(outboxes[1], peers[1].frames[-1])
     clock.now += ECHO_WINDOW
     view.swept(clock.now)
-    assert outboxes[1] not in view.recent  # an idle connection keeps none
+    assert outboxes[1] not in view.echoes.recent  # an idle connection keeps none
     # A joiner's snapshot is its own: recognised when it comes back, but not kept for
     # the room; a connection never attached keeps nothing (nothing would forget it).
     snapshot = view.snapshot()
@@ -289,5 +289,5 @@ async def test_a_frame_is_encoded_once_for_the_room_and_its_echo_is_recognised()
     assert view.echoes.echoed(outboxes[2], joined)
     stranger = Outbox(Peer(), view, max_backlog=8, clock=clock, metrics=hub.metrics)
     view.full(view.snapshot(), stranger)
-    assert stranger not in view.recent
+    assert stranger not in view.echoes.recent
     await hub.stop()
