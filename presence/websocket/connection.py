@@ -438,6 +438,8 @@ class Connection(asyncio.Protocol):
 
     def _timeout(self) -> None:
         """The protocol's deadline came: the next ping, or the end of a closing handshake."""
+        if self._timer is not None:
+            self._timer.cancel()  # (it fired, unless a test calls this)
         self._timer = self._deadline = None
         for kind, value in self.machine.timeout(asyncio.get_running_loop().time()):
             self._event(kind, value)
