@@ -89,6 +89,7 @@ class Connection(asyncio.Protocol):
     protocol = ""
     ip: str | None = None
     _refusal_logged = False
+    _loop: asyncio.AbstractEventLoop  # set once upgraded
 
     def __init__(
         self,
@@ -179,7 +180,7 @@ class Connection(asyncio.Protocol):
         if self.state == "open" and self._turn is None and self.writable:
             # The frames that waited for writes; in a turn of their own, as this may be
             # called from within a write of ours.
-            self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
+            self._turn = self._loop.call_soon(self._next_turn)
         self._read_or_not()
 
     def shutdown(self) -> None:
@@ -206,7 +207,8 @@ class Connection(asyncio.Protocol):
             return
         self.transport.write(response)
         self.state = self.machine.state
-        self.since = asyncio.get_running_loop().time()
+        self._loop = asyncio.get_running_loop()
+        self.since = self._loop.time()
         self.ip = self._client_ip()
         self.query, self.headers = request.query, request.headers
         # An endpoint may take larger messages than --max-message-bytes (Yjs echoes).
@@ -218,7 +220,7 @@ class Connection(asyncio.Protocol):
         # Messages wait until the member has joined, those read already too.
         self.machine.receive_data(frames)
         self._read_or_not()
-        self._opening = asyncio.get_running_loop().create_task(self._open())
+        self._opening = self._loop.create_task(self._open())
         self._opening.add_done_callback(self._cancelled)
 
     def refuse(self, exc: ws.HandshakeError) -> None:
@@ -256,7 +258,7 @@ class Connection(asyncio.Protocol):
         """Start the closing handshake; the socket is dropped if it does not finish."""
         if self.state not in ("opening", "open"):
             return
-        frame = self.machine.close(code, reason, asyncio.get_running_loop().time())
+        frame = self.machine.close(code, reason, self._loop.time())
         assert frame is not None
         self._close_sent(frame)
         self._schedule()
@@ -316,7 +318,7 @@ class Connection(asyncio.Protocol):
                     self.protocol, self.ip, "join", reason, room=self.room, code=code
                 )
             return
-        self.machine.opened(asyncio.get_running_loop().time())
+        self.machine.opened(self._loop.time())
         self.state = self.machine.state
         self.access_log.opened(self.protocol, self.room, self.ip, self._members())
         self._schedule()
@@ -359,7 +361,7 @@ class Connection(asyncio.Protocol):
         metrics = self.hub.metrics
         machine = self.machine
         try:
-            for kind, value in machine.events(FRAMES_PER_TURN, asyncio.get_running_loop().time()):
+            for kind, value in machine.events(FRAMES_PER_TURN, self._loop.time()):
                 if kind > 0:  # a message
                     metrics.messages_in += 1
                     endpoint.receive(value)
@@ -374,9 +376,10 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("message handling failed")
             self.close(1011, "internal error")
-        self._schedule()
+        if machine.deadline != self._deadline:
+            self._schedule()
         if machine.reader.more and self._turn is None and not self._ended:
-            self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
+            self._turn = self._loop.call_soon(self._next_turn)
         if not (self._reading and self._turn is None and self.writable and self.state == "open"):
             self._read_or_not()  # (the common case, reading on, costs no call)
 
@@ -418,7 +421,7 @@ class Connection(asyncio.Protocol):
         self.transport.write(frame)
         if self._turn is None:
             # Its close frame may be read already, behind frames that waited for writes.
-            self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
+            self._turn = self._loop.call_soon(self._next_turn)
         self._read_or_not()  # to hear the client's close frame
 
     def _closing(self) -> None:
@@ -441,7 +444,7 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()  # (it fired, unless a test calls this)
         self._timer = self._deadline = None
-        for kind, value in self.machine.timeout(asyncio.get_running_loop().time()):
+        for kind, value in self.machine.timeout(self._loop.time()):
             self._event(kind, value)
         self._schedule()
 
@@ -452,11 +455,7 @@ class Connection(asyncio.Protocol):
             if self._timer is not None:
                 self._timer.cancel()
             self._deadline = deadline
-            self._timer = (
-                None
-                if deadline is None
-                else asyncio.get_running_loop().call_at(deadline, self._timeout)
-            )
+            self._timer = None if deadline is None else self._loop.call_at(deadline, self._timeout)
 
     def _members(self) -> tuple[str, ...]:
         spoke_for = getattr(self.endpoint, "spoke_for", None)  # (the test endpoints': none)
@@ -483,7 +482,7 @@ class Connection(asyncio.Protocol):
             code=code,
             reason=reason,
             by=by,
-            duration=asyncio.get_running_loop().time() - self.since,
+            duration=self._loop.time() - self.since,
         )
 
     def _detach(self) -> None:

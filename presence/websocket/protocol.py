@@ -48,6 +48,7 @@ CLOSED: Final = "closed"  # the transport is gone
 
 # Event kinds besides the opcodes TEXT and BINARY (which are positive).
 TEXT, BINARY = ws.TEXT, ws.BINARY
+_PING, _PONG = ws.PING, ws.PONG
 WRITE: Final = -1
 REFUSED: Final = -2
 ERROR: Final = -3
@@ -119,17 +120,11 @@ class ServerProtocol:
         try:
             for message in self.reader.messages(limit):
                 opcode = message[0]
-                if opcode == ws.CLOSE:
-                    yield from self._receive_close(message[1], now)  # type: ignore[arg-type]
-                    return  # nothing after a close frame is read
-                if opcode == ws.PING:
-                    if self.state == OPEN:  # closing: the client is to read no more
-                        yield WRITE, ws.frame(ws.PONG, message[1])  # type: ignore[arg-type]
-                elif opcode == ws.PONG:
-                    self.heard = True  # it reads what we send: not half-open
-                elif self.state == OPEN:  # closing: data frames are skipped
+                if opcode <= BINARY:  # a message (the reader yields no continuations)
+                    if self.state != OPEN:
+                        continue  # closing: data frames are skipped
                     text = self.text
-                    if text is None or (opcode == ws.TEXT) == text:
+                    if text is None or (opcode == TEXT) == text:
                         yield message
                     elif text:
                         reason = "binary frames are not supported here; send JSON text"
@@ -137,6 +132,14 @@ class ServerProtocol:
                     else:
                         reason = "y-websocket messages are binary frames"
                         yield from self._refuse(REFUSED, "text_frame", 1003, reason, now)
+                elif opcode == _PING:
+                    if self.state == OPEN:  # closing: the client is to read no more
+                        yield WRITE, ws.frame(_PONG, message[1])  # type: ignore[arg-type]
+                elif opcode == _PONG:
+                    self.heard = True  # it reads what we send: not half-open
+                else:  # a close frame
+                    yield from self._receive_close(message[1], now)  # type: ignore[arg-type]
+                    return  # nothing after a close frame is read
         except ws.ProtocolError as exc:
             yield from self._refuse(ERROR, "websocket", exc.code, exc.reason, now)
             # The rest of the stream is garbage: the client's reply is not waited for.
