@@ -8,7 +8,9 @@ implementation. Measured with the load generator (docs/benchmarks.md), that cost
 delivered update. Here a connection is a few small objects driven by callbacks:
 frames are written synchronously in the flush that produced them, the bytes of a
 room's frame are built once per tick for all its sockets, and keepalive is one timer
-per connection. HTTP (views, metrics, static files) stays with Starlette.
+per connection. HTTP (views, metrics, static files) stays with Starlette. What the
+protocol calls for (keepalive, the closing handshake, what a client's frames mean) is
+decided without I/O by presence.websocket.protocol; this is its I/O.
 
 No connection can flood the others. It reads its socket only while that is harmless:
 not while its member joins, not while the client leaves what we write unread, and not

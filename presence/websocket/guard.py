@@ -1,5 +1,6 @@
 """The HTTP guard: uvicorn's HTTP protocol, which guards the way in and hands WebSocket
-upgrades over to :class:`presence.websocket.connection.Connection` as they came."""
+upgrades over to :class:`presence.websocket.connection.Connection` as its parser read
+them."""
 
 from __future__ import annotations
 

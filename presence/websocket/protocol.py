@@ -10,7 +10,8 @@ to do as ``(kind, value)`` events, in the order in which they must be done:
 - ``(WRITE, bytes)``: write these bytes (a pong, a ping);
 - ``(REFUSED, label)``: a data message of the kind the endpoint does not take, which
   counts as a message received; ``label`` is its error's metric; our close follows;
-- ``(ERROR, label)``: the client broke the protocol (``label``: the metric);
+- ``(ERROR, label)``: the client broke the protocol (``label``: the metric); our close
+  follows unless the handshake was started already, then the end;
 - ``(CLOSE_SENT, frame)``: we start the closing handshake: write our close frame, stop
   what the connection sends, read on for the client's reply;
 - ``(CLOSE_RECEIVED, reply)``: the client's close frame: write our reply unless it is
@@ -19,6 +20,9 @@ to do as ``(kind, value)`` events, in the order in which they must be done:
 - ``(GONE, None)``: the client is gone (no pong for a whole ping interval): tell the
   endpoint now, rather than when the transport is lost;
 - ``(ABORT, None)``: drop the connection now, what was written but not sent with it.
+
+An event that the protocol's own close follows is told with :attr:`state` closing
+already.
 
 The opening handshake's HTTP is :mod:`presence.websocket.frames`' (the I/O layer routes
 the request and checks its origin first); :meth:`~ServerProtocol.accept` starts the
