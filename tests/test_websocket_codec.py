@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import os
 import struct
+from collections.abc import Callable
 
+import httptools
 import pytest
 from websockets.frames import Close, Frame, Opcode
 from websockets.streams import StreamReader
@@ -229,3 +231,105 @@ def test_invalid_close_payloads(payload: bytes, code: int) -> None:
     with pytest.raises(ws.ProtocolError) as info:
         ws.parse_close(payload)
     assert info.value.code == code
+
+
+class Parsed:
+    """What uvicorn's httptools protocol keeps of a request: the raw target, the headers
+    with lower-case names, in order."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+
+def as_uvicorn_read_it(raw: bytes) -> tuple[str, bytes, str, list[tuple[bytes, bytes]]]:
+    parsed = Parsed()
+    parser = httptools.HttpRequestParser(parsed)
+    with pytest.raises(httptools.HttpParserUpgrade):
+        parser.feed_data(raw)
+    method = parser.get_method().decode("ascii")
+    return method, parsed.url, parser.get_http_version(), parsed.headers
+
+
+def written_out(method: str, url: bytes, version: str, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The request as HttpProtocol wrote it out for parse_request() before."""
+    lines = [method.encode() + b" " + url + f" HTTP/{version}".encode()]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines)
+
+
+def outcome(parse: Callable[[], ws.Request]) -> ws.Request | tuple[int, str]:
+    try:
+        return parse()
+    except ws.HandshakeError as exc:
+        return exc.status, str(exc)
+
+
+def padded_to(size: int) -> bytes:
+    """An upgrade request whose head, written out, is ``size`` bytes; as sent, with no
+    space after its headers' colons, it is smaller."""
+    raw = request("/rooms/doc?a=1", X_Padding="")
+    short = raw.replace(b": ", b":")
+    fill = size - len(written_out(*as_uvicorn_read_it(short))) - len(b"\r\nx-padding: ")
+    return short[:-2] + b"X-Padding:" + b"p" * fill + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        request(),
+        request("/rooms/a%20b%2Fc?token=x.y&z=1&z=2&e=%C3%A9"),
+        request("/rooms/doc", Origin="http://a", X_Forwarded_For="1.2.3.4").replace(
+            b"Origin: http://a\r\n", b"Origin: http://a\r\nX-Forwarded-For: 5.6.7.8\r\n"
+        ),
+        request(X_Trailing="a  \t ", X_Latin="\xa0caf\xe9\x85").replace(b"\xc2", b""),
+        request(X_Empty="x").replace(b"X-Empty: x", b"X-Empty:"),
+        request().replace(b": ", b":"),
+        request().replace(b"HTTP/1.1", b"HTTP/1.0"),
+        request().replace(b"HTTP/1.1", b"HTTP/2.0"),
+        request().replace(b"GET ", b"POST "),
+        request().replace(b"GET /rooms/doc", b"GET http://example.org/rooms/doc"),
+        padded_to(ws.MAX_REQUEST_BYTES),
+        padded_to(ws.MAX_REQUEST_BYTES + 1),
+    ],
+    ids=[
+        "plain",
+        "quoted",
+        "repeated",
+        "whitespace",
+        "empty-value",
+        "no-space",
+        "http-1.0",
+        "http-2.0",
+        "post",
+        "absolute-form",
+        "largest",
+        "too-large",
+    ],
+)
+def test_a_request_as_uvicorn_read_it_is_what_parse_request_made_of_it_written_out(
+    raw: bytes,
+) -> None:
+    read = as_uvicorn_read_it(raw)
+    assert outcome(lambda: ws.request_from(*read)) == outcome(
+        lambda: ws.parse_request(written_out(*read))
+    )
+
+
+def test_request_from_checks_size_method_and_version() -> None:
+    assert outcome(lambda: ws.request_from(*as_uvicorn_read_it(padded_to(16385)))) == (
+        431,
+        "request headers too large",
+    )
+    assert isinstance(ws.request_from(*as_uvicorn_read_it(padded_to(16384))), ws.Request)
+    for raw in (request().replace(b"HTTP/1.1", b"HTTP/1.0"), request().replace(b"GET", b"PUT")):
+        assert outcome(lambda raw=raw: ws.request_from(*as_uvicorn_read_it(raw))) == (
+            400,
+            "a WebSocket handshake is an HTTP/1.1 GET",
+        )

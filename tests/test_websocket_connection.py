@@ -196,17 +196,17 @@ async def test_a_client_that_does_not_read_is_dropped_by_the_keepalive() -> None
 
 async def test_pongs_keep_a_client_that_reads_even_across_a_full_buffer() -> None:
     connection, endpoint, transport = await connect()  # its timer is not due in the test
-    connection._keepalive()  # a ping interval passed
+    connection._timeout()  # a ping interval passed
     connection.data_received(client_frame(ws.PONG, b""))
-    connection._keepalive()
+    connection._timeout()
     connection.pause_writing()  # for a moment: the pong waits behind the full buffer
     connection.data_received(client_frame(ws.PONG, b""))
     connection.resume_writing()
     await asyncio.sleep(0)  # the turn that handles it
-    connection._keepalive()
+    connection._timeout()
     assert transport.frames() == [(ws.PING, b"")] * 3
     assert not transport.closing and endpoint.closed_calls == 0
-    connection._keepalive()  # no pong to the third ping
+    connection._timeout()  # no pong to the third ping
     assert transport.closing and endpoint.closed_calls == 1
 
 

@@ -103,3 +103,52 @@ async def test_an_upgrade_outside_the_parsers_exception_is_an_error_not_a_silent
     protocol = http_protocol()
     with pytest.raises(RuntimeError, match=f"uvicorn {uvicorn.__version__} calls"):
         protocol.handle_websocket_upgrade()
+
+
+async def test_the_request_is_handed_over_as_parsed_not_written_out_and_parsed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def parse_request(data: bytes) -> ws.Request:
+        raise AssertionError("the hand-over parsed the request again")
+
+    monkeypatch.setattr(ws, "parse_request", parse_request)
+    protocol = http_protocol()
+    transport = SocketTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    Endpoint.gate = asyncio.Event()
+    raw = request("/rooms/a%20room?token=t", X_Seen="1").replace(
+        b"X-Seen: 1\r\n", b"X-Seen: 1\r\nX-Seen:  2 \r\n"
+    )
+    protocol.data_received(raw)
+    connection = transport.protocol
+    assert isinstance(connection, FakeConnection)
+    assert transport.written.startswith(b"HTTP/1.1 101 ")
+    assert connection.room == "a room" and connection.query == {"token": "t"}
+    assert connection.headers["x-seen"] == "1, 2" and connection.headers["host"] == "example.org"
+
+
+@pytest.mark.parametrize(
+    "raw,response",
+    [
+        (
+            request().replace(b"HTTP/1.1", b"HTTP/1.0"),
+            b"HTTP/1.1 400 Bad Request\r\n",
+        ),
+        (
+            # In one read: the guard's own count of header bytes stops at the end of the
+            # headers; the handshake's limit applies to the request as a whole.
+            request(X_Padding="x" * ws.MAX_REQUEST_BYTES),
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+        ),
+    ],
+    ids=["http-1.0", "too-large"],
+)
+async def test_the_handshakes_checks_apply_to_the_request_handed_over(
+    raw: bytes, response: bytes
+) -> None:
+    protocol = http_protocol()
+    transport = SocketTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(raw)
+    assert bytes(transport.written).startswith(response)
+    assert transport.closing and isinstance(transport.protocol, FakeConnection)

@@ -8,7 +8,9 @@ implementation. Measured with the load generator (docs/benchmarks.md), that cost
 delivered update. Here a connection is a few small objects driven by callbacks:
 frames are written synchronously in the flush that produced them, the bytes of a
 room's frame are built once per tick for all its sockets, and keepalive is one timer
-per connection. HTTP (views, metrics, static files) stays with Starlette.
+per connection. HTTP (views, metrics, static files) stays with Starlette. What the
+protocol calls for (keepalive, the closing handshake, what a client's frames mean) is
+decided without I/O by presence.websocket.protocol; this is its I/O.
 
 No connection can flood the others. It reads its socket only while that is harmless:
 not while its member joins, not while the client leaves what we write unread, and not
@@ -29,6 +31,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from presence.logs.access import DISABLED, AccessLog
 from presence.websocket import frames as ws
+from presence.websocket import protocol as wsp
+from presence.websocket.protocol import CLOSE_TIMEOUT, ServerProtocol
 
 if TYPE_CHECKING:
     from presence.hub.hub import Hub
@@ -37,8 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("presence.ws")
 
-# How long a closing handshake may take before the socket is dropped.
-CLOSE_TIMEOUT = 10.0
 # A connection's share of an event loop turn; the rest of what it sent waits for the next.
 FRAMES_PER_TURN = 128
 
@@ -72,21 +74,24 @@ JOIN_REFUSALS = frozenset((1008, 1013, 4401, 4403))
 
 
 class Connection(asyncio.Protocol):
-    """One WebSocket connection: handshake, framing, keepalive, closing, flow control."""
+    """One WebSocket connection's I/O: the way in, flow control, timers, the endpoint.
+    What the protocol calls for (closing handshake, keepalive, what a client's frame
+    means) is decided by its :class:`~presence.websocket.protocol.ServerProtocol`."""
 
     # The frames last written, and their bytes: a room's batch goes to all its sockets
     # in a row, so this one entry saves framing it again for each of them.
     _framed: ClassVar[tuple[object, bytes]] = (None, b"")
     # The session, for the access log and presence_closes_total; class defaults, so that
     # a connection only holds what it sets. ``since``: loop time of the handshake (None:
-    # not upgraded); ``ended``: the first close frame's code and reason, who sent it, and
-    # the members the socket spoke for then (the hub forgets them as it closes).
+    # not upgraded); ``members``: those the socket spoke for at the first close frame
+    # (the hub forgets them as it closes), which the protocol's ``ended`` records.
     since: float | None = None
-    ended: tuple[int, str, str, tuple[str, ...]] | None = None
+    members: tuple[str, ...] | None = None
     room = ""
     protocol = ""
     ip: str | None = None
     _refusal_logged = False
+    _loop: asyncio.AbstractEventLoop  # set once upgraded
 
     def __init__(
         self,
@@ -104,15 +109,19 @@ class Connection(asyncio.Protocol):
         self.access_log: AccessLog = app_state.get("access_log", DISABLED)
         self.connections: set[Any] = server_state.connections
         self.transport: asyncio.Transport | None = None
-        self.reader = ws.FrameReader(self.hub.settings.max_message_bytes)
+        settings = self.hub.settings
+        self.machine = ServerProtocol(
+            settings.max_message_bytes, settings.ping_interval, CLOSE_TIMEOUT
+        )
         self.endpoint: Endpoint | None = None  # None again once told that it is closed
         self.outbox: Outbox[Any] | None = None  # set by the endpoint
+        # The protocol's state, copied as it changes: send() reads it for every batch.
         self.state = "connecting"  # -> opening -> open -> closing -> closed
         self.writable = True
         self.query: dict[str, str] = {}
         self.headers: dict[str, str] = {}
-        self._timer: asyncio.TimerHandle | None = None  # keepalive, or the close timeout
-        self._heard = True  # a pong arrived since the last ping
+        self._timer: asyncio.TimerHandle | None = None  # at the protocol's deadline
+        self._deadline: float | None = None  # ... which is this
         self._opening: asyncio.Task[None] | None = None
         self._turn: asyncio.Handle | None = None  # frames read wait for it
         self._reading: bool | None = None  # what the transport was last told; None: unknown
@@ -127,9 +136,17 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.state == "connecting":
-            self._handshake(data)
+            # Fed the raw request (without HttpProtocol, which calls upgrade() itself); the
+            # first frames may come in the same read.
+            head, _, frames = data.partition(b"\r\n\r\n")
+            try:
+                request = ws.parse_request(head)
+            except ws.HandshakeError as exc:
+                self.refuse(exc)
+                return
+            self.upgrade(request, frames)
             return
-        self.reader.feed(data)
+        self.machine.receive_data(data)
         if self.state in ("open", "closing"):
             self._process()
 
@@ -137,7 +154,8 @@ class Connection(asyncio.Protocol):
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state = "closed"
+        self.machine.lost()
+        self.state = self.machine.state
         self.connections.discard(self)
         try:  # bookkeeping: nothing in it may keep the slot and the room from being freed
             self._finished()
@@ -164,7 +182,7 @@ class Connection(asyncio.Protocol):
         if self.state == "open" and self._turn is None and self.writable:
             # The frames that waited for writes; in a turn of their own, as this may be
             # called from within a write of ours.
-            self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
+            self._turn = self._loop.call_soon(self._next_turn)
         self._read_or_not()
 
     def shutdown(self) -> None:
@@ -172,6 +190,54 @@ class Connection(asyncio.Protocol):
         self.close(1012, "server shutting down")
         # No waiting for the client's reply: the server is going away.
         self._end()
+
+    # -- the way in -----------------------------------------------------------------------
+
+    def upgrade(self, request: ws.Request, frames: bytes) -> None:
+        """The opening handshake's ``request`` (parsed), and the ``frames`` that came
+        with it, in the same read: route it, check its origin, accept it or refuse it."""
+        assert self.transport is not None
+        try:
+            endpoint_class = self._route(request.path)
+            origin, host = request.headers.get("origin"), request.headers.get("host")
+            if self.access is not None and not self.access.origin_allowed(origin, host):
+                self.hub.metrics.refused("origin")
+                raise ws.HandshakeError(403, "this origin may not use this service")
+            response = self.machine.accept(request, endpoint_class.text)
+        except ws.HandshakeError as exc:
+            self.refuse(exc)
+            return
+        self.transport.write(response)
+        self.state = self.machine.state
+        self._loop = asyncio.get_running_loop()
+        self.since = self._loop.time()
+        self.ip = self._client_ip()
+        self.query, self.headers = request.query, request.headers
+        # An endpoint may take larger messages than --max-message-bytes (Yjs echoes).
+        limit = getattr(endpoint_class, "max_message_bytes", None)
+        if limit is not None:
+            self.machine.reader.max_size = limit(self.hub.settings)
+        room = self._path(request.path).split("/", 2)[2]
+        self.endpoint = endpoint_class(self, self.hub, room)
+        # Messages wait until the member has joined, those read already too.
+        self.machine.receive_data(frames)
+        self._read_or_not()
+        self._opening = self._loop.create_task(self._open())
+        self._opening.add_done_callback(self._cancelled)
+
+    def refuse(self, exc: ws.HandshakeError) -> None:
+        """Answer a handshake that is refused with its HTTP error, and close."""
+        assert self.transport is not None
+        self.transport.write(ws.reject(exc.status, str(exc)))
+        self._end()
+        self.access_log.refused(
+            self.protocol or "websocket",
+            self._client_ip(),
+            "origin" if exc.status == 403 else "handshake",
+            str(exc),
+            room=self.room or None,
+            status=exc.status,
+        )
 
     # -- the outbox's sink ----------------------------------------------------------------
 
@@ -194,60 +260,12 @@ class Connection(asyncio.Protocol):
         """Start the closing handshake; the socket is dropped if it does not finish."""
         if self.state not in ("opening", "open"):
             return
-        assert self.transport is not None
-        self.state = "closing"
-        self._ending(code, reason, "server")
-        if self.outbox is not None:
-            self.outbox.close()
-        self.transport.write(ws.close_frame(code, reason))
-        if self._turn is None:
-            # Its close frame may be read already, behind frames that waited for writes.
-            self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
-        self._read_or_not()  # to hear the client's close frame
-        self._set_timer(CLOSE_TIMEOUT, self._drop)
+        frame = self.machine.close(code, reason, self._loop.time())
+        assert frame is not None
+        self._close_sent(frame)
+        self._schedule()
 
     # -- inside ---------------------------------------------------------------------------
-
-    def _handshake(self, data: bytes) -> None:
-        assert self.transport is not None
-        # The first frames may come in the same read as the request (HttpProtocol).
-        head, _, frames = data.partition(b"\r\n\r\n")
-        try:
-            request = ws.parse_request(head)
-            endpoint_class = self._route(request.path)
-            origin, host = request.headers.get("origin"), request.headers.get("host")
-            if self.access is not None and not self.access.origin_allowed(origin, host):
-                self.hub.metrics.refused("origin")
-                raise ws.HandshakeError(403, "this origin may not use this service")
-            response = ws.accept(request)
-        except ws.HandshakeError as exc:
-            self.transport.write(ws.reject(exc.status, str(exc)))
-            self._drop()
-            self.access_log.refused(
-                self.protocol or "websocket",
-                self._client_ip(),
-                "origin" if exc.status == 403 else "handshake",
-                str(exc),
-                room=self.room or None,
-                status=exc.status,
-            )
-            return
-        self.transport.write(response)
-        self.state = "opening"
-        self.since = asyncio.get_running_loop().time()
-        self.ip = self._client_ip()
-        self.query, self.headers = request.query, request.headers
-        # An endpoint may take larger messages than --max-message-bytes (Yjs echoes).
-        limit = getattr(endpoint_class, "max_message_bytes", None)
-        if limit is not None:
-            self.reader.max_size = limit(self.hub.settings)
-        room = self._path(request.path).split("/", 2)[2]
-        self.endpoint = endpoint_class(self, self.hub, room)
-        # Messages wait until the member has joined, those read already too.
-        self.reader.feed(frames)
-        self._read_or_not()
-        self._opening = asyncio.get_running_loop().create_task(self._open())
-        self._opening.add_done_callback(self._cancelled)
 
     def _path(self, path: str) -> str:
         """``path`` below ``--base-path`` (unchanged without one; "" outside it)."""
@@ -287,23 +305,25 @@ class Connection(asyncio.Protocol):
             if self.state == "closed":
                 self._detach()  # it went away while joining
         if self.state != "opening":
+            ended = self.machine.ended
             if (
                 self.state == "closing"
-                and self.ended is not None
-                and self.ended[2] == "server"
-                and self.ended[0] in JOIN_REFUSALS
+                and ended is not None
+                and ended[2] == "server"
+                and ended[0] in JOIN_REFUSALS
             ):
                 # The endpoint refused it (access 4401/4403, room full 1013, a bad room
                 # name or identity token 1008): one line for it, none at the close.
-                code, reason, _by, _members = self.ended
+                code, reason, _by = ended
                 self._refusal_logged = True
                 self.access_log.refused(
                     self.protocol, self.ip, "join", reason, room=self.room, code=code
                 )
             return
-        self.state = "open"
+        self.machine.opened(self._loop.time())
+        self.state = self.machine.state
         self.access_log.opened(self.protocol, self.room, self.ip, self._members())
-        self._set_timer(self.hub.settings.ping_interval, self._keepalive)
+        self._schedule()
         self._process()
 
     def _cancelled(self, opening: asyncio.Task[None]) -> None:
@@ -338,40 +358,80 @@ class Connection(asyncio.Protocol):
             # The client does not read what we write: what it sent waits (resume_writing).
             self._read_or_not()
             return
-        assert self.endpoint is not None and self.transport is not None
+        endpoint, transport = self.endpoint, self.transport
+        assert endpoint is not None and transport is not None
         metrics = self.hub.metrics
+        machine = self.machine
         try:
-            for opcode, payload in self.reader.messages(FRAMES_PER_TURN):
-                if opcode == ws.CLOSE:
-                    self._closed_by_client(payload)  # type: ignore[arg-type]
-                    break
-                if opcode == ws.PING:
-                    if self.state == "open":
-                        self.transport.write(ws.frame(ws.PONG, payload))  # type: ignore[arg-type]
-                elif opcode == ws.PONG:
-                    self._heard = True  # it reads what we send: not half-open
-                elif self.state == "open":  # closing: data frames are skipped
+            for kind, value in machine.events(FRAMES_PER_TURN, self._loop.time()):
+                if kind > 0:  # a message
                     metrics.messages_in += 1
-                    text = self.endpoint.text
-                    if text is not None and (opcode == ws.TEXT) != text:
-                        self._wrong_kind()
-                    else:
-                        self.endpoint.receive(payload)
-                # The endpoint may have closed the connection: the loop goes on, to the
-                # client's close frame if it sent one already.
+                    endpoint.receive(value)
+                    # The endpoint may have closed the connection: the events go on, to
+                    # the client's close frame if it sent one already.
+                elif kind == wsp.WRITE:  # a pong
+                    transport.write(value)
+                else:
+                    self._event(kind, value)
                 if not self.writable and self.state == "open":
                     break  # the client does not read what we write: the rest waits
-        except ws.ProtocolError as exc:
-            metrics.error("websocket")
-            self.close(exc.code, exc.reason)
-            self._drop_now_if_closing()
         except Exception:
             log.exception("message handling failed")
             self.close(1011, "internal error")
-        if self.reader.more and self._turn is None and not self._ended:
-            self._turn = asyncio.get_running_loop().call_soon(self._next_turn)
+        if machine.deadline != self._deadline:
+            self._schedule()
+        if machine.reader.more and self._turn is None and not self._ended:
+            self._turn = self._loop.call_soon(self._next_turn)
         if not (self._reading and self._turn is None and self.writable and self.state == "open"):
             self._read_or_not()  # (the common case, reading on, costs no call)
+
+    def _event(self, kind: int, value: Any) -> None:
+        """Do what the protocol calls for, besides messages and pongs (see its module)."""
+        self.state = self.machine.state
+        if kind == wsp.CLOSE_SENT:
+            self._close_sent(value)
+        elif kind == wsp.CLOSE_RECEIVED:
+            self._closing()
+            if value is not None:
+                assert self.transport is not None
+                self.transport.write(value)
+            if self.outbox is not None:
+                self.outbox.close()
+        elif kind == wsp.END:
+            self._end()
+        elif kind == wsp.REFUSED:
+            self.hub.metrics.messages_in += 1
+            self.hub.metrics.error(value)
+        elif kind == wsp.ERROR:
+            self.hub.metrics.error(value)
+        elif kind == wsp.WRITE:  # a ping
+            assert self.transport is not None
+            self.transport.write(value)
+        elif kind == wsp.GONE:
+            self._detach()
+        elif kind == wsp.ABORT:
+            self._ended = True
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _close_sent(self, frame: bytes) -> None:
+        """Our close frame, the protocol's state closing: send it, hear the reply."""
+        assert self.transport is not None
+        self._closing()
+        if self.outbox is not None:
+            self.outbox.close()
+        self.transport.write(frame)
+        if self._turn is None:
+            # Its close frame may be read already, behind frames that waited for writes.
+            self._turn = self._loop.call_soon(self._next_turn)
+        self._read_or_not()  # to hear the client's close frame
+
+    def _closing(self) -> None:
+        """A close frame was sent or received: the members the socket speaks for are
+        kept for the log (the first time), as the hub forgets them."""
+        self.state = self.machine.state
+        if self.members is None and self.since is not None:
+            self.members = self._members()
 
     def _next_turn(self) -> None:
         self._turn = None
@@ -381,57 +441,23 @@ class Connection(asyncio.Protocol):
                 self._ended = True
             self._process()
 
-    def _wrong_kind(self) -> None:
-        assert self.endpoint is not None
-        if self.endpoint.text:
-            self.hub.metrics.error("binary_frame")
-            self.close(1003, "binary frames are not supported here; send JSON text")
-        else:
-            self.hub.metrics.error("text_frame")
-            self.close(1003, "y-websocket messages are binary frames")
+    def _timeout(self) -> None:
+        """The protocol's deadline came: the next ping, or the end of a closing handshake."""
+        if self._timer is not None:
+            self._timer.cancel()  # (it fired, unless a test calls this)
+        self._timer = self._deadline = None
+        for kind, value in self.machine.timeout(self._loop.time()):
+            self._event(kind, value)
+        self._schedule()
 
-    def _closed_by_client(self, payload: bytes) -> None:
-        assert self.transport is not None
-        try:
-            code, reason = ws.parse_close(payload)
-        except ws.ProtocolError as exc:
-            code, reason = exc.code, exc.reason
-        self._ending(code, reason, "client")
-        if self.state == "open":
-            # Echo the code, as RFC 6455 asks; the client then closes the TCP connection.
-            reply = ws.close_frame(code, "") if code != 1005 else ws.frame(ws.CLOSE, b"")
-            self.transport.write(reply)
-        self.state = "closing"
-        if self.outbox is not None:
-            self.outbox.close()
-        self._end()
-        self._set_timer(CLOSE_TIMEOUT, self._drop)  # close() waits for the buffer to drain
-
-    def _drop_now_if_closing(self) -> None:
-        # After a protocol violation the rest of the stream is garbage: do not wait.
-        if self.state == "closing":
-            self._end()
-
-    def _keepalive(self) -> None:
-        if self.state != "open":
-            return
-        assert self.transport is not None
-        if not self._heard:
-            # No pong for a whole interval: the peer is gone (a closed laptop lid) and
-            # will not answer a closing handshake either. Its members leave now; the
-            # close frame goes out if the socket takes it (abort() would discard it).
-            self.close(1011, "keepalive ping timeout")
-            self._end()
-            self._detach()
-            return
-        self._heard = False
-        self.transport.write(ws.frame(ws.PING, b""))
-        self._set_timer(self.hub.settings.ping_interval, self._keepalive)
-
-    def _ending(self, code: int, reason: str, by: str) -> None:
-        """A close frame was sent or received (``by``: who sent it; "" for neither)."""
-        if self.ended is None and self.since is not None:
-            self.ended = (code, reason, by, self._members())
+    def _schedule(self) -> None:
+        """Set the timer to the protocol's deadline if that changed."""
+        deadline = self.machine.deadline
+        if deadline != self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._deadline = deadline
+            self._timer = None if deadline is None else self._loop.call_at(deadline, self._timeout)
 
     def _members(self) -> tuple[str, ...]:
         spoke_for = getattr(self.endpoint, "spoke_for", None)  # (the test endpoints': none)
@@ -443,10 +469,10 @@ class Connection(asyncio.Protocol):
         """The TCP connection is gone: count how the session ended and log it."""
         if self.since is None:
             return  # never upgraded: a refused handshake is logged as such
-        if self.ended is None:
-            self._ending(1006, "", "")  # no close frame either way: the connection dropped
-        assert self.ended is not None
-        code, reason, by, members = self.ended
+        ended = self.machine.ended  # (1006: no close frame either way, it dropped)
+        assert ended is not None
+        code, reason, by = ended
+        members = self.members if self.members is not None else self._members()
         self.hub.metrics.closed(code, by)
         if self._refusal_logged:
             return
@@ -458,7 +484,7 @@ class Connection(asyncio.Protocol):
             code=code,
             reason=reason,
             by=by,
-            duration=asyncio.get_running_loop().time() - self.since,
+            duration=self._loop.time() - self.since,
         )
 
     def _detach(self) -> None:
@@ -467,18 +493,8 @@ class Connection(asyncio.Protocol):
         if endpoint is not None:
             endpoint.closed()
 
-    def _set_timer(self, delay: float, callback: Any) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)
-
     def _end(self) -> None:
         """Close the transport once what was written is sent; nothing more is read."""
         self._ended = True
         if self.transport is not None:
             self.transport.close()
-
-    def _drop(self) -> None:
-        self._ended = True
-        if self.transport is not None:
-            self.transport.abort() if self.state == "closing" else self.transport.close()

@@ -1,11 +1,13 @@
 """The HTTP guard: uvicorn's HTTP protocol, which guards the way in and hands WebSocket
-upgrades over to :class:`presence.websocket.connection.Connection` as they came."""
+upgrades over to :class:`presence.websocket.connection.Connection` as its parser read
+them."""
 
 from __future__ import annotations
 
 import asyncio
 import http
 import sys
+from typing import TYPE_CHECKING
 
 import httptools
 import uvicorn
@@ -14,6 +16,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from presence.logs.access import DISABLED
 from presence.websocket import frames as ws
 from presence.websocket.limits import Limits, Slot
+
+if TYPE_CHECKING:
+    from presence.websocket.connection import Connection
 
 # How long a refused connection may stay open for its request to arrive (the refusal is
 # written at once; closing with the request unread would reset the connection, and the
@@ -34,9 +39,11 @@ def _response(status: int, message: str, extra: bytes = b"") -> bytes:
 
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol (``http=`` beside ``ws=Connection``), which hands a
-    WebSocket upgrade over as it came: uvicorn's own hand-over writes the request's
-    version as HTTP/1.1 whatever it was, and drops what followed the request in the
-    same read (a client's first frames).
+    WebSocket upgrade over as its parser read it: the request, as a
+    :class:`~presence.websocket.frames.Request` (uvicorn's own hand-over writes it out
+    again for the WebSocket protocol to parse, with HTTP/1.1 whatever its version was),
+    and what followed it in the same read (a client's first frames, which uvicorn's
+    hand-over drops).
 
     It also guards the way in, which uvicorn leaves open (its keep-alive timeout runs
     only between requests, and its parser takes headers of any size):
@@ -216,16 +223,22 @@ class HttpProtocol(HttpToolsProtocol):
         self._upgraded = True
         self._cancel_deadline()
         self.connections.discard(self)
-        version = self.parser.get_http_version()
-        request = [self.scope["method"].encode(), b" ", self.url, f" HTTP/{version}\r\n".encode()]
-        for name, value in self.scope["headers"]:
-            request += [name, b": ", value, b"\r\n"]
-        request.append(b"\r\n")
-        protocol = self.ws_protocol_class(  # type: ignore[call-arg, misc]
+        protocol: Connection = self.ws_protocol_class(  # type: ignore[call-arg, assignment, misc]
             config=self.config, server_state=self.server_state, app_state=self.app_state
         )
         # The connection's place in the limits: the WebSocket releases it when it closes.
-        protocol.slot, self._slot = self._slot, None  # type: ignore[union-attr]
+        protocol.slot, self._slot = self._slot, None
         protocol.connection_made(self.transport)
-        protocol.data_received(b"".join(request) + rest)
+        try:
+            # The request as the parser read it: not written out again to be parsed again.
+            request = ws.request_from(
+                self.scope["method"],
+                self.url,
+                self.parser.get_http_version(),
+                self.headers,
+            )
+        except ws.HandshakeError as exc:
+            protocol.refuse(exc)
+        else:
+            protocol.upgrade(request, rest)
         self.transport.set_protocol(protocol)
