@@ -30,7 +30,7 @@ from tests.test_websocket_connection import ROUTES, Endpoint, FakeConnection, Tr
 pytestmark = pytest.mark.unit
 
 UPGRADE = (
-    "presence.websocket.connection.HttpProtocol was written for uvicorn 0.54 "
+    "presence.websocket.guard.HttpProtocol was written for uvicorn 0.54 "
     f"(installed: {uvicorn.__version__})"
 )
 

@@ -214,7 +214,7 @@ class HttpProtocol(HttpToolsProtocol):
             raise RuntimeError(
                 f"uvicorn {uvicorn.__version__} calls handle_websocket_upgrade() outside "
                 "the `except httptools.HttpParserUpgrade` of HttpToolsProtocol.data_received"
-                "(), where presence's HttpProtocol (presence/websocket/connection.py) learns "
+                "(), where presence's HttpProtocol (presence/websocket/guard.py) learns "
                 "where the upgrade request ends: it needs updating for this uvicorn"
             )
         if self._refused:
