@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from presence.core.distinct import Claim, Probe
 from presence.core.events import Event, MemberInfo
-from presence.core.identity import Identity
 
 
 class Unavailable(Exception):
-    """The store shared by the replicas cannot be reached now (identity scopes)."""
+    """The store shared by the replicas cannot be reached now (Redis): raised by reads
+    of the backplane's transport and by the identity scopes store
+    (:mod:`presence.scopes`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,33 +133,3 @@ class Backplane(ABC):
     @abstractmethod
     def request_sync(self, room: str) -> None:
         """Ask the other replicas to announce their members in ``room``."""
-
-    # -- identity scopes ---------------------------------------------------------------
-    # A scope (the anonymous users of one Jupyter server, say) holds each username's
-    # identity while it is live: no two live identities of a scope show one name or one
-    # pair of initials, nor one colour while a palette colour is free, on any replica.
-
-    @abstractmethod
-    async def scope_identities(
-        self, scope: str, username: str | None = None
-    ) -> dict[str, Identity]:
-        """The live identities of ``scope`` by username (expired ones are forgotten); only
-        ``username``'s, if given (a renewal: O(1)). Raises :class:`Unavailable`."""
-
-    @abstractmethod
-    async def probe_scope(
-        self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
-    ) -> Probe:
-        """Which of ``names`` and ``initials`` live identities of ``scope`` show, and the
-        colours they show, for choosing a new identity without reading them all (Redis
-        answers from its indexes). Raises :class:`Unavailable`."""
-
-    @abstractmethod
-    async def claim_identity(
-        self, scope: str, claim: Claim, ttl: float, keep: int
-    ) -> dict[str, Identity] | None:
-        """Atomically: unless another live identity of ``scope`` clashes with the claim
-        (:func:`presence.core.distinct.clashes`), hold ``claim.identity`` for ``ttl``
-        seconds and return None, letting go of the identities renewed longest ago past
-        ``keep``; otherwise return the scope's live identities, to choose again from.
-        Raises :class:`Unavailable`."""

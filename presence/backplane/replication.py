@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from presence.backplane.base import Backplane, Held, Listener, Unavailable
+from presence.backplane.keys import Keys
 from presence.backplane.transport import (
     DelKey,
     HashDel,
@@ -65,9 +66,7 @@ from presence.backplane.transport import (
     Transport,
 )
 from presence.codecs import replica as codec
-from presence.core.distinct import Claim, Probe
 from presence.core.events import Event, Joined, Left, MemberInfo
-from presence.core.identity import Identity
 
 log = logging.getLogger("presence.replication")
 
@@ -125,8 +124,7 @@ class Replication(Backplane):
         self.transport = transport
         self.clock = clock
         self.wall = wall
-        self.prefix = prefix
-        self.sharded = sharded
+        self.keys = Keys(prefix, sharded)
         # A replica killed just after a heartbeat was last heard at the kill, and is
         # declared down at the first check after down_after: at most down_after +
         # check_interval (0.8 x replica_timeout) later; killed just before one, no sooner
@@ -160,30 +158,26 @@ class Replication(Backplane):
         self.stalls = 0  # times this replica found its own timers far behind
         self.downs = 0  # times another replica was declared down
 
-    # -- names -------------------------------------------------------------------------
+    # -- names (presence.backplane.keys) ----------------------------------------------
 
     def channel(self, room: str) -> str:
-        return f"{self.prefix}:{{{room}}}"
+        return self.keys.channel(room)
 
     def members_key(self, room: str) -> str:
-        return f"{self.prefix}:{{{room}}}:members"
+        return self.keys.members(room)
 
     def holds_key(self, room: str) -> str:
-        """Held client IDs: ``<client ID>/<replica>`` -> key digest and expiry. Apart
-        from the members, so that it expires a grace after the last hold."""
-        return f"{self.prefix}:{{{room}}}:holds"
+        return self.keys.holds(room)
 
     @property
     def replicas_channel(self) -> str:
-        return f"{self.prefix}:{{replicas}}" if self.sharded else f"{self.prefix}:replicas"
+        return self.keys.replicas_channel
 
     def replica_key(self, replica: str) -> str:
-        return f"{self.prefix}:replica:{replica}"
+        return self.keys.replica(replica)
 
     def _room_of(self, channel: str) -> str | None:
-        if channel.startswith(self.prefix + ":{") and channel.endswith("}"):
-            return channel[len(self.prefix) + 2 : -1]
-        return None
+        return self.keys.room_of_channel(channel)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -593,12 +587,12 @@ class Replication(Backplane):
     async def rooms(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         try:
-            for key in await self.transport.scan(f"{self.prefix}:{{*}}:members"):
+            for key in await self.transport.scan(self.keys.members_pattern):
                 origins = [f.split("/", 1)[0] for f in await self.transport.hkeys(key)]
                 alive = await self._alive(set(origins) - {self.replica_id}) | {self.replica_id}
                 count = sum(1 for o in origins if o in alive)
                 if count:
-                    counts[key[len(self.prefix) + 2 : -len("}:members")]] = count
+                    counts[self.keys.room_of_members(key)] = count
         except Unavailable:
             pass  # a partial answer while the store is away; /readyz says so
         return counts
@@ -779,23 +773,6 @@ class Replication(Backplane):
     def _send(self, ops: Sequence[Op]) -> None:
         if ops:
             self.transport.send(ops)
-
-    # -- identity scopes ---------------------------------------------------------------
-
-    async def scope_identities(
-        self, scope: str, username: str | None = None
-    ) -> dict[str, Identity]:
-        return await self.transport.scope_identities(scope, username)
-
-    async def probe_scope(
-        self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
-    ) -> Probe:
-        return await self.transport.probe_scope(scope, names, initials)
-
-    async def claim_identity(
-        self, scope: str, claim: Claim, ttl: float, keep: int
-    ) -> dict[str, Identity] | None:
-        return await self.transport.claim_identity(scope, claim, ttl, keep)
 
 
 MAX_HOLD_SECONDS = 3600.0  # a replica's claim is believed up to this long
