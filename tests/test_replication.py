@@ -637,7 +637,7 @@ async def test_a_lone_replica_publishes_and_writes_nothing() -> None:
     alone.publish("doc", [Joined(m)], [m], [])
     alone.publish_full_state("doc", [m])
     alone.request_sync("doc")
-    assert not alone.bus.queue and not alone.bus.hashes and alone._task is None
+    assert not alone.bus.queue and not alone.bus.hashes and alone._driver is None
     await alone.stop()
 
 
@@ -806,7 +806,8 @@ def test_a_transport_uvloop_has_closed_counts_as_the_network_failing() -> None:
 
 def test_held_client_ids_from_other_replicas_are_read_defensively() -> None:
     from presence.backplane.base import Held
-    from presence.backplane.replication import MAX_HOLD_SECONDS, _holds
+    from presence.backplane.rooms import MAX_HOLD_SECONDS
+    from presence.backplane.rooms import holds as _holds
 
     good = [["12", "k", 30], ["13", None, 1e9]]
     bad = [["14"], [15, "k", 1], ["16", 3, 1], "x", ["17", "k", "soon"], None]
