@@ -35,7 +35,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -97,9 +97,11 @@ class RedisTransport(Transport):
         sharded: bool = False,
         cluster: bool = False,
         timeout: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,  # health checks and states (tests)
     ) -> None:
         super().__init__()
         self.url = url
+        self.clock = clock
         self.sharded = sharded or cluster
         self.timeout = timeout
         self.redis = redis_client(url, cluster=cluster, timeout=timeout)
@@ -114,7 +116,7 @@ class RedisTransport(Transport):
         # the first attempt ends, then "up" or "down", since _since (monotonic).
         self.state = "connecting"
         self.error: str | None = None
-        self._since = time.monotonic()
+        self._since = clock()
         self._next_report = 0.0  # when a continuing outage is logged again
         self._queue: deque[Op | tuple[str, str]] = deque()  # ops, (un)subscriptions
         self._writing = False
@@ -135,7 +137,7 @@ class RedisTransport(Transport):
             "url": _safe(self.url),
             "error": self.crashed or self.error or self.write_error,
             "writable": self.write_error is None,
-            "since": round(time.monotonic() - self._since, 1),  # seconds in this state
+            "since": round(self.clock() - self._since, 1),  # seconds in this state
         }
 
     async def start(self, receiver: Receiver) -> None:
@@ -243,7 +245,7 @@ class RedisTransport(Transport):
     def _down(self, exc: BaseException, *, lost: bool = False, stalled: bool = False) -> None:
         """Record a failure. An outage is logged when it starts, then at doubling
         intervals from MAX_BACKOFF on: a line per attempt would flood the logs."""
-        now = time.monotonic()
+        now = self.clock()
         url, self.error = _safe(self.url), f"{type(exc).__name__}: {exc}"
         extra: dict[str, Any] = {"url": url, "error": self.error}  # fields of JSON logs
         if self.state != "down":
@@ -261,7 +263,7 @@ class RedisTransport(Transport):
             )
 
     def _up(self, again: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         url = _safe(self.url)
         if self.state == "down":
             self.reconnects += 1
@@ -302,7 +304,11 @@ class RedisTransport(Transport):
                 if conn is None:
                     on_message = self._on_message if subscriber else None
                     conn = await RespConnection.open(
-                        url, self._connection_lost, on_message, timeout=CONNECT_TIMEOUT
+                        url,
+                        self._connection_lost,
+                        on_message,
+                        timeout=CONNECT_TIMEOUT,
+                        clock=self.clock,
                     )
                     pool[node] = conn
         if conn.closing:  # lost; under uvloop, connection_lost is a loop turn away
@@ -318,28 +324,34 @@ class RedisTransport(Transport):
     # -- health ------------------------------------------------------------------------
 
     async def _watch_forever(self) -> None:
-        interval = self.timeout / 2
-        due = time.monotonic() + interval
+        due = self.clock() + self.timeout / 2
         while True:
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            now = time.monotonic()
-            late, due = now - due, now + interval
-            try:
-                if self._connected:
-                    for conn in self._connections():
-                        conn.ping()
-                    # Woken that late, this process was paused: the replies due may be
-                    # waiting, unread, in our sockets (uvloop runs timers before it
-                    # reads). Judge in the next round.
-                    if late <= interval:
-                        self._check()
-            except Exception:
-                log.exception("redis health check failed")
+            await asyncio.sleep(max(0.0, due - self.clock()))
+            due = self._watch(due)
+
+    def _watch(self, due: float) -> float:
+        """A round of the health check, due at ``due``: ping every connection and judge
+        the replies overdue. Returns when the next round is due."""
+        interval = self.timeout / 2
+        now = self.clock()
+        late, due = now - due, now + interval
+        try:
+            if self._connected:
+                for conn in self._connections():
+                    conn.ping()
+                # Woken that late, this process was paused: the replies due may be
+                # waiting, unread, in our sockets (uvloop runs timers before it
+                # reads). Judge in the next round.
+                if late <= interval:
+                    self._check()
+        except Exception:
+            log.exception("redis health check failed")
+        return due
 
     def _check(self) -> None:
         """A reply overdue: Redis stalled. Kept waiting for (it answers the moment it
         thaws) until GIVE_UP_AFTER."""
-        waited = max((c.waiting(time.monotonic()) for c in self._connections()), default=0.0)
+        waited = max((c.waiting(self.clock()) for c in self._connections()), default=0.0)
         if waited > GIVE_UP_AFTER:
             for conn in self._connections():
                 conn.abort()  # connection_lost follows: reconnect
