@@ -874,10 +874,10 @@ async def test_held_client_ids_reach_open_rooms_and_late_openers_and_then_go() -
     assert [(r, [(h.item, h.key, round(h.seconds)) for h in held]) for r, held in c["C"].held] == [
         ("doc", [("7", "key", 20)])
     ]
-    holds = c.bus.hashes[c["A"].backplane.holds_key("doc")]
+    holds = c.bus.hashes[c["A"].backplane.keys.holds("doc")]
     assert list(holds) == ["7/A"]
     c.run(21)  # lapsed: A deletes its field (and the key expires after a margin)
-    assert not c.bus.hashes.get(c["A"].backplane.holds_key("doc"))
+    assert not c.bus.hashes.get(c["A"].backplane.keys.holds("doc"))
     await c["C"].join("doc", "c2")
     assert len(c["C"].held) == 1  # nothing more to read
 
@@ -903,7 +903,7 @@ async def test_replicas_of_older_protocols_relay_and_one_too_old_is_refused_with
     c = await three_in_a_room()
     beats = [m for _, m in c.sent if m.get("k") == "h"]
     assert beats and all(m["v"] == codec.PROTOCOL for m in beats)
-    channel = c["A"].backplane.replicas_channel
+    channel = c["A"].backplane.keys.replicas_channel
     caplog.set_level("INFO", logger="presence.replication")
     # C as a replica of the previous release: its heartbeats carry no version.
     c.bus.publish(channel, codec.envelope("C", {"k": "h"}))

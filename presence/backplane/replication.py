@@ -147,13 +147,6 @@ class Replication(Backplane):
     def gaps(self) -> int:
         return self.rooms_open.gaps
 
-    @property
-    def replicas_channel(self) -> str:
-        return self.keys.replicas_channel
-
-    def holds_key(self, room: str) -> str:
-        return self.keys.holds(room)
-
     # -- lifecycle ---------------------------------------------------------------------
 
     @property
