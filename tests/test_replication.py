@@ -826,7 +826,7 @@ def test_a_transport_uvloop_has_closed_counts_as_the_network_failing() -> None:
 def test_held_client_ids_from_other_replicas_are_read_defensively() -> None:
     from presence.backplane.base import Held
     from presence.backplane.rooms import MAX_HOLD_SECONDS
-    from presence.backplane.rooms import holds as _holds
+    from presence.backplane.rooms import held_ids as _holds
 
     good = [["12", "k", 30], ["13", None, 1e9]]
     bad = [["14"], [15, "k", 1], ["16", 3, 1], "x", ["17", "k", "soon"], None]

@@ -40,7 +40,7 @@ from presence.backplane.rooms import (
     Link,
     Rooms,
     Snapshot,
-    holds,
+    held_ids,
 )
 from presence.backplane.transport import DelKey, Op, Publish, SetKey, Transport
 from presence.codecs import replica as codec
@@ -283,7 +283,7 @@ class Replication(Backplane):
             members = [codec.member_from_json(m) for m in message["m"]]
             self.listener.on_full_state(room, origin, members)
         elif kind == "o":
-            self.listener.on_holds(room, holds(message.get("h")))
+            self.listener.on_holds(room, held_ids(message.get("h")))
         elif kind == "q":
             target = message.get("t")
             if target is None or target == self.replica_id:
@@ -400,7 +400,7 @@ class Replication(Backplane):
     def publish_holds(self, room: str, held: Sequence[Held]) -> None:
         if self._alone or not held:
             return
-        self._send(self.rooms_open.holds(room, held, self.clock(), self.wall()))
+        self._send(self.rooms_open.hold(room, held, self.clock(), self.wall()))
 
     def _expire_holds(self, now: float) -> None:
         """Delete our fields of holds that lapsed."""

@@ -137,7 +137,7 @@ class Rooms:
                     held.append([name.split("/", 1)[0], entry["k"], seconds])
             except Exception:
                 continue  # lapses with the key
-        return holds(held) if held else None
+        return held_ids(held) if held else None
 
     def merge(
         self,
@@ -336,7 +336,8 @@ class Rooms:
 
     # -- held client IDs ---------------------------------------------------------------
 
-    def holds(self, room: str, held: Sequence[Held], now: float, wall: float) -> list[Op]:
+    def hold(self, room: str, held: Sequence[Held], now: float, wall: float) -> list[Op]:
+        """Tell the others, and the hash, of client IDs held here."""
         wall_ms = wall * 1000
         fields = {}
         for h in held:
@@ -368,7 +369,7 @@ class Rooms:
         return [HashDel(self.keys.holds(room), names) for room, names in lapsed.items()]
 
 
-def holds(data: Any) -> list[Held]:
+def held_ids(data: Any) -> list[Held]:
     """Held client IDs from a message (``[[item, key, seconds], …]``); what is malformed
     is skipped."""
     held = []
