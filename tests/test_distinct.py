@@ -194,6 +194,7 @@ async def test_new_identities_of_a_full_scope_are_chosen_without_reading_it() ->
     from presence.backplane.memory import MemoryBackplane
     from presence.config import Settings
     from presence.hub.hub import Hub, new_replica_id
+    from presence.scopes.memory import MemoryScopes
     from presence.server.identities import assign
 
     settings = Settings(seed=3, max_identities_per_scope=676)
@@ -202,10 +203,9 @@ async def test_new_identities_of_a_full_scope_are_chosen_without_reading_it() ->
         identities=IdentityFactory(b"k" * 32, seed=3),
         backplane=MemoryBackplane(new_replica_id()),
     )
-    backplane = hub.backplane
-    assert isinstance(backplane, MemoryBackplane)
+    scopes = MemoryScopes()
     reads, asked = [], []
-    read, probe = backplane.scope_identities, backplane.probe_scope
+    read, probe = scopes.scope_identities, scopes.probe_scope
 
     async def counted_read(scope: str, username: str | None = None) -> dict[str, Identity]:
         if username is None:
@@ -216,9 +216,9 @@ async def test_new_identities_of_a_full_scope_are_chosen_without_reading_it() ->
         asked.append(len(names) + len(initials))
         return await probe(scope, names, initials)
 
-    backplane.scope_identities = counted_read  # type: ignore[method-assign]
-    backplane.probe_scope = counted_probe  # type: ignore[method-assign]
-    shown = [await assign(hub, "lab", None, 3600) for _ in range(500)]
+    scopes.scope_identities = counted_read  # type: ignore[method-assign]
+    scopes.probe_scope = counted_probe  # type: ignore[method-assign]
+    shown = [await assign(scopes, hub, "lab", None, 3600) for _ in range(500)]
     assert len({i.name for i in shown}) == len({i.initials for i in shown}) == 500
     assert {i.color for i in shown[:16]} == set(PALETTE)
     print(f"\n500 new identities: the scope read whole {len(reads)} times")
@@ -226,8 +226,8 @@ async def test_new_identities_of_a_full_scope_are_chosen_without_reading_it() ->
     assert max(asked) <= 80
     # A renewal of a numbered name ("… 2") whose own name is still held keeps it, unread.
     twin = Identity("twin", shown[0].name, shown[0].initials, shown[0].color)
-    first = await assign(hub, "lab", twin, 3600)
+    first = await assign(scopes, hub, "lab", twin, 3600)
     assert first.name.startswith(f"{shown[0].name} ")  # numbered: "… 12", say
     reads.clear()
-    assert await assign(hub, "lab", twin, 3600) == first
+    assert await assign(scopes, hub, "lab", twin, 3600) == first
     assert reads == []

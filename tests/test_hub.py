@@ -1,5 +1,6 @@
 """The hub in-process: two replicas on a shared memory bus, and the sweep driven by a
-fake clock (no sleeping for idle, expiry or stalled sends)."""
+fake clock (no sleeping for idle, expiry or stalled sends, nor for a room's next tick:
+:func:`settle` fires the hubs' flush timers)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,15 @@ def messages(peer: Peer) -> list[dict[str, object]]:
     return [orjson.loads(f) for f in peer.frames]
 
 
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0.02)
+async def settle(*hubs: Hub) -> None:
+    """Let what is ready run (the bus delivers on the next loop turn), and flush the rooms
+    of ``hubs`` that wait for their next tick now rather than sleeping until it."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+        for hub in hubs:
+            for room, timer in list(hub._waiting.items()):
+                timer.cancel()
+                hub._flush_waiting(room, timer.when())
 
 
 async def test_two_replicas_share_a_room_through_the_bus() -> None:
@@ -61,16 +68,16 @@ async def test_two_replicas_share_a_room_through_the_bus() -> None:
     pa, pb = Peer(), Peer()
     oa, ob = outbox_for(a, pa), outbox_for(b, pb)
     ma = await join(a, "doc", oa, None)
-    await settle()
+    await settle(a, b)
     mb = await join(b, "doc", ob, None)
     assert [m.id for m in mb.others] == [ma.member.id]  # B's snapshot has A's member
     a.update("doc", ma.member.id, {"cursor": {"x": 1}})
-    await settle()
+    await settle(a, b)
     updates = [m for m in messages(pb) if m["type"] == "update"]
     assert updates[-1]["updates"] == [{"id": ma.member.id, "state": {"cursor": {"x": 1}}}]
     # Replica A dies: B removes its member and tells its own connections.
     b.on_replica_down("A")
-    await settle()
+    await settle(a, b)
     assert {"type": "leave", "ids": [ma.member.id]} in messages(pb)
     await a.stop()
     await b.stop()
@@ -84,16 +91,16 @@ async def test_sweep_idles_expires_and_closes_by_the_clock() -> None:
     oq, ow = outbox_for(hub, quiet), outbox_for(hub, watcher)
     mq = await join(hub, "doc", oq, None)
     mw = await join(hub, "doc", ow, None)
-    await settle()
+    await settle(hub)
     clock.now += 3
     hub.sweep()
-    await settle()
+    await settle(hub)
     assert {"type": "idle", "ids": [mq.member.id, mw.member.id]} in messages(watcher)
     clock.now += 20
     hub.heartbeat("doc", mw.member.id)
     clock.now += 10  # 33 s of silence for the quiet one, 10 s for the watcher
     hub.sweep()
-    await settle()
+    await settle(hub)
     assert {"type": "leave", "ids": [mq.member.id]} in messages(watcher)
     assert quiet.closed is not None and quiet.closed[0] == CLOSE_EXPIRED
     assert watcher.closed is None
@@ -108,14 +115,14 @@ async def test_sweep_cuts_a_stalled_connection() -> None:
     os_, of = outbox_for(hub, stuck), outbox_for(hub, fine)
     ms = await join(hub, "doc", os_, None)
     await join(hub, "doc", of, None)  # a join for stuck: now something waits
-    await settle()
+    await settle(hub)
     assert os_.blocked_since is not None
     clock.now += 9
     hub.sweep()
     assert stuck.closed is None  # stalled, but not for long enough yet
     clock.now += 2
     hub.sweep()
-    await settle()
+    await settle(hub)
     assert stuck.closed is not None and stuck.closed[0] == 1013
     assert hub.metrics.slow_client_disconnects == 1
     assert {"type": "leave", "ids": [ms.member.id]} in messages(fine)
@@ -156,7 +163,7 @@ async def test_room_observers_see_sweeps_and_keep_yjs_sockets_on_expiry() -> Non
     hub.attach(room, youtbox)
     hub.admit(room, youtbox, "y7", None, {"cursor": None})
     await join(hub, "doc", outbox_for(hub, jpeer), None)
-    await settle()
+    await settle(hub)
     sent = len(ypeer.frames)
     clock.now += 16  # past expire_after / 2: the view re-announces every state
     hub.sweep()
@@ -168,7 +175,7 @@ async def test_room_observers_see_sweeps_and_keep_yjs_sockets_on_expiry() -> Non
     # The room is forgotten with its last connection, and its observers with it.
     view.detach(youtbox)
     hub.disconnect("doc", youtbox)
-    await settle()
+    await settle(hub)
     assert "doc" not in hub.rooms
     assert hub.observer(await hub.open("doc"), YjsView) is not view
     await hub.stop()
@@ -196,7 +203,10 @@ async def test_a_quiet_room_sends_at_once_whatever_a_busy_one_does() -> None:
     # (its join and its update, in one frame)
     assert [m["members"][0]["state"] for m in messages(peers["quiet"])] == [{"x": 1}]
     assert len(peers["busy"].frames) == sent  # still waiting for its tick
-    await asyncio.sleep(hub.tick_interval * 3)
+    timer = hub._waiting["busy"]
+    loop_time = asyncio.get_running_loop().time()
+    assert loop_time < timer.when() <= loop_time + hub.tick_interval  # its next tick
+    await settle(hub)  # the tick comes
     assert len(peers["busy"].frames) > sent
     busy.update("m", {"x": 2}, 0.0)
     hub._mark("busy", at_once=True)  # from another replica: never waits
@@ -219,7 +229,7 @@ async def test_every_connection_hears_each_state_every_15_s_whatever_others_are_
     hub.attach(room, outbox)
     room.join("y42", Identity("u", "Io", "IO", "#332288"), clock.now, {"x": 1})
     hub._mark("doc")
-    await asyncio.sleep(0.01)
+    await settle(hub)
 
     def heard() -> int:
         frames = [yjs.read_message(f) for f in peer.frames]
@@ -255,9 +265,9 @@ async def test_a_frame_is_encoded_once_for_the_room_and_its_echo_is_recognised()
         view.attach(outbox)
         hub.attach(room, outbox)
     hub.admit(room, outboxes[0], "y1", None, {"x": 1})
-    await asyncio.sleep(0.01)
+    await settle(hub)
     hub.replace("doc", "y1", {"x": 2})
-    await asyncio.sleep(0.01)
+    await settle(hub)
     sent = [p.frames[-1] for p in peers[1:]]
     assert sent[0] is sent[1]  # one encoding (and one framing) for both receivers
     assert all(
@@ -274,7 +284,7 @@ async def test_a_frame_is_encoded_once_for_the_room_and_its_echo_is_recognised()
     # Only the last few messages of a connection are kept, and not for long.
     for x in range(3, 3 + ECHO_MESSAGES + 1):
         hub.replace("doc", "y1", {"x": x})
-        await asyncio.sleep(0.01)
+        await settle(hub)
     assert len(view.echoes.recent[outboxes[1]]) == ECHO_MESSAGES
     assert not view.echoes.echoed(outboxes[1], peers[1].frames[-ECHO_MESSAGES - 1])
     assert view.echoes.echoed(outboxes[1], peers[1].frames[-1])

@@ -254,17 +254,17 @@ async def test_redis_claims_agree_with_the_rule_the_memory_backplane_applies(
     redis_server: RedisProcess,
 ) -> None:
     """The same claims, made in the same order, against Redis's script and against
-    presence.core.distinct (the memory backplane's): the same answers, the same live
+    presence.core.distinct (the memory store's): the same answers, the same live
     identities, through clashes, renewals with new looks, and evictions past the bound."""
     import random
 
-    from presence.backplane.redis import RedisTransport
     from presence.core.distinct import Claim, LiveIdentities
     from presence.core.identity import Identity
+    from presence.scopes.redis import RedisScopes
 
     rng = random.Random(7)
     palette = PALETTE[:4]  # few colours: shared and freed ones come often
-    transport = RedisTransport(redis_server.url)
+    store = RedisScopes(redis_server.url)
     live, keep, now = LiveIdentities(), 8, 0.0
     try:
         for step in range(300):
@@ -273,14 +273,14 @@ async def test_redis_claims_agree_with_the_rule_the_memory_backplane_applies(
             identity = Identity(user, name, f"I{rng.randrange(10)}", rng.choice(palette))
             claim = Claim(identity, palette)
             expected = live.claim(claim, now, 3600, keep)
-            got = await transport.claim_identity("agree", claim, 3600, keep)
+            got = await store.claim_identity("agree", claim, 3600, keep)
             assert (got is None) == (expected is None), (step, claim, got, expected)
             if got is not None:
                 assert got == expected, step
-            assert await transport.scope_identities("agree") == live.held(now), step
+            assert await store.scope_identities("agree") == live.held(now), step
             now += 1
             await asyncio.sleep(0.002)  # the order of renewals, in Redis's milliseconds
     finally:
-        await transport.redis.aclose()
+        await store.close()
     with redis_server.client() as client:
         assert_indexed(client, "agree")

@@ -7,19 +7,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from presence.core.distinct import Claim, Probe
 from presence.core.events import Event, MemberInfo
-from presence.core.identity import Identity
 
 
 class Unavailable(Exception):
-    """The store shared by the replicas cannot be reached now (identity scopes)."""
+    """The store shared by the replicas cannot be reached now (Redis): raised by reads
+    of the backplane's transport and by the identity scopes store
+    (:mod:`presence.scopes`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """A Yjs client ID (``item``) that left its socket, reserved ``seconds`` more for the
-    identity whose token digest is ``key`` (None: for no other socket)."""
+    """An item of a room reserved on one replica, ``seconds`` more, for the identity whose
+    token digest is ``key`` (None: for nobody else). What an item is, is the endpoint's
+    business (the Yjs endpoint's: a client ID that left its socket); the backplane
+    carries holds to the other replicas and to those that open the room later."""
 
     item: str
     key: str | None
@@ -41,8 +43,8 @@ class Listener(Protocol):
         for any number of requests that came together."""
 
     def on_holds(self, room: str, held: Sequence[Held]) -> None:
-        """Client IDs reserved on another replica (or found reserved when the room was
-        opened): no socket here may take them either while they are."""
+        """Items reserved on another replica (or found reserved when the room was
+        opened): the hub passes them to its extensions (the Yjs endpoint's holds)."""
 
     def on_replica_down(self, origin: str) -> None:
         """``origin`` stopped (cleanly or not): its members are gone."""
@@ -119,8 +121,8 @@ class Backplane(ABC):
 
     @abstractmethod
     def publish_holds(self, room: str, held: Sequence[Held]) -> None:
-        """Tell the other replicas, and those that open the room later, of client IDs
-        reserved here (they arrive before the leaves published after them)."""
+        """Tell the other replicas, and those that open the room later, of items reserved
+        here (they arrive before the leaves published after them)."""
 
     @abstractmethod
     async def members(self, room: str) -> list[MemberInfo]:
@@ -133,33 +135,3 @@ class Backplane(ABC):
     @abstractmethod
     def request_sync(self, room: str) -> None:
         """Ask the other replicas to announce their members in ``room``."""
-
-    # -- identity scopes ---------------------------------------------------------------
-    # A scope (the anonymous users of one Jupyter server, say) holds each username's
-    # identity while it is live: no two live identities of a scope show one name or one
-    # pair of initials, nor one colour while a palette colour is free, on any replica.
-
-    @abstractmethod
-    async def scope_identities(
-        self, scope: str, username: str | None = None
-    ) -> dict[str, Identity]:
-        """The live identities of ``scope`` by username (expired ones are forgotten); only
-        ``username``'s, if given (a renewal: O(1)). Raises :class:`Unavailable`."""
-
-    @abstractmethod
-    async def probe_scope(
-        self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
-    ) -> Probe:
-        """Which of ``names`` and ``initials`` live identities of ``scope`` show, and the
-        colours they show, for choosing a new identity without reading them all (Redis
-        answers from its indexes). Raises :class:`Unavailable`."""
-
-    @abstractmethod
-    async def claim_identity(
-        self, scope: str, claim: Claim, ttl: float, keep: int
-    ) -> dict[str, Identity] | None:
-        """Atomically: unless another live identity of ``scope`` clashes with the claim
-        (:func:`presence.core.distinct.clashes`), hold ``claim.identity`` for ``ttl``
-        seconds and return None, letting go of the identities renewed longest ago past
-        ``keep``; otherwise return the scope's live identities, to choose again from.
-        Raises :class:`Unavailable`."""

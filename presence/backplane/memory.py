@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,8 +30,6 @@ from presence.backplane.transport import (
     SetKey,
     Transport,
 )
-from presence.core.distinct import Claim, LiveIdentities, Probe
-from presence.core.identity import Identity
 
 OOM = "OOM command not allowed (MemoryBus.refuse_writes)"
 
@@ -45,7 +43,6 @@ class MemoryBus:
         self.subscribers: dict[str, set[MemoryTransport]] = {}
         self.hashes: dict[str, dict[str, bytes]] = {}
         self.expiry: dict[str, float] = {}  # key -> when it goes
-        self.scopes: dict[str, LiveIdentities] = {}
         self.queue: deque[tuple[MemoryTransport, str, bytes]] = deque()
         self.frozen: set[str] = set()  # replicas whose messages wait until thawed
         # Tests: return True to lose a message (channel, data, receiving replica).
@@ -180,34 +177,6 @@ class MemoryTransport(Transport):
     async def scan(self, pattern: str) -> list[str]:
         keys = [*self.bus.hashes, *self.bus.expiry]
         return sorted({k for k in keys if fnmatch.fnmatchcase(k, pattern) and self.bus.alive(k)})
-
-    async def scope_identities(
-        self, scope: str, username: str | None = None
-    ) -> dict[str, Identity]:
-        live = self.bus.scopes.get(scope)
-        held = live.held(self.bus.clock()) if live is not None else {}
-        if not held:
-            self.bus.scopes.pop(scope, None)  # nobody left: the scope goes, as in Redis
-        if username is not None:
-            return {username: held[username]} if username in held else {}
-        return held
-
-    async def probe_scope(
-        self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
-    ) -> Probe:
-        held = (await self.scope_identities(scope)).values()
-        shown = {i.name for i in held}, {i.initials for i in held}
-        return Probe(
-            frozenset(names) & shown[0],
-            frozenset(initials) & shown[1],
-            dict(Counter(i.color for i in held)),
-        )
-
-    async def claim_identity(
-        self, scope: str, claim: Claim, ttl: float, keep: int
-    ) -> dict[str, Identity] | None:
-        live = self.bus.scopes.setdefault(scope, LiveIdentities())
-        return live.claim(claim, self.bus.clock(), ttl, keep)
 
 
 class MemoryBackplane(Replication):

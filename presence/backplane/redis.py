@@ -1,6 +1,6 @@
 """The Redis transport: pub/sub, the members hashes and the liveness keys in Redis, for
 :class:`presence.backplane.replication.Replication` (what the keys and channels are:
-its docstring).
+:mod:`presence.backplane.keys`).
 
 Keys and channels of a room share one hash slot (``{room}`` hash tag), so this works on
 Redis Cluster; with ``sharded=True`` it uses SPUBLISH/SSUBSCRIBE (Redis >= 7), which
@@ -8,8 +8,8 @@ keeps a room's traffic inside the shard that owns it.
 
 - Everything written goes out in order on one lean connection per Redis node
   (:mod:`presence.backplane.resp`): publishes, hash and key writes, heartbeats, the
-  goodbye. Subscriptions have a connection of their own per node. Reads and identity
-  scopes go through redis-py, with timeouts.
+  goodbye. Subscriptions have a connection of their own per node. Reads go through
+  redis-py, with timeouts (so do identity scopes, :mod:`presence.scopes.redis`).
 - Health: every connection is PINGed every ``timeout / 2``; a reply due for longer than
   ``timeout`` means Redis stalled (frozen, swapping, blocked by a slow command): not
   ready, logged, and the connections are kept, so that it is back the moment Redis
@@ -35,7 +35,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -58,9 +58,6 @@ from presence.backplane.transport import (
     Transport,
     messages,
 )
-from presence.codecs import replica as codec
-from presence.core.distinct import Claim, Probe
-from presence.core.identity import Identity
 
 log = logging.getLogger("presence.redis")
 
@@ -89,85 +86,6 @@ end
 return 1
 """
 
-# An identity scope: forget expired identities (at most the bound: claims keep no more),
-# then return the live identities (no ARGV) or one of them (ARGV: its username), or which
-# of some names and initials are held, and the colours shown (ARGV: '?', how many names,
-# the names, the initials); or, given
-# a claim (ARGV: username, identity as JSON, ttl in ms, the most kept, the palette), hold
-# it unless another live identity shows its name or initials, or its colour while a
-# palette colour is shown by no other: the check of presence.core.distinct.clashes,
-# atomic across replicas. Indexes of names, initials and colours make a claim O(log n)
-# in the scope, and past the bound the identity renewed longest ago goes, so that a
-# flood reclaims its own. Returns {1} when held, else {0, identities as HGETALL gives
-# them}. TIME is Redis's clock, the same for all replicas; replicate_commands lets a
-# script write after reading it on Redis < 7.
-SCOPE_SCRIPT = """
-if redis.replicate_commands then redis.replicate_commands() end
-local live, expiry, renewed, names, initials, colors = unpack(KEYS)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function drop(u)
-  local record = redis.call('HGET', live, u)
-  if record then
-    local r = cjson.decode(record)
-    if redis.call('HGET', names, r.n) == u then redis.call('HDEL', names, r.n) end
-    if redis.call('HGET', initials, r.i) == u then redis.call('HDEL', initials, r.i) end
-    if redis.call('HINCRBY', colors, r.c, -1) <= 0 then redis.call('HDEL', colors, r.c) end
-    redis.call('HDEL', live, u)
-  end
-  redis.call('ZREM', expiry, u)
-  redis.call('ZREM', renewed, u)
-end
-for _, u in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now)) do drop(u) end
-if #ARGV == 0 then return {0, redis.call('HGETALL', live)} end
-if ARGV[1] == '?' then
-  local asked, held = tonumber(ARGV[2]), {{}, {}}
-  for i = 3, #ARGV do
-    local index, which = i <= 2 + asked and names or initials, i <= 2 + asked and 1 or 2
-    if redis.call('HEXISTS', index, ARGV[i]) == 1 then table.insert(held[which], ARGV[i]) end
-  end
-  return {2, held[1], held[2], redis.call('HGETALL', colors)}
-end
-if #ARGV == 1 then
-  local record = redis.call('HGET', live, ARGV[1])
-  return {0, record and {ARGV[1], record} or {}}
-end
-local me, record, ttl, keep = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local mine = cjson.decode(record)
-local function other(holder) return holder and holder ~= me end
-local clash = other(redis.call('HGET', names, mine.n))
-  or other(redis.call('HGET', initials, mine.i))
-if not clash then
-  local old = redis.call('HGET', live, me)
-  old = old and cjson.decode(old).c
-  local function others_showing(color)
-    local n = tonumber(redis.call('HGET', colors, color) or '0')
-    return old == color and n - 1 or n
-  end
-  if others_showing(mine.c) > 0 then
-    for i = 5, #ARGV do
-      if others_showing(ARGV[i]) == 0 then clash = true break end
-    end
-  end
-end
-if clash then return {0, redis.call('HGETALL', live)} end
-drop(me)
-redis.call('HSET', live, me, record)
-redis.call('HSET', names, mine.n, me)
-redis.call('HSET', initials, mine.i, me)
-redis.call('HINCRBY', colors, mine.c, 1)
-redis.call('ZADD', expiry, now + ttl, me)
-redis.call('ZADD', renewed, now, me)
-while redis.call('ZCARD', renewed) > keep do
-  local oldest = redis.call('ZRANGE', renewed, 0, 1)
-  drop(oldest[1] == me and oldest[2] or oldest[1])
-end
-for _, key in ipairs(KEYS) do
-  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
-end
-return {1}
-"""
-
 
 class RedisTransport(Transport):
     kind = "redis"
@@ -179,26 +97,14 @@ class RedisTransport(Transport):
         sharded: bool = False,
         cluster: bool = False,
         timeout: float = 2.0,
-        prefix: str = "presence",
+        clock: Callable[[], float] = time.monotonic,  # health checks and states (tests)
     ) -> None:
         super().__init__()
         self.url = url
+        self.clock = clock
         self.sharded = sharded or cluster
         self.timeout = timeout
-        self.prefix = prefix
-        self.redis: Redis | RedisCluster = (
-            RedisCluster.from_url(
-                url, socket_timeout=CONNECT_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT
-            )
-            if cluster
-            else Redis.from_url(
-                url,
-                socket_timeout=CONNECT_TIMEOUT,
-                socket_connect_timeout=CONNECT_TIMEOUT,
-                health_check_interval=timeout,
-            )
-        )
-        self._scope_script = self.redis.register_script(SCOPE_SCRIPT)
+        self.redis = redis_client(url, cluster=cluster, timeout=timeout)
         self.channels: set[str] = set()
         # Redis node -> its connections for subscribing and for writing
         self._subscribers: dict[str, RespConnection] = {}
@@ -210,7 +116,7 @@ class RedisTransport(Transport):
         # the first attempt ends, then "up" or "down", since _since (monotonic).
         self.state = "connecting"
         self.error: str | None = None
-        self._since = time.monotonic()
+        self._since = clock()
         self._next_report = 0.0  # when a continuing outage is logged again
         self._queue: deque[Op | tuple[str, str]] = deque()  # ops, (un)subscriptions
         self._writing = False
@@ -231,7 +137,7 @@ class RedisTransport(Transport):
             "url": _safe(self.url),
             "error": self.crashed or self.error or self.write_error,
             "writable": self.write_error is None,
-            "since": round(time.monotonic() - self._since, 1),  # seconds in this state
+            "since": round(self.clock() - self._since, 1),  # seconds in this state
         }
 
     async def start(self, receiver: Receiver) -> None:
@@ -339,7 +245,7 @@ class RedisTransport(Transport):
     def _down(self, exc: BaseException, *, lost: bool = False, stalled: bool = False) -> None:
         """Record a failure. An outage is logged when it starts, then at doubling
         intervals from MAX_BACKOFF on: a line per attempt would flood the logs."""
-        now = time.monotonic()
+        now = self.clock()
         url, self.error = _safe(self.url), f"{type(exc).__name__}: {exc}"
         extra: dict[str, Any] = {"url": url, "error": self.error}  # fields of JSON logs
         if self.state != "down":
@@ -357,7 +263,7 @@ class RedisTransport(Transport):
             )
 
     def _up(self, again: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         url = _safe(self.url)
         if self.state == "down":
             self.reconnects += 1
@@ -398,7 +304,11 @@ class RedisTransport(Transport):
                 if conn is None:
                     on_message = self._on_message if subscriber else None
                     conn = await RespConnection.open(
-                        url, self._connection_lost, on_message, timeout=CONNECT_TIMEOUT
+                        url,
+                        self._connection_lost,
+                        on_message,
+                        timeout=CONNECT_TIMEOUT,
+                        clock=self.clock,
                     )
                     pool[node] = conn
         if conn.closing:  # lost; under uvloop, connection_lost is a loop turn away
@@ -414,28 +324,34 @@ class RedisTransport(Transport):
     # -- health ------------------------------------------------------------------------
 
     async def _watch_forever(self) -> None:
-        interval = self.timeout / 2
-        due = time.monotonic() + interval
+        due = self.clock() + self.timeout / 2
         while True:
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            now = time.monotonic()
-            late, due = now - due, now + interval
-            try:
-                if self._connected:
-                    for conn in self._connections():
-                        conn.ping()
-                    # Woken that late, this process was paused: the replies due may be
-                    # waiting, unread, in our sockets (uvloop runs timers before it
-                    # reads). Judge in the next round.
-                    if late <= interval:
-                        self._check()
-            except Exception:
-                log.exception("redis health check failed")
+            await asyncio.sleep(max(0.0, due - self.clock()))
+            due = self._watch(due)
+
+    def _watch(self, due: float) -> float:
+        """A round of the health check, due at ``due``: ping every connection and judge
+        the replies overdue. Returns when the next round is due."""
+        interval = self.timeout / 2
+        now = self.clock()
+        late, due = now - due, now + interval
+        try:
+            if self._connected:
+                for conn in self._connections():
+                    conn.ping()
+                # Woken that late, this process was paused: the replies due may be
+                # waiting, unread, in our sockets (uvloop runs timers before it
+                # reads). Judge in the next round.
+                if late <= interval:
+                    self._check()
+        except Exception:
+            log.exception("redis health check failed")
+        return due
 
     def _check(self) -> None:
         """A reply overdue: Redis stalled. Kept waiting for (it answers the moment it
         thaws) until GIVE_UP_AFTER."""
-        waited = max((c.waiting(time.monotonic()) for c in self._connections()), default=0.0)
+        waited = max((c.waiting(self.clock()) for c in self._connections()), default=0.0)
         if waited > GIVE_UP_AFTER:
             for conn in self._connections():
                 conn.abort()  # connection_lost follows: reconnect
@@ -567,12 +483,7 @@ class RedisTransport(Transport):
     # -- reads -------------------------------------------------------------------------
 
     async def _read(self, command: Any) -> Any:
-        try:
-            return await command
-        except Exception as exc:
-            if not _network_error(exc):
-                raise
-            raise Unavailable(f"redis unavailable ({_safe(self.url)}): {exc}") from exc
+        return await read(self.url, command)
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
         raw = await self._read(self.redis.hgetall(key))
@@ -589,54 +500,6 @@ class RedisTransport(Transport):
             return [_text(k) async for k in self.redis.scan_iter(match=pattern, count=500)]
 
         return list(await self._read(keys()))
-
-    # -- identity scopes ---------------------------------------------------------------
-
-    def scope_keys(self, scope: str) -> list[str]:
-        """The keys of an identity scope; the ``{scope}`` hash tag keeps them in one slot.
-        (``scope2``: the layout with indexes, apart from the one of release 0.1.0.)"""
-        base = f"{self.prefix}:scope2:{{{scope}}}"
-        return [
-            base + ":" + k for k in ("live", "expiry", "renewed", "names", "initials", "colors")
-        ]
-
-    async def scope_identities(
-        self, scope: str, username: str | None = None
-    ) -> dict[str, Identity]:
-        _, held = await self._run_scope(scope, *([] if username is None else [username]))
-        return held
-
-    async def probe_scope(
-        self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
-    ) -> Probe:
-        args: list[str | int] = ["?", len(names), *names, *initials]
-        _, held_names, held_initials, colors = await self._read(
-            self._scope_script(keys=self.scope_keys(scope), args=args)
-        )
-        counts = {_text(c): int(n) for c, n in zip(colors[::2], colors[1::2], strict=True)}
-        return Probe(
-            frozenset(map(_text, held_names)), frozenset(map(_text, held_initials)), counts
-        )
-
-    async def claim_identity(
-        self, scope: str, claim: Claim, ttl: float, keep: int
-    ) -> dict[str, Identity] | None:
-        i = claim.identity
-        record = codec.dumps({"u": i.username, "n": i.name, "i": i.initials, "c": i.color})
-        ttl_ms = max(1, round(ttl * 1000))
-        done, held = await self._run_scope(scope, i.username, record, ttl_ms, keep, *claim.palette)
-        return None if done else held
-
-    async def _run_scope(self, scope: str, *args: Any) -> tuple[bool, dict[str, Identity]]:
-        reply = await self._read(self._scope_script(keys=self.scope_keys(scope), args=list(args)))
-        if reply[0] == 1:
-            return True, {}
-        flat = reply[1]
-        held = {}
-        for field, value in zip(flat[::2], flat[1::2], strict=True):
-            d = codec.loads(value)
-            held[_text(field)] = Identity(d["u"], d["n"], d["i"], d["c"])
-        return False, held
 
 
 class RedisBackplane(Replication):
@@ -658,12 +521,37 @@ class RedisBackplane(Replication):
         timeout = max(1.0, 0.4 * replica_timeout)
         super().__init__(
             replica_id,
-            RedisTransport(url, sharded=sharded, cluster=cluster, timeout=timeout, prefix=prefix),
+            RedisTransport(url, sharded=sharded, cluster=cluster, timeout=timeout),
             replica_timeout=replica_timeout,
             permdown_after=permdown_after,
             prefix=prefix,
             sharded=sharded or cluster,
         )
+
+
+def redis_client(url: str, *, cluster: bool, timeout: float) -> Redis | RedisCluster:
+    """A redis-py client for reads (and identity scopes), with timeouts; ``timeout``: how
+    often an idle connection is checked before use."""
+    if cluster:
+        return RedisCluster.from_url(
+            url, socket_timeout=CONNECT_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT
+        )
+    return Redis.from_url(
+        url,
+        socket_timeout=CONNECT_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        health_check_interval=timeout,
+    )
+
+
+async def read(url: str, command: Awaitable[Any]) -> Any:
+    """Await a redis-py command; the network failing raises :class:`Unavailable`."""
+    try:
+        return await command
+    except Exception as exc:
+        if not _network_error(exc):
+            raise
+        raise Unavailable(f"redis unavailable ({_safe(url)}): {exc}") from exc
 
 
 def _text(value: bytes | str) -> str:

@@ -58,8 +58,10 @@ class RespConnection(asyncio.Protocol):
         self,
         on_lost: Callable[[BaseException], None],
         on_message: Callable[[bytes, bytes], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,  # when replies became due
     ) -> None:
         self._on_lost = on_lost
+        self._clock = clock
         self._on_message = on_message
         self._reader = hiredis.Reader()
         self._replies: deque[tuple[float, Handler]] = deque()  # (sent at, handler)
@@ -76,9 +78,10 @@ class RespConnection(asyncio.Protocol):
         on_message: Callable[[bytes, bytes], None] | None = None,
         *,
         timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> RespConnection:
         """Connect, authenticate and select the URL's database, within ``timeout``."""
-        conn = cls(on_lost, on_message)
+        conn = cls(on_lost, on_message, clock)
         try:
             await asyncio.wait_for(conn._open(url), timeout)
         except TimeoutError:
@@ -126,7 +129,7 @@ class RespConnection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             raise ConnectionError("the connection to Redis is closing")
         if self._on_message is None:
-            now = time.monotonic()
+            now = self._clock()
             self._replies.extend((now, handler) for _, handler in commands)
         self.transport.write(b"".join(command for command, _ in commands))
         if self.transport.get_write_buffer_size() > MAX_BUFFERED:
@@ -146,7 +149,7 @@ class RespConnection(asyncio.Protocol):
         """A PING whose reply (a push, on a subscribed connection) counts as any other."""
         if self.transport is None or self.transport.is_closing():
             return
-        self._replies.append((time.monotonic(), None))
+        self._replies.append((self._clock(), None))
         self.transport.write(pack("PING"))
 
     def waiting(self, now: float) -> float:
@@ -157,7 +160,7 @@ class RespConnection(asyncio.Protocol):
         """A command whose reply we wait for (set-up: AUTH, SELECT, PING)."""
         assert self.transport is not None
         reply = asyncio.get_running_loop().create_future()
-        self._replies.append((time.monotonic(), reply))
+        self._replies.append((self._clock(), reply))
         self.transport.write(pack(*args))
         return await reply
 

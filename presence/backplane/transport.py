@@ -16,9 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from presence.core.distinct import Claim, Probe
-from presence.core.identity import Identity
-
 log = logging.getLogger("presence.backplane")
 
 
@@ -152,18 +149,3 @@ class Transport(ABC):
     @abstractmethod
     async def scan(self, pattern: str) -> list[str]:
         """Keys matching a glob pattern."""
-
-    @abstractmethod
-    async def scope_identities(
-        self, scope: str, username: str | None = None
-    ) -> dict[str, Identity]: ...
-
-    @abstractmethod
-    async def probe_scope(
-        self, scope: str, names: Sequence[str] = (), initials: Sequence[str] = ()
-    ) -> Probe: ...
-
-    @abstractmethod
-    async def claim_identity(
-        self, scope: str, claim: Claim, ttl: float, keep: int
-    ) -> dict[str, Identity] | None: ...

@@ -25,6 +25,8 @@ from presence.endpoints.json import JsonEndpoint
 from presence.hub.hub import Hub, new_replica_id
 from presence.logs.access import AccessLog
 from presence.metrics import watch_hub, watch_limits, watch_replication
+from presence.scopes.base import ScopeStore
+from presence.scopes.memory import MemoryScopes
 from presence.server.health import healthz, metrics, readyz
 from presence.server.identities import claim_rates, identity, post_identities
 from presence.server.pages import STATIC, index
@@ -49,6 +51,19 @@ def make_backplane(settings: Settings) -> Backplane:
         cluster=settings.redis_cluster,
         replica_timeout=settings.replica_timeout,
         permdown_after=settings.replica_permdown,
+    )
+
+
+def make_scopes(settings: Settings) -> ScopeStore:
+    """Where ``POST /identities`` holds identity scopes: the replicas' Redis, if any."""
+    if not settings.redis_url:
+        return MemoryScopes()
+    from presence.scopes.redis import RedisScopes
+
+    return RedisScopes(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        timeout=max(1.0, 0.4 * settings.replica_timeout),  # as the backplane's reads
     )
 
 
@@ -91,11 +106,15 @@ def create_app(
     settings: Settings,
     hub: Hub | None = None,
     websocket_routes: Mapping[str, Any] = WEBSOCKET_ROUTES,
+    scopes: ScopeStore | None = None,
 ) -> Starlette:
     """The application, and what it shares with its WebSocket connections (its
     lifespan's state, which uvicorn hands them): the hub, the access rules and log, the
-    connection limits, and which endpoint serves which path."""
+    connection limits, and which endpoint serves which path. The identity scopes
+    (``scopes``: :func:`make_scopes` if not given) serve HTTP requests only
+    (``app.state.scopes``)."""
     hub = hub or make_hub(settings)
+    store = scopes or make_scopes(settings)
     access = make_access(settings)
     access_log = AccessLog(settings.access_log)
     limits = Limits(settings, hub.metrics)
@@ -123,6 +142,7 @@ def create_app(
         finally:
             await access.stop()
             await hub.stop()
+            await store.close()
             log.info("presence stopped", extra={"replica": hub.replica_id})
 
     routes: list[BaseRoute] = [
@@ -160,5 +180,6 @@ def create_app(
     )
     for key, value in shared.items():
         setattr(app.state, key, value)
+    app.state.scopes = store
     app.state.claim_rates = claim_rates(hub.settings.identity_claim_rate)
     return app

@@ -3,8 +3,9 @@
 A scope is a set of people who should be told apart: the anonymous collaborators of one
 Jupyter server (presence.jupyter.identity asks here for each new one, and renews the live
 ones). No two live identities of a scope show one name or one pair of initials, nor one
-colour while the palette has a free one; the backplane makes each claim atomically
-(in Redis, for all replicas), and a claim that lost a race is chosen again.
+colour while the palette has a free one; the scopes store (:mod:`presence.scopes`) makes
+each claim atomically (in Redis, for all replicas), and a claim that lost a race is
+chosen again.
 
 Only holders of the secret may claim: a request carries the scope's key
 (:meth:`IdentityFactory.scope_key`). A scope keeps at most ``--max-identities-per-scope``
@@ -26,7 +27,6 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from presence.backplane.base import Backplane, Unavailable
 from presence.core.access import bearer
 from presence.core.distinct import (
     FRESH_DRAWS,
@@ -42,6 +42,7 @@ from presence.core.identity import Identity, IdentityFactory, InvalidToken
 from presence.core.ratelimit import Buckets
 from presence.core.room import ROOM_NAME_RULE, is_valid_room_name
 from presence.hub.hub import Hub
+from presence.scopes.base import ScopeStore, Unavailable
 
 DEFAULT_TTL = 3600.0  # seconds an identity stays live without a renewal
 MAX_TTL = 7 * 24 * 3600.0
@@ -86,32 +87,36 @@ async def _one_at_a_time(scope: str) -> AsyncIterator[None]:
             _queues[scope] = (lock, users - 1)
 
 
-async def assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> Identity:
+async def assign(
+    scopes: ScopeStore, hub: Hub, scope: str, wanted: Identity | None, ttl: float
+) -> Identity:
     """The identity that ``wanted`` (a new one when None) shows in ``scope``, now held
     there for ``ttl`` seconds."""
     async with _one_at_a_time(scope):
-        return await _assign(hub, scope, wanted, ttl)
+        return await _assign(scopes, hub, scope, wanted, ttl)
 
 
-async def _assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> Identity:
-    backplane, keep = hub.backplane, hub.settings.max_identities_per_scope
+async def _assign(
+    scopes: ScopeStore, hub: Hub, scope: str, wanted: Identity | None, ttl: float
+) -> Identity:
+    keep = hub.settings.max_identities_per_scope
     # A renewal claims what its person shows now (read alone: O(1)), wishing for its own
     # name back if it lost it; a new identity is chosen from what the scope says about a
     # few candidates. Only when that does not settle it (a clash, a race, every candidate
     # taken) is the whole scope read, to choose from.
     if wanted is not None:
-        held = await backplane.scope_identities(scope, wanted.username)
+        held = await scopes.scope_identities(scope, wanted.username)
         current = held.get(wanted.username)
-        if current is not None and await _kept(backplane, scope, current, wanted, ttl, keep):
+        if current is not None and await _kept(scopes, scope, current, wanted, ttl, keep):
             return current
     else:
-        fresh = await _fresh_claim(backplane, scope, hub.identities)
-        if fresh is not None and await backplane.claim_identity(scope, fresh, ttl, keep) is None:
+        fresh = await _fresh_claim(scopes, scope, hub.identities)
+        if fresh is not None and await scopes.claim_identity(scope, fresh, ttl, keep) is None:
             return fresh.identity
-        held = await backplane.scope_identities(scope)
+        held = await scopes.scope_identities(scope)
     for attempt in range(ATTEMPTS):
         claim = choose(held, wanted or create(held, hub.identities))
-        again = await backplane.claim_identity(scope, claim, ttl, keep)
+        again = await scopes.claim_identity(scope, claim, ttl, keep)
         if again is None:
             return claim.identity
         await asyncio.sleep(random.uniform(0, PAUSE * (attempt + 1)))
@@ -120,27 +125,27 @@ async def _assign(hub: Hub, scope: str, wanted: Identity | None, ttl: float) -> 
 
 
 async def _kept(
-    backplane: Backplane, scope: str, current: Identity, wanted: Identity, ttl: float, keep: int
+    scopes: ScopeStore, scope: str, current: Identity, wanted: Identity, ttl: float, keep: int
 ) -> bool:
     """Whether ``current`` ("Io 2"), which wants its name back ("Io") while another
     holds it, was held again as it shows, without reading the scope."""
     if current.name == wanted.name or not shown_for(current, wanted):
         return False
-    if not (await backplane.probe_scope(scope, names=[wanted.name])).names:
+    if not (await scopes.probe_scope(scope, names=[wanted.name])).names:
         return False  # its name is free: choose() gives it back
-    return await backplane.claim_identity(scope, Claim(current), ttl, keep) is None
+    return await scopes.claim_identity(scope, Claim(current), ttl, keep) is None
 
 
-async def _fresh_claim(backplane: Backplane, scope: str, factory: IdentityFactory) -> Claim | None:
+async def _fresh_claim(scopes: ScopeStore, scope: str, factory: IdentityFactory) -> Claim | None:
     """A new identity for ``scope``, from two questions of a fixed size (which of some
     names, then which of its initials, are held); None if none of those asked is free."""
     names = name_candidates(factory.name_draws(FRESH_DRAWS + 1))
-    probe = await backplane.probe_scope(scope, names=names)
+    probe = await scopes.probe_scope(scope, names=names)
     name = first_free(names, probe.names)
     if name is None:
         return None
     asked = initials_candidates(name, factory)
-    initials = first_free(asked, (await backplane.probe_scope(scope, initials=asked)).initials)
+    initials = first_free(asked, (await scopes.probe_scope(scope, initials=asked)).initials)
     if initials is None:
         return None
     return Claim(Identity(factory.new_id(), name, initials, factory.color_apart(probe.colors)))
@@ -217,7 +222,7 @@ async def post_identities(request: Request) -> Response:
     except InvalidToken as exc:
         return _error(400, "invalid_token", str(exc))
     try:
-        shown = await assign(hub, scope, wanted, ttl)
+        shown = await assign(request.app.state.scopes, hub, scope, wanted, ttl)
     except (Unavailable, Contended) as exc:
         return _error(503, "unavailable", str(exc))
     kept = wanted or shown

@@ -1,0 +1,1 @@
+"""Identity scopes: anonymous identities told apart across replicas, beside the backplane."""
