@@ -1,1 +1,1 @@
-"""How replicas share presence events. One small interface, one file per implementation."""
+"""How replicas share rooms: an interface, replication over a transport (memory, Redis)."""

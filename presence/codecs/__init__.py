@@ -1,1 +1,1 @@
-"""Wire formats: client messages to core commands, core events to frames."""
+"""Wire formats without I/O: JSON clients, event streams, messages between replicas."""

@@ -1,1 +1,1 @@
-"""The asyncio edge: Starlette routes, the hub, connections."""
+"""The Starlette app: assembles a replica and routes HTTP and WebSocket paths; the views."""

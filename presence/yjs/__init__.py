@@ -1,0 +1,1 @@
+"""Everything y-websocket: the codec, the endpoint, the room as Yjs clients see it."""
