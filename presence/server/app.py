@@ -166,7 +166,7 @@ def create_app(
     app = Starlette(
         # Pages on other origins (those of --allowed-origins, if set) may load the client
         # modules and read the views; WebSockets are not subject to CORS (their Origin
-        # is checked in server/connection.py).
+        # is checked in websocket/connection.py).
         middleware=[
             Middleware(
                 CORSMiddleware,
